@@ -1,0 +1,33 @@
+# Two commands for a newcomer:  `make demo` (the embedded main job) and `make test` (the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test venv pipeline clean
+
+# torch 2.14.1 / torchvision 0.29.1 and friends resolve from the machine's local wheel indexes
+# (pip.conf extra-index-url); requirements.lock pins the whole set that was tested together.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## the embedded main job: the whole DVC chain on the synthetic world, then the results table
+demo: venv
+	dvc repro
+	sdsclip results
+
+## the test suite (what CI runs)
+test: venv
+	$(PY) -m pytest -q
+
+## compile the Kubeflow pipeline YAML
+pipeline: venv
+	sdsclip pipeline compile --out pipelines/sdsclip_pipeline.yaml
+
+clean:
+	rm -rf data models metrics scores logs mlflow.db mlruns mlartifacts

@@ -1,0 +1,254 @@
+"""`sdsclip` command line: one subcommand per pipeline stage (DVC runs these; see dvc.yaml).
+
+Every subcommand reads the knobs from params.yaml (``--params`` to use another file); paths are the
+only arguments. Expected failures (bad params, bad data, missing models) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(
+    help="SDS-CLIP: fine-tune CLIP with a diffusion teacher's score (Basu et al., arXiv 2307.09233).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+evaluate_app = typer.Typer(help="Evaluate a student or the teacher on a benchmark.", no_args_is_help=True)
+pipeline_app = typer.Typer(help="The Kubeflow (kfp v2) pipeline: compile it or run it locally.", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(pipeline_app, name="pipeline")
+
+err_console = Console(stderr=True)
+console = Console()
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file with every knob")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from sdsclip.config import ConfigError
+    from sdsclip.evaluate.winoground import WinogroundDataError
+    from sdsclip.models.student import StudentLoadError
+    from sdsclip.models.teacher import TeacherLoadError
+    from sdsclip.scoring import ModelRefError
+    from sdsclip.train import TrainError
+
+    errors: list[type[BaseException]] = [ConfigError, WinogroundDataError, StudentLoadError, TeacherLoadError,
+                                         ModelRefError, TrainError, FileNotFoundError]
+    for module, name in (("sdsclip.ingest", "IngestError"), ("sdsclip.validate", "ValidationFailed"),
+                         ("sdsclip.data", "DataError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+@contextmanager
+def _stage(name: str):
+    """Run a stage: user errors become one red line and exit code 2 instead of a traceback."""
+    try:
+        yield
+    except _user_errors() as err:
+        err_console.print(f"[red]sdsclip {name}: error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _params(path: Path):
+    from sdsclip.config import load_params
+
+    return load_params(path)
+
+
+def _done(result) -> None:
+    console.print_json(json.dumps(result, default=str))
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., help="output dir for the synthetic world"),
+    seed: Optional[int] = typer.Option(None, help="world seed (default: params seed)"),
+    params: Path = ParamsOpt,
+):
+    """Render the synthetic compositional world (../shared/toyworld.md) in COCO / Winoground / ARO /
+    ImageFolder formats. Same seed => byte-identical files."""
+    from sdsclip import stages
+
+    with _stage("synth"):
+        _done(stages.synth(_params(params), out, seed))
+
+
+@app.command()
+def ingest(
+    coco_root: Path = typer.Option(..., help="dir with annotations/captions_{split}.json and images/{split}/"),
+    out: Path = typer.Option(..., help="output dir: {split}/shard-*.tar + manifest.csv"),
+    params: Path = ParamsOpt,
+):
+    """COCO captions JSON + images -> WebDataset tar shards + a manifest with a sha256 per image."""
+    from sdsclip import stages
+
+    with _stage("ingest"):
+        _done(stages.ingest(_params(params), coco_root, out))
+
+
+@app.command()
+def validate(
+    shards: Path = typer.Option(..., help="ingest output dir"),
+    out: Path = typer.Option(..., help="output dir: {split}/accepted.csv, quarantine.csv, gx_result.json"),
+    params: Path = ParamsOpt,
+):
+    """Great Expectations suite over each manifest; quarantines failing records with a reason and fails
+    when the rejected fraction exceeds validation.max_rejected_fraction."""
+    from sdsclip import stages
+
+    with _stage("validate"):
+        _done(stages.validate(_params(params), shards, out))
+
+
+@app.command("pretrain-student")
+def pretrain_student(
+    shards: Path = typer.Option(..., help="ingest output dir"),
+    validated: Path = typer.Option(..., help="validate output dir"),
+    out: Path = typer.Option(..., help="student dir to write"),
+    log_dir: Optional[Path] = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
+    params: Path = ParamsOpt,
+):
+    """Contrastive CLIP pretraining from scratch on the pretrain split (embedded default), or verify and
+    hash student.checkpoint (real path)."""
+    from sdsclip import stages
+
+    with _stage("pretrain-student"):
+        _done(stages.pretrain_student(_params(params), shards, validated, out, log_dir))
+
+
+@app.command("pretrain-teacher")
+def pretrain_teacher(
+    shards: Path = typer.Option(..., help="ingest output dir"),
+    validated: Path = typer.Option(..., help="validate output dir"),
+    out: Path = typer.Option(..., help="teacher dir to write"),
+    log_dir: Optional[Path] = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
+    params: Path = ParamsOpt,
+):
+    """Text-conditioned denoising pretraining of the tiny teacher (embedded default), or verify and hash
+    the Stable Diffusion dir teacher.pretrained_dir (real path)."""
+    from sdsclip import stages
+
+    with _stage("pretrain-teacher"):
+        _done(stages.pretrain_teacher(_params(params), shards, validated, out, log_dir))
+
+
+@app.command()
+def train(
+    student: Path = typer.Option(..., help="pretrained student dir"),
+    teacher: Path = typer.Option(..., help="teacher dir"),
+    shards: Path = typer.Option(..., help="ingest output dir"),
+    validated: Path = typer.Option(..., help="validate output dir"),
+    out: Path = typer.Option(..., help="fine-tuned student dir to write"),
+    control: bool = typer.Option(False, "--control", help="lambda = 0: the contrastive-only baseline"),
+    log_dir: Optional[Path] = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
+    params: Path = ParamsOpt,
+):
+    """SDS-CLIP fine-tuning: L_CLIP + lambda * L_SDS, only the image tower's LayerNorms + sigma train."""
+    from sdsclip import stages
+
+    with _stage("train"):
+        _done(stages.train(_params(params), student, teacher, shards, validated, out, control, log_dir))
+
+
+@evaluate_app.command("winoground")
+def evaluate_winoground(
+    data: Path = typer.Option(..., help="Winoground dir: examples.jsonl + images/"),
+    model: Path = typer.Option(..., help="student dir or teacher dir"),
+    out: Path = typer.Option(..., help="metrics JSON to write"),
+    scores: Optional[Path] = typer.Option(None, help="also write per-pair scores (official JSONL form)"),
+    params: Path = ParamsOpt,
+):
+    """Winoground text / image / group score (strict >), overall and per collapsed_tag."""
+    from sdsclip import stages
+
+    with _stage("evaluate winoground"):
+        result = stages.evaluate_winoground(_params(params), model, data, out, scores)
+        console.print(
+            f"{model}: text {result['text_score']:.3f}  image {result['image_score']:.3f}  "
+            f"group {result['group_score']:.3f}  (n={result['n']})"
+        )
+
+
+@app.command()
+def register(
+    model: Path = typer.Option(..., help="SDS-CLIP student dir"),
+    metrics: Path = typer.Option(..., help="its Winoground metrics JSON"),
+    baseline_metrics: Path = typer.Option(..., help="the lambda = 0 control's Winoground metrics JSON"),
+    out: Path = typer.Option(..., help="registration result JSON"),
+    data_file: list[Path] = typer.Option([], help="files whose sha256 is recorded as data lineage"),
+    params: Path = ParamsOpt,
+):
+    """Register the model in MLflow; move the alias only if it does not lose to the baseline."""
+    from sdsclip import stages
+
+    with _stage("register"):
+        result = stages.register(_params(params), model, metrics, baseline_metrics, out, data_file)
+        console.print(f"registered {result['model_name']} v{result['version']}: {result['reason']}")
+
+
+@app.command()
+def results(
+    metrics_dir: Path = typer.Option(Path("metrics"), help="dir with winoground_{model}.json files"),
+    registration: Optional[Path] = typer.Option(Path("metrics/registration.json"), help="register output"),
+):
+    """Print the results table of a finished run (pretrained, baseline, SDS-CLIP, teacher)."""
+    from sdsclip import stages
+
+    names = {"pretrained student": "pretrained", "baseline (lambda=0)": "baseline", "SDS-CLIP": "sds",
+             "teacher (diffusion)": "teacher"}
+    files = {label: metrics_dir / f"winoground_{key}.json" for label, key in names.items()}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        err_console.print(f"sdsclip results: error: missing {', '.join(missing)} (run `make demo` first)")
+        raise typer.Exit(2)
+    rows = stages.results_table(files)
+    tags = sorted({t for r in rows for t in r["by_collapsed_tag"]})
+    table = Table(title=f"Winoground-format results (n={rows[0]['n']}, strict >)")
+    for col in ["model", "text", "image", "group", *[f"group[{t}]" for t in tags]]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        per_tag = [f"{r['by_collapsed_tag'].get(t, {}).get('group_score', float('nan')):.3f}" for t in tags]
+        table.add_row(r["model"], f"{r['text_score']:.3f}", f"{r['image_score']:.3f}", f"{r['group_score']:.3f}",
+                      *per_tag)
+    console.print(table)
+    if registration and registration.is_file():
+        reg = json.loads(registration.read_text())
+        console.print(f"MLflow: {reg['model_name']} v{reg['version']} ({reg['tracking_uri']}): {reg['reason']}")
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Path = typer.Option(Path("pipelines/sdsclip_pipeline.yaml"), help="pipeline YAML to write"),
+    base_image: str = typer.Option("sdsclip:latest", help="container image every component runs in"),
+):
+    """Compile the Kubeflow pipeline (pipelines/sdsclip_pipeline.py) to a kfp v2 YAML."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from pipelines.sdsclip_pipeline import compile_pipeline
+
+    with _stage("pipeline compile"):
+        compile_pipeline(out, base_image=base_image)
+        console.print(f"wrote {out}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

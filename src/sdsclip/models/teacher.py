@@ -1,0 +1,217 @@
+"""The teacher: a text-conditioned diffusion model (diffusers UNet2DConditionModel + scheduler + text encoder).
+
+One loader serves both configurations because the tiny teacher is saved in Stable Diffusion's own
+directory layout (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) plus ``teacher.json``:
+- real path: a local SD directory; images reach the UNet through its ``vae/`` (latents);
+- embedded default: a tiny UNet trained from scratch whose "latent" is the 2x2 pixel-unshuffled image
+  (lossless, and ~8x cheaper than running the UNet at full resolution).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from sdsclip.config import TeacherConfig, TinyUNetConfig
+
+TEACHER_META = "teacher.json"
+SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+
+
+class TeacherLoadError(ValueError):
+    """A teacher directory that cannot be used; the message is one line for the user."""
+
+
+@dataclass
+class Teacher:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    scheduler: DDPMScheduler
+    latent: str  # "pixel_unshuffle" | "vae"
+    image_size: int
+    vae: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """Shape (C, H, W) of the UNet input: what sigma must produce from a CLIP embedding."""
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return (cfg.in_channels, size, size)
+
+    def to(self, device: torch.device | str) -> "Teacher":
+        for m in (self.unet, self.text_encoder, self.vae):
+            if m is not None:
+                m.to(device)
+        return self
+
+    def freeze(self) -> "Teacher":
+        """Frozen teacher: eval mode and no parameter gradients (gradients may still flow *through* it)."""
+        for m in (self.unet, self.text_encoder, self.vae):
+            if m is not None:
+                m.eval()
+                m.requires_grad_(False)
+        return self
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return enc.input_ids
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Cross-attention conditioning c_text (B, tokens, dim), as Stable Diffusion uses it."""
+        ids = self.tokenize(captions).to(self.device)
+        return self.text_encoder(ids).last_hidden_state
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> teacher latents (B, C, h, w)."""
+        pixels = pixels.to(self.device)
+        if self.latent == "vae":
+            dist = self.vae.encode(pixels).latent_dist
+            return dist.mean * self.vae.config.scaling_factor
+        return F.pixel_unshuffle(pixels, 2)
+
+    def epsilon_error(
+        self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sample ||eps_phi(sqrt(a_t) z + sqrt(1-a_t) eps, t, c) - eps||^2 (mean over latent dims)."""
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
+        return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------- tiny teacher (embedded default)
+
+
+def caption_vocabulary(captions: list[str]) -> list[str]:
+    words = {w for c in captions for w in re.findall(r"[a-z0-9]+", c.lower())}
+    return sorted(words)
+
+
+def build_word_tokenizer(vocabulary: list[str], max_tokens: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the caption vocabulary (built offline; saved like any HF tokenizer)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *vocabulary])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        model_max_length=max_tokens,
+    )
+
+
+def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
+    tiny: TinyUNetConfig = cfg.tiny
+    if cfg.image_size % 2:
+        raise TeacherLoadError(f"teacher.image_size: must be even for 2x2 pixel-unshuffle (got {cfg.image_size})")
+    tokenizer = build_word_tokenizer(vocabulary, tiny.max_caption_tokens)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tiny.text_width,
+            intermediate_size=4 * tiny.text_width,
+            num_hidden_layers=tiny.text_layers,
+            num_attention_heads=tiny.text_heads,
+            max_position_embeddings=tiny.max_caption_tokens,
+            projection_dim=tiny.text_width,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    n_blocks = len(tiny.block_out_channels)
+    # Cross-attention everywhere but the full-resolution block (as in the feasibility study: cheap and enough).
+    down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n_blocks - 1)
+    up = ["CrossAttnUpBlock2D"] * (n_blocks - 1) + ["UpBlock2D"]
+    groups = min(8, *tiny.block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.image_size // 2,
+        in_channels=12,
+        out_channels=12,
+        block_out_channels=tuple(tiny.block_out_channels),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        layers_per_block=tiny.layers_per_block,
+        cross_attention_dim=tiny.text_width,
+        attention_head_dim=tiny.attention_head_dim,
+        norm_num_groups=groups,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=tiny.train_timesteps, beta_schedule="squaredcos_cap_v2")
+    return Teacher(unet, text_encoder, tokenizer, scheduler, latent="pixel_unshuffle", image_size=cfg.image_size)
+
+
+def save_teacher(teacher: Teacher, out_dir: Path, meta: dict[str, Any] | None = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher.unet.save_pretrained(out_dir / "unet")
+    teacher.text_encoder.save_pretrained(out_dir / "text_encoder")
+    teacher.tokenizer.save_pretrained(out_dir / "tokenizer")
+    teacher.scheduler.save_pretrained(out_dir / "scheduler")
+    info = {"latent": teacher.latent, "image_size": teacher.image_size, **(meta or {})}
+    (out_dir / TEACHER_META).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def is_teacher_dir(path: Path) -> bool:
+    path = Path(path)
+    return (path / TEACHER_META).is_file() or (path / "model_index.json").is_file()
+
+
+def load_teacher(path: str | Path, latent: str | None = None, image_size: int | None = None) -> Teacher:
+    """Load a teacher from a local SD-layout directory (the tiny teacher or a real Stable Diffusion)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TeacherLoadError(f"{path}: teacher directory not found (teacher.pretrained_dir must be a local dir)")
+    meta = json.loads((path / TEACHER_META).read_text()) if (path / TEACHER_META).is_file() else {}
+    latent = meta.get("latent", latent or "vae")
+    needed = SD_SUBFOLDERS + (("vae",) if latent == "vae" else ())
+    missing = [s for s in needed if not (path / s).is_dir()]
+    if missing:
+        raise TeacherLoadError(f"{path}: missing Stable Diffusion subfolder(s) {', '.join(missing)}")
+    unet = UNet2DConditionModel.from_pretrained(path / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+    vae = None
+    if latent == "vae":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(path / "vae")
+    if image_size is None:
+        image_size = meta.get("image_size")
+    if image_size is None:  # SD: latent side x VAE downsampling factor
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 2
+        size = unet.config.sample_size
+        image_size = (size if isinstance(size, int) else size[0]) * factor
+    return Teacher(unet, text_encoder, tokenizer, scheduler, latent=latent, image_size=int(image_size), vae=vae)
+
+
+def teacher_pixels(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images -> the [-1, 1] range diffusion models are trained on."""
+    return images * 2.0 - 1.0

@@ -1,0 +1,142 @@
+"""Image-caption matchers used by every benchmark: the CLIP student and the diffusion teacher.
+
+Both expose ``score(images, captions, pairs)`` returning one similarity per (image index, caption index)
+pair, higher = better match, so each benchmark's metric is written once for any model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sdsclip.models.student import Student, is_student_dir, load_student
+from sdsclip.models.teacher import Teacher, is_teacher_dir, teacher_pixels
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(
+        self, images: Sequence[Image.Image], captions: Sequence[str], pairs: Sequence[tuple[int, int]]
+    ) -> torch.Tensor: ...
+
+
+class ModelRefError(ValueError):
+    """--model points at something that is neither a student nor a teacher."""
+
+
+def _batches(seq: Sequence, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+class StudentScorer:
+    """Cosine similarity of CLIP image and text embeddings."""
+
+    def __init__(self, student: Student, batch_size: int = 128, device: str = "cpu"):
+        self.student, self.batch_size, self.device = student, batch_size, torch.device(device)
+        self.model = student.model.to(self.device).eval()
+        self.name = student.arch
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        out = []
+        for chunk in _batches(list(images), self.batch_size):
+            x = torch.stack([self.student.preprocess(im.convert("RGB")) for im in chunk]).to(self.device)
+            out.append(F.normalize(self.model.encode_image(x).float(), dim=-1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def embed_texts(self, captions: Sequence[str]) -> torch.Tensor:
+        out = []
+        for chunk in _batches(list(captions), self.batch_size):
+            tokens = self.student.tokenizer(list(chunk)).to(self.device)
+            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+        return torch.cat(out)
+
+    def score(self, images, captions, pairs) -> torch.Tensor:
+        img, txt = self.embed_images(images), self.embed_texts(captions)
+        idx_i = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+        idx_c = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+        return (img[idx_i] * txt[idx_c]).sum(-1).cpu()
+
+
+class TeacherScorer:
+    """Diffusion-classifier score: negative denoising error averaged over a FIXED, shared set of (t, eps).
+
+    Sharing the draws across every image and caption makes the comparison between captions paired, so
+    differences come from the conditioning, not from the noise.
+    """
+
+    name = "teacher"
+
+    def __init__(self, teacher: Teacher, draws: int, t_min: int, t_max: int, seed: int = 0,
+                 batch_size: int = 128, device: str = "cpu"):
+        self.teacher = teacher.freeze().to(device)
+        self.batch_size, self.device = batch_size, torch.device(device)
+        gen = torch.Generator().manual_seed(seed)
+        steps = torch.linspace(t_min, t_max, draws).round().long()  # spread over the range, not random
+        self.t = steps
+        self.noise = torch.randn((draws, *teacher.latent_shape), generator=gen)
+
+    @torch.no_grad()
+    def latents(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        from torchvision.transforms.functional import center_crop, resize, to_tensor
+
+        size = self.teacher.image_size
+        out = []
+        for chunk in _batches(list(images), self.batch_size):
+            x = torch.stack([center_crop(resize(to_tensor(im.convert("RGB")), size, antialias=True), size)
+                             for im in chunk])
+            out.append(self.teacher.encode_images(teacher_pixels(x)).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def text_conditioning(self, captions: Sequence[str]) -> torch.Tensor:
+        return torch.cat([self.teacher.encode_text(list(c)).cpu() for c in _batches(list(captions), self.batch_size)])
+
+    @torch.no_grad()
+    def score(self, images, captions, pairs) -> torch.Tensor:
+        z, cond = self.latents(images), self.text_conditioning(captions)
+        draws = self.t.shape[0]
+        # Every (pair, draw) combination, flattened and batched through the UNet.
+        jobs = [(p, k) for p in range(len(pairs)) for k in range(draws)]
+        errors = torch.empty(len(pairs), draws)
+        for chunk in _batches(jobs, self.batch_size):
+            pi = torch.tensor([pairs[j][0] for j, _ in chunk])
+            ci = torch.tensor([pairs[j][1] for j, _ in chunk])
+            k = torch.tensor([kk for _, kk in chunk])
+            err = self.teacher.epsilon_error(
+                z[pi].to(self.device), cond[ci].to(self.device), self.t[k].to(self.device),
+                self.noise[k].to(self.device),
+            ).cpu()
+            errors[torch.tensor([j for j, _ in chunk]), k] = err
+        return -errors.mean(1)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def load_scorer(ref: str | Path, params) -> Scorer:
+    """A student directory -> StudentScorer; a teacher directory -> TeacherScorer (params.eval knobs)."""
+    from sdsclip.train import resolve_teacher
+
+    ref = Path(ref)
+    device = resolve_device(params.device)
+    if is_student_dir(ref):
+        return StudentScorer(load_student(ref), params.eval.batch_size, device)
+    if is_teacher_dir(ref):
+        ev = params.eval
+        return TeacherScorer(resolve_teacher(ref), ev.teacher_draws, ev.teacher_t_min, ev.teacher_t_max,
+                             seed=params.seed, batch_size=ev.batch_size, device=device)
+    raise ModelRefError(
+        f"{ref}: --model must be a student directory (student.json) or a teacher directory "
+        "(teacher.json or a Stable Diffusion model_index.json)"
+    )
