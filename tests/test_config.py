@@ -1,0 +1,70 @@
+"""params.yaml is the single source of knobs: the shipped file loads; mistakes are named, not tracebacks."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdsclip.config import ConfigError, load_params, params_from_dict, params_to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_shipped_params_load_and_round_trip():
+    params = load_params(ROOT / "params.yaml")
+    assert params.train.lambda_sds > 0
+    assert params_from_dict(params_to_dict(params)) == params
+
+
+def test_shipped_params_spell_out_every_knob():
+    """Every field of the schema appears in params.yaml, so users see all knobs in one file."""
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                out |= keys(v, f"{prefix}{k}.")
+        return out
+
+    assert keys(params_to_dict(load_params(ROOT / "params.yaml"))) == keys(shipped())
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("train", "lr"), -1, r"train\.lr: Input should be greater than 0 \(got -1\)"),
+        (("train", "lambda_sds"), -0.5, r"train\.lambda_sds: .*greater than or equal to 0"),
+        (("train", "learning_rate"), 0.1, r"train\.learning_rate: unknown key"),
+        (("teacher", "latent"), "jpeg", r"teacher\.latent: Input should be 'pixel_unshuffle' or 'vae'"),
+        (("validation", "max_rejected_fraction"), 2, r"validation\.max_rejected_fraction"),
+        (("bogus_section",), {}, r"bogus_section: unknown key"),
+    ],
+)
+def test_bad_values_are_named(path, value, message):
+    raw = shipped()
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict(raw, "params.yaml")
+
+
+def test_cross_field_check():
+    raw = shipped()
+    raw["train"]["t_min"], raw["train"]["t_max"] = 900, 100
+    with pytest.raises(ConfigError, match=r"train: .*t_min \(900\) must be < t_max \(100\)"):
+        params_from_dict(raw)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: line \d+: not valid YAML"):
+        load_params(bad)
