@@ -1,0 +1,165 @@
+"""sdsclip.validate: the Great Expectations manifest suite, quarantine and the rejection threshold."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdsclip.config import IngestConfig, ValidateConfig
+from sdsclip.ingest import MANIFEST_COLUMNS, ingest_coco
+from sdsclip.validate import SUITE_PATH, ValidationFailed, load_suite, validate_manifest
+
+N_IMAGES, CAPTIONS = 8, 3
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """A real manifest: a tiny COCO split (32x32 PNG/JPEG) through ingest."""
+    root = tmp_path_factory.mktemp("coco")
+    img_dir = root / "images" / "train"
+    img_dir.mkdir(parents=True)
+    images, anns = [], []
+    for i in range(1, N_IMAGES + 1):
+        fmt, ext = ("JPEG", "jpg") if i % 2 else ("PNG", "png")
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (20 * i, 40, 60)).save(buf, format=fmt)
+        name = f"{i:012d}.{ext}"
+        (img_dir / name).write_bytes(buf.getvalue())
+        images.append({"id": i, "file_name": name, "width": 32, "height": 32})
+        anns += [{"id": i * 100 + k, "image_id": i, "caption": f"a red circle above a blue square {k}"}
+                 for k in range(CAPTIONS)]
+    ann = root / "captions_train.json"
+    ann.write_text(json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns}))
+    out = root / "shards"
+    ingest_coco(ann, img_dir, out, IngestConfig(shard_size=4, workers=1))
+    return out / "manifest.csv"
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write(path: Path, rows: list[dict[str, str]], columns: list[str] | None = None) -> Path:
+    columns = columns or list(rows[0])
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _corrupt(manifest: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Three bad rows: bad sha256, empty caption, too-small image. Returns (csv, {annotation_id: column})."""
+    rows = _read(manifest)
+    rows[0]["sha256"] = "NOT-A-HASH"
+    rows[4]["caption"] = "   "
+    rows[7]["width"] = "2"
+    bad = {rows[0]["annotation_id"]: "sha256", rows[4]["annotation_id"]: "caption",
+           rows[7]["annotation_id"]: "width"}
+    return _write(tmp_path / "manifest.csv", rows), bad
+
+
+def test_good_manifest_passes(manifest, tmp_path):
+    out = tmp_path / "val"
+    s = validate_manifest(manifest, out, ValidateConfig())
+    assert s["passed"] is True and s["failed_expectations"] == []
+    assert s["rows_in"] == s["accepted"] == N_IMAGES * CAPTIONS and s["quarantined"] == 0
+    assert s["expectations"] >= 6
+    assert s == json.loads((out / "summary.json").read_text())
+    gx = json.loads((out / "gx_result.json").read_text())
+    assert gx["success"] is True and len(gx["results"]) == s["expectations"]
+    types = {r["expectation_config"]["type"] for r in gx["results"]}
+    assert {"expect_table_columns_to_match_set", "expect_column_values_to_match_regex",
+            "expect_column_values_to_be_between", "expect_column_values_to_be_unique",
+            "expect_column_values_to_not_be_null"} <= types
+    accepted = _read(out / "accepted.csv")
+    assert accepted == _read(manifest)  # accepted rows are the manifest rows, unchanged
+    assert _read(out / "quarantine.csv") == []
+
+
+def test_bad_rows_are_quarantined_with_reasons(manifest, tmp_path):
+    path, bad = _corrupt(manifest, tmp_path)
+    out = tmp_path / "val"
+    s = validate_manifest(path, out, ValidateConfig(max_rejected_fraction=0.5))
+    assert s["passed"] is True
+    q = {r["annotation_id"]: r for r in _read(out / "quarantine.csv")}
+    assert set(q) == set(bad)
+    assert q[next(k for k, c in bad.items() if c == "sha256")]["reason"] == \
+        "expect_column_values_to_match_regex(sha256)"
+    assert "expect_column_values_to_not_be_null(caption)" in q[next(k for k, c in bad.items() if c == "caption")][
+        "reason"]
+    assert q[next(k for k, c in bad.items() if c == "width")]["reason"] == "expect_column_values_to_be_between(width)"
+    accepted = _read(out / "accepted.csv")
+    assert not set(bad) & {r["annotation_id"] for r in accepted}
+    assert list(accepted[0]) == MANIFEST_COLUMNS
+    assert len(accepted) + len(q) == s["rows_in"] == N_IMAGES * CAPTIONS
+    assert (s["accepted"], s["quarantined"]) == (len(accepted), 3)
+    assert s["rejected_fraction"] == pytest.approx(3 / (N_IMAGES * CAPTIONS), abs=1e-6)
+    assert set(s["failed_expectations"]) == {"expect_column_values_to_match_regex(sha256)",
+                                             "expect_column_values_to_not_be_null(caption)",
+                                             "expect_column_values_to_be_between(width)"}
+
+
+def test_threshold_exceeded_raises_after_writing_files(manifest, tmp_path):
+    path, _ = _corrupt(manifest, tmp_path)
+    out = tmp_path / "val"
+    with pytest.raises(ValidationFailed) as err:
+        validate_manifest(path, out, ValidateConfig(max_rejected_fraction=0.1))
+    msg = str(err.value)
+    assert "\n" not in msg and "rejected fraction 0.1250" in msg and "threshold 0.1" in msg
+    assert str(out / "quarantine.csv") in msg
+    for name in ("gx_result.json", "accepted.csv", "quarantine.csv", "summary.json"):
+        assert (out / name).is_file(), name
+    s = json.loads((out / "summary.json").read_text())
+    assert s["passed"] is False and s["quarantined"] == 3 and s["accepted"] + s["quarantined"] == s["rows_in"]
+
+
+def test_config_thresholds_are_applied(manifest, tmp_path):
+    """${...} placeholders come from ValidateConfig: 32 px images fail min_image_side=40; 3 captions < 4."""
+    suite = load_suite(ValidateConfig(min_image_side=40, min_captions_per_image=4))
+    kw = [e["kwargs"] for e in suite["expectations"]
+          if e["kwargs"].get("column") == "width" and "min_value" in e["kwargs"]]
+    assert kw == [{"column": "width", "min_value": 40, "max_value": 8192}]
+    out = tmp_path / "val"
+    with pytest.raises(ValidationFailed, match="rejected fraction 1.0000"):
+        validate_manifest(manifest, out, ValidateConfig(min_image_side=40, min_captions_per_image=4))
+    reasons = {r["reason"] for r in _read(out / "quarantine.csv")}
+    assert reasons == {"expect_column_values_to_be_between(width); expect_column_values_to_be_between(height); "
+                       "expect_column_values_to_be_between(captions_per_image)"}
+
+
+def test_missing_column_is_a_table_level_failure(manifest, tmp_path):
+    rows = _read(manifest)
+    path = _write(tmp_path / "manifest.csv", rows, [c for c in MANIFEST_COLUMNS if c != "shard"])
+    out = tmp_path / "val"
+    with pytest.raises(ValidationFailed, match="table-level") as err:
+        validate_manifest(path, out, ValidateConfig(max_rejected_fraction=1.0))
+    assert "expect_table_columns_to_match_set" in str(err.value)
+    assert json.loads((out / "summary.json").read_text())["passed"] is False
+
+
+def test_duplicate_annotation_id_and_empty_manifest(manifest, tmp_path):
+    rows = _read(manifest)
+    rows[1]["annotation_id"] = rows[0]["annotation_id"]
+    out = tmp_path / "dup"
+    s = validate_manifest(_write(tmp_path / "dup.csv", rows), out, ValidateConfig(max_rejected_fraction=0.5))
+    reasons = [r["reason"] for r in _read(out / "quarantine.csv")]
+    assert reasons == ["expect_column_values_to_be_unique(annotation_id)"] * 2
+
+    empty = _write(tmp_path / "empty.csv", [], MANIFEST_COLUMNS)
+    with pytest.raises(ValidationFailed, match="expect_table_row_count_to_be_between"):
+        validate_manifest(empty, tmp_path / "empty", ValidateConfig())
+    assert s["rows_in"] == N_IMAGES * CAPTIONS
+
+
+def test_suite_file_is_versioned_and_meaningful():
+    raw = json.loads(SUITE_PATH.read_text())
+    assert isinstance(raw["version"], int) and raw["name"]
+    assert len(raw["expectations"]) >= 6
+    assert "${min_caption_chars}" in json.dumps(raw)
