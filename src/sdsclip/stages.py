@@ -100,7 +100,8 @@ def register(
     from sdsclip.register import register_model
     from sdsclip.train import file_sha256
 
-    hashes = {Path(p).as_posix().replace("/", "_"): file_sha256(Path(p)) for p in (data_files or [])}
+    # Tag by the last two path parts ("train/manifest.csv"): stable whether DVC or Kubeflow placed the file.
+    hashes = {"/".join(Path(p).parts[-2:]) + ".sha256": file_sha256(Path(p)) for p in (data_files or [])}
     return register_model(params, Path(model), Path(metrics), Path(baseline_metrics), Path(out), hashes)
 
 

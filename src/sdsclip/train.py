@@ -146,7 +146,7 @@ def pretrain_student(
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # CLIP's clamp keeps the temperature from diverging
             accelerator.unwrap_model(model).logit_scale.clamp_(0, 4.6052)
-        log.log({"loss_clip": float(loss)})
+        log.log({"loss_clip": loss.item()})
     log.close()
     student.model = accelerator.unwrap_model(model).eval()
     meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss),
@@ -207,7 +207,7 @@ def pretrain_teacher(
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
-        log.log({"loss_denoise": float(loss)})
+        log.log({"loss_denoise": loss.item()})
     log.close()
     teacher.to("cpu")
     meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss),
