@@ -32,6 +32,8 @@ def project(tmp_path_factory):
            "DVC_NO_ANALYTICS": "1"}
     _run(["git", "init", "-q"], root, env)
     _run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    # a repo with history, as users have (DVCLive reads the baseline revision)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", "--allow-empty"], root, env)
     first = _run([sys.executable, "-m", "dvc", "repro"], root, env)
     return root, env, first
 
@@ -69,5 +71,5 @@ def test_second_repro_does_nothing(project):
 def test_results_table_prints_all_four_models(project):
     root, env, _ = project
     out = _run(["sdsclip", "results"], root, env)
-    for label in ("pretrained student", "baseline (lambda=0)", "SDS-CLIP", "teacher (diffusion)", "champion"):
+    for label in ("pretrained", "baseline (λ=0)", "SDS-CLIP", "teacher", "champion"):
         assert label in out

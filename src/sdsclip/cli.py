@@ -210,8 +210,7 @@ def results(
     """Print the results table of a finished run (pretrained, baseline, SDS-CLIP, teacher)."""
     from sdsclip import stages
 
-    names = {"pretrained student": "pretrained", "baseline (lambda=0)": "baseline", "SDS-CLIP": "sds",
-             "teacher (diffusion)": "teacher"}
+    names = {"pretrained": "pretrained", "baseline (λ=0)": "baseline", "SDS-CLIP": "sds", "teacher": "teacher"}
     files = {label: metrics_dir / f"winoground_{key}.json" for label, key in names.items()}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
@@ -226,7 +225,7 @@ def results(
         per_tag = [f"{r['by_collapsed_tag'].get(t, {}).get('group_score', float('nan')):.3f}" for t in tags]
         table.add_row(r["model"], f"{r['text_score']:.3f}", f"{r['image_score']:.3f}", f"{r['group_score']:.3f}",
                       *per_tag)
-    console.print(table)
+    Console(width=max(console.width, 100)).print(table)
     if registration and registration.is_file():
         reg = json.loads(registration.read_text())
         console.print(f"MLflow: {reg['model_name']} v{reg['version']} ({reg['tracking_uri']}): {reg['reason']}")
