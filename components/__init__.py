@@ -26,6 +26,11 @@ FUNCTIONS = (
     training.pretrain_teacher,
     training.train,
     evaluation.evaluate_winoground,
+    evaluation.evaluate_aro,
+    evaluation.evaluate_zeroshot,
+    evaluation.derive_sugarcrepe,
+    evaluation.evaluate_sugarcrepe,
+    evaluation.report,
     evaluation.register,
 )
 

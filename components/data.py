@@ -4,7 +4,7 @@ Lightweight components: only each function's source is shipped, so everything is
 body (no module-level helpers, no ``from __future__ import annotations``).
 """
 
-from kfp.dsl import Dataset, Input, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
 
 def resolve_params(params_yaml: str, seed: int, device: str, lambda_sds: float, train_steps: int) -> str:
@@ -42,24 +42,39 @@ def ingest(params: str, world: Input[Dataset], shards: Output[Dataset]):
     from sdsclip.config import params_from_dict
 
     p = params_from_dict(yaml.safe_load(params))
-    coco_root = Path(p.data.coco_root)
-    if coco_root.parts[:2] == ("data", "world"):
-        coco_root = Path(world.path, *coco_root.parts[2:])
+    coco_root = p.data.coco_root  # a local path or an fsspec URL (s3://, gs:// ...)
+    if "://" not in coco_root and Path(coco_root).parts[:2] == ("data", "world"):
+        coco_root = str(Path(world.path, *Path(coco_root).parts[2:]))
     result = stages.ingest(p, coco_root, Path(shards.path))
     shards.metadata.update({f"{split}.{k}": v for split, summary in result.items()
                             for k, v in summary.items() if isinstance(v, (int, float))})
 
 
-def validate(params: str, shards: Input[Dataset], validated: Output[Dataset]):
-    """Great Expectations over each split's manifest: accepted.csv / quarantine.csv; fails past threshold."""
+def validate(params: str, shards: Input[Dataset], validated: Output[Dataset], data_docs: Output[HTML],
+             metrics: Output[Metrics]):
+    """Great Expectations over each split's manifest: accepted.csv / quarantine.csv / GX Data Docs per split in
+    ``validated``; ``data_docs``: one self-contained HTML page over all splits (shown by the Kubeflow UI);
+    ``metrics``: rows / accepted / quarantined / pass rates per split. Fails past the threshold."""
+    import json
+    import shutil
     from pathlib import Path
 
     import yaml
 
     from sdsclip import stages
     from sdsclip.config import params_from_dict
+    from sdsclip.validate import METRICS_FILE, REPORT_PAGE
 
     p = params_from_dict(yaml.safe_load(params))
     result = stages.validate(p, Path(shards.path), Path(validated.path))
     validated.metadata.update({f"{split}.{k}": v for split, summary in result.items()
                                for k, v in summary.items() if isinstance(v, (int, float))})
+    Path(data_docs.path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(validated.path, REPORT_PAGE), data_docs.path)
+    for split in result:
+        m = json.loads(Path(validated.path, split, METRICS_FILE).read_text(encoding="utf-8"))
+        for key in ("rows", "accepted", "quarantined", "pass_rate"):
+            metrics.log_metric(f"{split}.{key}", m[key])
+        if "end_to_end" in m:
+            metrics.log_metric(f"{split}.end_to_end_pass_rate", m["end_to_end"]["pass_rate"])
+            metrics.log_metric(f"{split}.ingest_quarantined", m["ingest"]["annotations_quarantined"])

@@ -2,6 +2,7 @@
 
     resolve_params -> synth -> ingest -> validate -> {pretrain_student, pretrain_teacher}
       -> {train_baseline, train_sds} -> evaluate@{pretrained, baseline, sds, teacher} -> register
+      evaluate-{aro, sugarcrepe, zeroshot}@models (+ derive-sugarcrepe from the world) -> report
 
 Parameters: ``params_yaml`` (the whole params.yaml text; default: the file read at compile time) and a
 few overrides for the Kubeflow UI (``seed``, ``device``, ``lambda_sds``, ``train_steps``; defaults: the
@@ -48,7 +49,7 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
                                   train_steps=train_steps).output
         world = c.synth(params=params).output
         shards = c.ingest(params=params, world=world).output
-        validated = c.validate(params=params, shards=shards).output
+        validated = c.validate(params=params, shards=shards).outputs["validated"]
         data = dict(params=params, shards=shards, validated=validated)
 
         student = c.pretrain_student(**data).output
@@ -57,10 +58,22 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
         baseline = c.train(control=True, **models).set_display_name("train-baseline").output
         sds = c.train(control=False, **models).set_display_name("train-sds").output
 
-        results = {}
+        results, reported = {}, {}
+        sugarcrepe = c.derive_sugarcrepe(params=params, world=world).set_display_name("derive-sugarcrepe").output
         for name, model in dict(pretrained=student, baseline=baseline, sds=sds, teacher=teacher).items():
             task = c.evaluate_winoground(params=params, model=model, world=world)
             results[name] = task.set_display_name(f"evaluate-{name}").outputs["results"]
+            reported[f"winoground_{name}"] = results[name]
+            reported[f"aro_{name}"] = c.evaluate_aro(params=params, model=model, world=world).set_display_name(
+                f"evaluate-aro-{name}").outputs["results"]
+            reported[f"sugarcrepe_{name}"] = c.evaluate_sugarcrepe(
+                params=params, model=model, sugarcrepe=sugarcrepe).set_display_name(
+                f"evaluate-sugarcrepe-{name}").outputs["results"]
+            if name != "teacher":  # the teacher's zero-shot (every image x class prompt) is optional
+                reported[f"zeroshot_{name}"] = c.evaluate_zeroshot(
+                    params=params, model=model, world=world).set_display_name(
+                    f"evaluate-zeroshot-{name}").outputs["results"]
+        c.report(**reported).set_display_name("report")
 
         c.register(model=sds, metrics=results["sds"], baseline_metrics=results["baseline"], **data
                    ).set_caching_options(False)

@@ -42,7 +42,9 @@ def test_every_stage_ran_and_wrote_its_outputs(project):
     root, _, log = project
     for stage in ("synth", "ingest", "validate", "pretrain_student", "pretrain_teacher", "train_baseline",
                   "train_sds", "evaluate@pretrained", "evaluate@baseline", "evaluate@sds", "evaluate@teacher",
-                  "register"):
+                  "register", "derive_sugarcrepe", "report",
+                  *[f"evaluate_{b}@{m}" for b in ("aro", "sugarcrepe") for m in ("pretrained", "baseline", "sds", "teacher")],
+                  *[f"evaluate_zeroshot@{m}" for m in ("pretrained", "baseline", "sds")]):
         assert f"Running stage '{stage}'" in log, stage
     for model in ("pretrained", "baseline", "sds", "teacher"):
         m = json.loads((root / "metrics" / f"winoground_{model}.json").read_text())
@@ -50,6 +52,13 @@ def test_every_stage_ran_and_wrote_its_outputs(project):
         assert all(0.0 <= m[k] <= 1.0 for k in ("text_score", "image_score", "group_score"))
         assert set(m["by_collapsed_tag"]) == {"Object", "Relation"}
         assert len((root / "scores" / f"winoground_{model}.jsonl").read_text().splitlines()) == 12 * 4
+    flat = json.loads((root / "metrics" / "evaluation.json").read_text())
+    for model in ("pretrained", "baseline", "sds", "teacher"):
+        assert 0.0 <= flat[f"winoground.{model}.group_score"] <= 1.0
+        assert 0.0 <= flat[f"aro.{model}.coco_order.precision_at_1"] <= 1.0
+        assert 0.0 <= flat[f"sugarcrepe.{model}.swap_att.accuracy"] <= 1.0
+    assert all(f"zeroshot.{m}.acc1" in flat for m in ("pretrained", "baseline", "sds"))
+    assert {p.name for p in (root / "reports").iterdir()} == {"evaluation.md", "evaluation.html", "evaluation.png"}
     reg = json.loads((root / "metrics" / "registration.json").read_text())
     assert reg["version"] == 1 and reg["model_name"] == "sdsclip-student"
     # the SDS arm logged a non-zero SDS term, the control a zero one
@@ -71,5 +80,5 @@ def test_second_repro_does_nothing(project):
 def test_results_table_prints_all_four_models(project):
     root, env, _ = project
     out = _run(["sdsclip", "results"], root, env)
-    for label in ("pretrained", "baseline (λ=0)", "SDS-CLIP", "teacher", "champion"):
+    for label in ("pretrained", "baseline (λ=0)", "SDS-CLIP", "teacher", "champion", "COCO-Order", "SugarCrepe"):
         assert label in out

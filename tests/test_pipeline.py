@@ -17,7 +17,9 @@ from pipelines.sdsclip_pipeline import compile_pipeline, run_local  # noqa: E402
 STAGE_TASKS = {
     "resolve-params", "synth", "ingest", "validate", "pretrain-student", "pretrain-teacher",
     "train-baseline", "train-sds", "evaluate-pretrained", "evaluate-baseline", "evaluate-sds",
-    "evaluate-teacher", "register",
+    "evaluate-teacher", "register", "derive-sugarcrepe", "report",
+    *[f"evaluate-{b}-{m}" for b in ("aro", "sugarcrepe") for m in ("pretrained", "baseline", "sds", "teacher")],
+    *[f"evaluate-zeroshot-{m}" for m in ("pretrained", "baseline", "sds")],
 }
 EVALUATED = ("pretrained", "baseline", "sds", "teacher")
 
@@ -50,6 +52,10 @@ def test_compile_pipeline(tmp_path):
         "resolve-params", "ingest", "validate", "pretrain-student", "pretrain-teacher"}
     assert {"train-sds", "evaluate-sds", "evaluate-baseline"} <= deps["register"]
     assert deps["evaluate-teacher"] == {"resolve-params", "synth", "pretrain-teacher"}
+    assert deps["evaluate-sugarcrepe-sds"] == {"resolve-params", "derive-sugarcrepe", "train-sds"}
+    assert deps["report"] == STAGE_TASKS - {"resolve-params", "synth", "ingest", "validate", "pretrain-student",
+                                            "pretrain-teacher", "train-baseline", "train-sds", "register",
+                                            "derive-sugarcrepe", "report"}
 
 
 def test_compile_with_params_path(tmp_path):
@@ -101,6 +107,13 @@ def test_pipeline_runs_locally(tmp_path):
             assert 0.0 <= result[key] <= 1.0
             assert logged["metadata"][key] == pytest.approx(result[key])
         assert (task / "scores").read_text().count("\n") == 4 * result["n"]
+
+    for task in ("evaluate-aro", "evaluate-zeroshot", "evaluate-sugarcrepe"):
+        assert len(list(run_dir.glob(f"{task}*"))) == (3 if task == "evaluate-zeroshot" else 4), task
+    reports = run_dir / "report" / "report"
+    assert {p.name for p in reports.iterdir()} == {"evaluation.md", "evaluation.html", "evaluation.png"}
+    summary = json.loads((run_dir / "report" / "executor_output.json").read_text())["artifacts"]["summary"]
+    assert "winoground.sds.group_score" in summary["artifacts"][0]["metadata"]
 
     registration = json.loads((run_dir / "register" / "registration").read_text())
     from mlflow import MlflowClient

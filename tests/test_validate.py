@@ -163,3 +163,139 @@ def test_suite_file_is_versioned_and_meaningful():
     assert isinstance(raw["version"], int) and raw["name"]
     assert len(raw["expectations"]) >= 6
     assert "${min_caption_chars}" in json.dumps(raw)
+
+
+# -- Data Docs, metrics, end-to-end invariant, fsspec, stage + CLI + Kubeflow component ------------------------
+
+
+def test_data_docs_and_metrics_are_written(manifest, tmp_path):
+    from sdsclip.validate import data_docs_page
+
+    out = tmp_path / "val"
+    s = validate_manifest(manifest, out, ValidateConfig())
+    index = out / "data_docs" / "index.html"
+    assert index.is_file() and "sdsclip_manifest" in index.read_text()
+    pages = list((out / "data_docs" / "validations").rglob("*.html"))
+    assert len(pages) == 1 and "values must match this regular expression" in pages[0].read_text()
+    assert list((out / "data_docs" / "expectations").glob("*.html"))
+    m = json.loads((out / "validation_metrics.json").read_text())
+    assert m["rows"] == m["accepted"] == s["rows_in"] and m["quarantined"] == 0 and m["pass_rate"] == 1.0
+    assert m["end_to_end"] == {"annotations_in": N_IMAGES * CAPTIONS, "accepted": N_IMAGES * CAPTIONS,
+                               "quarantined": 0, "pass_rate": 1.0}  # ingest_summary.json sits next to the manifest
+    assert m["ingest"]["conversions"] == {"none": N_IMAGES}
+
+    validate_manifest(manifest, out, ValidateConfig())  # a re-run replaces the site: still one validation page
+    assert len(list((out / "data_docs" / "validations").rglob("*.html"))) == 1
+
+    page = data_docs_page({"train": out})
+    assert "PASSED" in page and "<iframe srcdoc=" in page and "expect_column_values_to_be_unique" in page
+    assert 'src="http' not in page and 'href="http' not in page  # our part is self-contained
+
+    s2 = validate_manifest(manifest, tmp_path / "nodocs", ValidateConfig(data_docs=False))
+    assert s2 == s and not (tmp_path / "nodocs" / "data_docs").exists()
+
+
+def test_bad_captions_end_to_end_invariant(tmp_path):
+    """Ingest drops what is not text (empty, whitespace, not UTF-8, wrong type, unknown image); the GX suite
+    drops what is too short or too long; accepted + quarantined by either == every caption in the file."""
+    from sdsclip.validate import METRICS_FILE
+    from test_ingest import make_coco
+
+    fx = make_coco(tmp_path / "coco", n_images=4, captions=5)
+    anns = fx["coco"]["annotations"]
+    anns[0]["caption"] = "x" * 1001           # over-long -> expect_column_values_to_be_between(caption_chars)
+    anns[1]["caption"] = "ab"                 # too short -> same expectation
+    anns[2]["caption"] = "   "                # whitespace -> ingest: empty_caption
+    anns.append({"id": 1, "image_id": 999, "caption": "orphan"})  # -> ingest: unknown_image_id
+    fx["json"].write_text(json.dumps(fx["coco"]))
+    out = tmp_path / "shards"
+    ingest_coco(fx["json"], fx["images"], out, IngestConfig(shard_size=2))
+    val = tmp_path / "val"
+    s = validate_manifest(out / "manifest.csv", val, ValidateConfig(max_rejected_fraction=0.5))
+    q = {r["annotation_id"]: r["reason"] for r in _read(val / "quarantine.csv")}
+    assert q == {str(anns[0]["id"]): "expect_column_values_to_be_between(caption_chars)",
+                 str(anns[1]["id"]): "expect_column_values_to_be_between(caption_chars)"}
+    m = json.loads((val / METRICS_FILE).read_text())
+    assert m["quarantined_by_reason"] == {"expect_column_values_to_be_between(caption_chars)": 2}
+    assert m["ingest"]["quarantined_by_reason"] == {"empty_caption": 1, "unknown_image_id": 1}
+    e2e = m["end_to_end"]
+    assert e2e["annotations_in"] == len(anns) == 21
+    assert e2e["accepted"] + e2e["quarantined"] == e2e["annotations_in"] and e2e["accepted"] == s["accepted"] == 17
+    assert e2e["pass_rate"] == pytest.approx(17 / 21, abs=1e-6)
+
+
+def test_stale_manifest_next_to_ingest_summary_is_refused(manifest, tmp_path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(manifest.parent, shards)
+    rows = _read(shards / "manifest.csv")
+    _write(shards / "manifest.csv", rows[:-1], MANIFEST_COLUMNS)
+    with pytest.raises(ValidationFailed, match=r"rows, but ingest_summary.json next to it says .* re-run"):
+        validate_manifest(shards / "manifest.csv", tmp_path / "val", ValidateConfig())
+
+
+def test_validate_reads_and_writes_fsspec_urls(manifest):
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    root = "/sdsclip-test-validate"
+    try:
+        for name in ("manifest.csv", "ingest_summary.json"):
+            mem.pipe(f"{root}/in/{name}", (manifest.parent / name).read_bytes())
+        s = validate_manifest(f"memory://{root}/in/manifest.csv", f"memory://{root}/out", ValidateConfig())
+        assert s["passed"] and s["accepted"] == N_IMAGES * CAPTIONS
+        for name in ("accepted.csv", "quarantine.csv", "summary.json", "gx_result.json", "validation_metrics.json",
+                     "data_docs/index.html"):
+            assert mem.isfile(f"{root}/out/{name}"), name
+        assert [p for p in mem.find(f"{root}/out/data_docs/validations") if p.endswith(".html")]
+        assert json.loads(mem.cat_file(f"{root}/out/validation_metrics.json"))["end_to_end"]["pass_rate"] == 1.0
+    finally:
+        if mem.exists(root):
+            mem.rm(root, recursive=True)
+
+
+def test_stages_cli_and_kfp_component(tmp_path):
+    """The DVC path (CLI -> stages with --metrics) and the Kubeflow component write the same reports; the
+    component's HTML artifact is the self-contained page."""
+    import sys
+
+    import yaml
+    from kfp import dsl
+    from typer.testing import CliRunner
+
+    from sdsclip.cli import app
+    from test_ingest import make_coco
+
+    fx = make_coco(tmp_path / "coco", n_images=4, captions=2)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"ingest": {"splits": ["train"], "shard_size": 3, "workers": 1}}))
+    runner = CliRunner()
+    r = runner.invoke(app, ["ingest", "--coco-root", str(fx["root"]), "--out", str(tmp_path / "shards"),
+                            "--metrics", str(tmp_path / "metrics" / "ingest.json"), "--params", str(params)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["validate", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "validated"),
+                            "--metrics", str(tmp_path / "metrics" / "validation.json"), "--params", str(params)])
+    assert r.exit_code == 0, r.output
+    ingest_m = json.loads((tmp_path / "metrics" / "ingest.json").read_text())
+    assert ingest_m["train"]["annotations_written"] == 8 and "seconds" not in ingest_m["train"]
+    val_m = json.loads((tmp_path / "metrics" / "validation.json").read_text())
+    assert val_m["train"]["pass_rate"] == 1.0 and val_m["train"]["end_to_end"]["annotations_in"] == 8
+    assert (tmp_path / "validated" / "data_docs.html").is_file()
+    assert (tmp_path / "validated" / "train" / "data_docs" / "index.html").is_file()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from components import data as components
+
+    from sdsclip.config import params_from_dict, params_to_dict
+
+    effective = yaml.safe_dump(params_to_dict(params_from_dict(yaml.safe_load(params.read_text()))))
+    out = tmp_path / "kfp"
+    validated, docs, metrics = (dsl.Dataset(uri=str(out / "validated")), dsl.HTML(uri=str(out / "docs" / "page")),
+                                dsl.Metrics(uri=str(out / "metrics")))
+    components.validate(params=effective, shards=dsl.Dataset(uri=str(tmp_path / "shards")), validated=validated,
+                        data_docs=docs, metrics=metrics)
+    page = Path(docs.path).read_text()
+    assert page.startswith("<!DOCTYPE html>") and "PASSED" in page and "<iframe srcdoc=" in page
+    assert metrics.metadata["train.pass_rate"] == 1.0 and metrics.metadata["train.rows"] == 8
+    assert metrics.metadata["train.end_to_end_pass_rate"] == 1.0

@@ -101,7 +101,9 @@ def test_evaluate_writes_official_outputs(tmp_path):
     result = evaluate_winoground(OracleScorer(), data, out, scores)
     saved = json.loads(out.read_text())
     assert saved == result
-    assert set(saved) == {"n", "text_score", "image_score", "group_score", "by_collapsed_tag"}
+    assert set(saved) == {"n", "text_score", "image_score", "group_score", "by_collapsed_tag", "by_num_main_preds",
+                          "by_secondary_tag", "layout", "skipped"}
+    assert saved["layout"] == "jsonl" and saved["skipped"]["count"] == 0
     assert saved["group_score"] == 1.0 and saved["n"] == 4
     assert set(saved["by_collapsed_tag"]) == {"Object", "Relation"}
     assert saved["by_collapsed_tag"]["Object"]["n"] == 2
@@ -110,3 +112,146 @@ def test_evaluate_writes_official_outputs(tmp_path):
     assert {x["label"] for x in lines} >= {"0_c0_i0", "0_c0_i1", "0_c1_i0", "3_c1_i1"}
     by_label = {x["label"]: x["score"] for x in lines}
     assert by_label["2_c0_i0"] == 1.0 and by_label["2_c0_i1"] == 0.0
+
+
+# --- subsets as the official statistics script filters them, the parquet layout, bad input ---------------------
+
+from sdsclip.evaluate.winoground import load_data, winoground_metrics  # noqa: E402
+
+
+def _rec(i, **kw):
+    rec = {"id": i, "caption_0": f"a red circle {i}", "caption_1": f"{i} circle a red", "image_0": f"ex_{i}_img_0",
+           "image_1": f"ex_{i}_img_1", "tag": "Object-Swap", "secondary_tag": "", "num_main_preds": 1,
+           "collapsed_tag": "Object"}
+    return {**rec, **kw}
+
+
+def test_subsets_filter_by_equality_like_the_statistics_script(tmp_path):
+    tags = [("Object", 1, ""), ("Relation", 2, "Symbolic"), ("Both", 1, "Symbolic, Series"), ("Relation", 1, "Series"),
+            ("Object", 2, "Pragmatics")]
+    _write_dataset(tmp_path, n=len(tags))
+    recs = [_rec(i, collapsed_tag=c, num_main_preds=p, secondary_tag=t) for i, (c, p, t) in enumerate(tags)]
+    (tmp_path / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    examples = load_examples(tmp_path)
+    # example 0 and 2 right (group), the rest wrong
+    scores = table(*[(0.9, 0.1, 0.2, 0.8) if i in (0, 2) else (0.1, 0.9, 0.8, 0.2) for i in range(len(tags))])
+    m = winoground_metrics(examples, scores)
+    assert {k: v["n"] for k, v in m["by_collapsed_tag"].items()} == {"Both": 1, "Object": 2, "Relation": 2}
+    assert m["by_collapsed_tag"]["Object"]["group_score"] == 0.5
+    assert {k: v["n"] for k, v in m["by_num_main_preds"].items()} == {"1": 3, "2": 2}
+    assert m["by_num_main_preds"]["1"]["group_score"] == pytest.approx(2 / 3)
+    # whole-string equality: "Symbolic, Series" is its own value, in neither the Symbolic nor the Series subset
+    assert {k: v["n"] for k, v in m["by_secondary_tag"].items()} == {
+        "Pragmatics": 1, "Series": 1, "Symbolic": 1, "Symbolic, Series": 1}
+    assert m["by_secondary_tag"]["Symbolic, Series"]["group_score"] == 1.0
+    assert m["by_secondary_tag"]["Symbolic"]["group_score"] == 0.0
+
+
+def test_unknown_collapsed_tag_names_file_and_line(tmp_path):
+    _write_dataset(tmp_path, n=3)
+    lines = (tmp_path / "examples.jsonl").read_text().splitlines()
+    lines[2] = json.dumps(_rec(2, collapsed_tag="Adjective"))
+    (tmp_path / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(WinogroundDataError, match=r"examples.jsonl:3: unknown collapsed_tag 'Adjective'"):
+        load_examples(tmp_path)
+
+
+def test_duplicate_id_and_missing_field(tmp_path):
+    _write_dataset(tmp_path, n=2)
+    path = tmp_path / "examples.jsonl"
+    path.write_text(json.dumps(_rec(0)) + "\n" + json.dumps(_rec(0)) + "\n")
+    with pytest.raises(WinogroundDataError, match=r"examples.jsonl:2: duplicate id 0 \(first at .*:1\)"):
+        load_examples(tmp_path)
+    rec = _rec(0)
+    del rec["caption_1"]
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(WinogroundDataError, match=r"examples.jsonl:1: missing field\(s\) caption_1"):
+        load_examples(tmp_path)
+
+
+def test_missing_image_skip_policy_counts_and_reports(tmp_path, capsys):
+    data = tmp_path / "wino"
+    _write_dataset(data, n=4)
+    (data / "images" / "ex_2_img_1.png").unlink()
+    result = evaluate_winoground(OracleScorer(), data, tmp_path / "m.json", on_missing="skip")
+    assert result["n"] == 3 and result["group_score"] == 1.0
+    assert result["skipped"]["count"] == 1
+    assert result["skipped"]["first"][0]["where"].endswith("examples.jsonl:3")
+    assert "ex_2_img_1" in result["skipped"]["first"][0]["reason"]
+    assert "skipped 1 item(s)" in capsys.readouterr().err
+
+
+def _write_parquet(jsonl_dir, out_file):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for line in (jsonl_dir / "examples.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for k in (0, 1):
+            name = rec[f"image_{k}"]
+            rec[f"image_{k}"] = {"bytes": (jsonl_dir / "images" / f"{name}.png").read_bytes(), "path": f"{name}.png"}
+        rows.append(rec)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out_file)
+
+
+def test_parquet_layout_gives_the_same_numbers(tmp_path):
+    jsonl = tmp_path / "jsonl"
+    _write_dataset(jsonl, n=4)
+    hf = tmp_path / "hf"
+    _write_parquet(jsonl, hf / "data" / "test-00000-of-00001.parquet")
+    a = evaluate_winoground(OracleScorer(), jsonl, tmp_path / "a.json", tmp_path / "a.jsonl")
+    b = evaluate_winoground(OracleScorer(), hf, tmp_path / "b.json", tmp_path / "b.jsonl")
+    assert b["layout"] == "parquet"
+    assert {k: v for k, v in a.items() if k != "layout"} == {k: v for k, v in b.items() if k != "layout"}
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    assert [e.collapsed_tag for e in load_data(hf).examples] == [e.collapsed_tag for e in load_examples(jsonl)]
+
+
+def test_parquet_bad_row_names_file_and_row(tmp_path):
+    jsonl = tmp_path / "jsonl"
+    _write_dataset(jsonl, n=3)
+    lines = (jsonl / "examples.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), "collapsed_tag": "Noun"})
+    (jsonl / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    _write_parquet(jsonl, tmp_path / "hf" / "test.parquet")
+    with pytest.raises(WinogroundDataError, match=r"test.parquet:row 1: unknown collapsed_tag 'Noun'"):
+        load_data(tmp_path / "hf")
+
+
+def test_no_data_says_what_is_expected(tmp_path):
+    with pytest.raises(WinogroundDataError, match=r"examples.jsonl: not found .*parquet"):
+        load_data(tmp_path)
+
+
+def test_student_fast_preprocess_is_bit_identical():
+    """The batched path for images already at the input size equals open_clip's per-image transform."""
+    from sdsclip.models.student import build_student
+    from sdsclip.scoring import _already_sized_pixels
+
+    student = build_student("sdsclip-tiny-vit")
+    images = [Image.new("RGB", (32, 32), (7 * i % 256, 200, 13)) for i in range(5)]
+    images[2].putpixel((3, 4), (255, 0, 1))
+    fast = _already_sized_pixels(student.preprocess, images)
+    assert fast is not None and torch.equal(fast, torch.stack([student.preprocess(im) for im in images]))
+    assert _already_sized_pixels(student.preprocess, [Image.new("RGB", (48, 32))]) is None
+    assert _already_sized_pixels(student.preprocess, [Image.new("L", (32, 32))]) is None
+
+
+def test_pipelined_student_scoring_equals_plain_score(monkeypatch):
+    """score_pairs (decode + tokenize in a background thread, batched forward here) == StudentScorer.score."""
+    from sdsclip.evaluate import common
+    from sdsclip.evaluate.common import score_pairs
+
+    monkeypatch.setattr(common, "PIPELINE", True)  # the CUDA path, forced on the CPU
+    from sdsclip.models.student import build_student
+    from sdsclip.scoring import StudentScorer
+
+    torch.manual_seed(0)
+    scorer = StudentScorer(build_student("sdsclip-tiny-vit"), batch_size=3)
+    images = [Image.new("RGB", (32 if i % 2 else 40, 32), (30 * i, 255 - 20 * i, 90)) for i in range(7)]
+    captions = ["a red circle", "a blue square above a green circle", "the yellow triangle"]
+    pairs = [(i, c) for i in range(7) for c in range(3)][::2]
+    piped = score_pairs(scorer, [lambda im=im: im for im in images], captions, pairs)
+    assert torch.equal(piped, scorer.score(images, captions, pairs))

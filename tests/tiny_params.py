@@ -14,7 +14,7 @@ TINY_OVERRIDES = {
     "student": {"pretrain": {"steps": 4, "batch_size": 16, "warmup_steps": 1}},
     "teacher": {"pretrain": {"steps": 4, "batch_size": 16, "warmup_steps": 1}},
     "train": {"steps": 3, "batch_size": 8, "warmup_steps": 1},
-    "eval": {"teacher_draws": 2, "batch_size": 64},
+    "eval": {"teacher_draws": 2, "batch_size": 64, "sugarcrepe_world_items": 10, "aro_attribution_min_count": 2},
 }
 
 

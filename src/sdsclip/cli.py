@@ -38,16 +38,19 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params fil
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from sdsclip.config import ConfigError
+    from sdsclip.evaluate.common import EvalDataError
     from sdsclip.evaluate.winoground import WinogroundDataError
     from sdsclip.models.student import StudentLoadError
     from sdsclip.models.teacher import TeacherLoadError
     from sdsclip.scoring import ModelRefError
+    from sdsclip.checkpoint import CheckpointError
+    from sdsclip.distributed import LaunchError
     from sdsclip.train import TrainError
 
-    errors: list[type[BaseException]] = [ConfigError, WinogroundDataError, StudentLoadError, TeacherLoadError,
-                                         ModelRefError, TrainError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, WinogroundDataError, EvalDataError, StudentLoadError, TeacherLoadError,
+                                         ModelRefError, TrainError, CheckpointError, LaunchError, FileNotFoundError]
     for module, name in (("sdsclip.ingest", "IngestError"), ("sdsclip.validate", "ValidationFailed"),
-                         ("sdsclip.data", "DataError")):
+                         ("sdsclip.validate", "SuiteError"), ("sdsclip.data", "DataError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -91,29 +94,34 @@ def synth(
 
 @app.command()
 def ingest(
-    coco_root: Path = typer.Option(..., help="dir with annotations/captions_{split}.json and images/{split}/"),
-    out: Path = typer.Option(..., help="output dir: {split}/shard-*.tar + manifest.csv"),
+    coco_root: str = typer.Option(..., help="dir or fsspec URL with annotations/captions_{split}.json and "
+                                  "images/{split}/ (or {split}/)"),
+    out: str = typer.Option(..., help="output dir or fsspec URL: {split}/shard-*.tar + manifest.csv"),
+    metrics: Optional[Path] = typer.Option(None, help="also write the per-split counts here (DVC metrics JSON)"),
     params: Path = ParamsOpt,
 ):
-    """COCO captions JSON + images -> WebDataset tar shards + a manifest with a sha256 per image."""
+    """COCO captions JSON + images -> WebDataset tar shards + a manifest (source sha256, conversion) + a
+    quarantine with reason codes. Resumable: a re-run keeps finished shards."""
     from sdsclip import stages
 
     with _stage("ingest"):
-        _done(stages.ingest(_params(params), coco_root, out))
+        _done(stages.ingest(_params(params), coco_root, out, metrics))
 
 
 @app.command()
 def validate(
-    shards: Path = typer.Option(..., help="ingest output dir"),
-    out: Path = typer.Option(..., help="output dir: {split}/accepted.csv, quarantine.csv, gx_result.json"),
+    shards: str = typer.Option(..., help="ingest output dir or fsspec URL"),
+    out: str = typer.Option(..., help="output dir or fsspec URL: {split}/accepted.csv, quarantine.csv, "
+                            "data_docs/ ..., data_docs.html"),
+    metrics: Optional[Path] = typer.Option(None, help="also write the per-split metrics here (DVC metrics JSON)"),
     params: Path = ParamsOpt,
 ):
-    """Great Expectations suite over each manifest; quarantines failing records with a reason and fails
-    when the rejected fraction exceeds validation.max_rejected_fraction."""
+    """Great Expectations suite over each manifest; quarantines failing records with a reason, writes GX Data
+    Docs, and fails when the rejected fraction exceeds validation.max_rejected_fraction."""
     from sdsclip import stages
 
     with _stage("validate"):
-        _done(stages.validate(_params(params), shards, out))
+        _done(stages.validate(_params(params), shards, out, metrics))
 
 
 @app.command("pretrain-student")
@@ -157,24 +165,38 @@ def train(
     out: Path = typer.Option(..., help="fine-tuned student dir to write"),
     control: bool = typer.Option(False, "--control", help="lambda = 0: the contrastive-only baseline"),
     log_dir: Optional[Path] = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --checkpoint-dir "
+                                "(same params and inputs only); none there: start from step 0"),
+    checkpoint_dir: Optional[Path] = typer.Option(
+        None, help="resumable checkpoints every train.checkpoint_every steps (default OUT/checkpoints, "
+        "deleted after success)"),
     params: Path = ParamsOpt,
 ):
-    """SDS-CLIP fine-tuning: L_CLIP + lambda * L_SDS, only the image tower's LayerNorms + sigma train."""
+    """SDS-CLIP fine-tuning: L_CLIP + lambda * L_SDS, only the image tower's LayerNorms + sigma train.
+
+    Multi-process (DDP): `torchrun --nproc-per-node N -m sdsclip.cli train ...`, `accelerate launch`, or a
+    Kubeflow PyTorchJob (MASTER_ADDR / WORLD_SIZE / RANK / PET_* are read); train.batch_size is global."""
     from sdsclip import stages
 
     with _stage("train"):
-        _done(stages.train(_params(params), student, teacher, shards, validated, out, control, log_dir))
+        result = stages.train(_params(params), student, teacher, shards, validated, out, control, log_dir,
+                              resume=resume, checkpoint_dir=checkpoint_dir)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            _done(result)
 
 
 @evaluate_app.command("winoground")
 def evaluate_winoground(
-    data: Path = typer.Option(..., help="Winoground dir: examples.jsonl + images/"),
+    data: Path = typer.Option(..., help="Winoground dir: examples.jsonl + images/, or the Hugging Face *.parquet"),
     model: Path = typer.Option(..., help="student dir or teacher dir"),
     out: Path = typer.Option(..., help="metrics JSON to write"),
     scores: Optional[Path] = typer.Option(None, help="also write per-pair scores (official JSONL form)"),
     params: Path = ParamsOpt,
 ):
-    """Winoground text / image / group score (strict >), overall and per collapsed_tag."""
+    """Winoground text / image / group score (strict >), overall and per collapsed_tag, num_main_preds and
+    secondary_tag (the official statistics script's subsets)."""
     from sdsclip import stages
 
     with _stage("evaluate winoground"):
@@ -183,6 +205,92 @@ def evaluate_winoground(
             f"{model}: text {result['text_score']:.3f}  image {result['image_score']:.3f}  "
             f"group {result['group_score']:.3f}  (n={result['n']})"
         )
+
+
+@evaluate_app.command("aro")
+def evaluate_aro(
+    data: Path = typer.Option(..., help="ARO dir: visual_genome_{relation,attribution}.json + images/, "
+                              "coco_karpathy_test.json, flickr30k_test.json (each dataset present is evaluated)"),
+    model: Path = typer.Option(..., help="student dir or teacher dir"),
+    out: Path = typer.Option(..., help="metrics JSON to write"),
+    dataset: list[str] = typer.Option([], help="only these: vg_relation, vg_attribution, coco_order, flickr30k_order"),
+    coco_dir: Optional[Path] = typer.Option(None, help="COCO root with coco_karpathy_test.json (default: --data)"),
+    flickr_dir: Optional[Path] = typer.Option(None, help="Flickr30k root with flickr30k_test.json (default: --data)"),
+    params: Path = ParamsOpt,
+):
+    """ARO with the repository's rules: VG-Relation / VG-Attribution macro accuracy, COCO-/Flickr30k-Order
+    Precision@1 over the four word-order perturbations (POS tagger: eval.aro_pos_tagger)."""
+    from sdsclip import stages
+
+    dirs = {k: v for k, v in (("coco_order", coco_dir), ("flickr30k_order", flickr_dir)) if v is not None}
+    with _stage("evaluate aro"):
+        result = stages.evaluate_aro(_params(params), model, data, out, dataset, dirs)
+        values = {d: result[d].get("macro_accuracy", result[d].get("precision_at_1")) for d in result["datasets"]}
+        console.print(f"{model}: " + "  ".join(f"{d} {'n/a' if v is None else f'{v:.3f}'}" for d, v in values.items()))
+
+
+@evaluate_app.command("zeroshot")
+def evaluate_zeroshot(
+    data: Path = typer.Option(..., help="ImageFolder root, or the dir holding cifar-10-batches-py/ or cifar-100-python/"),
+    model: Path = typer.Option(..., help="student dir or teacher dir"),
+    out: Path = typer.Option(..., help="metrics JSON to write"),
+    prompt_set: Optional[str] = typer.Option(None, help="entry of the prompt file (default: eval.zeroshot_prompt_set, "
+                                             "else the detected format: imagefolder / cifar10 / cifar100)"),
+    params: Path = ParamsOpt,
+):
+    """Zero-shot classification: acc@1, acc@5 and mean per-class recall (CLIP prompt ensembling)."""
+    from sdsclip import stages
+
+    with _stage("evaluate zeroshot"):
+        r = stages.evaluate_zeroshot(_params(params), model, data, out, prompt_set)
+        console.print(f"{model}: acc@1 {r['acc1']:.3f}  acc@5 {r['acc5']:.3f}  "
+                      f"mean per-class recall {r['mean_per_class_recall']:.3f}  (n={r['n']}, {r['n_classes']} classes)")
+
+
+@evaluate_app.command("sugarcrepe")
+def evaluate_sugarcrepe(
+    data: Path = typer.Option(..., help="dir with the subset files (add_att.json ... swap_obj.json) and val2017/"),
+    model: Path = typer.Option(..., help="student dir or teacher dir"),
+    out: Path = typer.Option(..., help="metrics JSON to write"),
+    images: Optional[Path] = typer.Option(None, help="COCO val2017 image dir (default: DATA/val2017)"),
+    scores: Optional[Path] = typer.Option(None, help="also write per-item positive / negative scores (JSONL)"),
+    params: Path = ParamsOpt,
+):
+    """SugarCrepe accuracy per subset (strict >), per category (add / replace / swap) and overall."""
+    from sdsclip import stages
+
+    with _stage("evaluate sugarcrepe"):
+        r = stages.evaluate_sugarcrepe(_params(params), model, data, out, images, scores)
+        subsets = "  ".join(f"{k} {v['accuracy']:.3f}" for k, v in r["subsets"].items())
+        console.print(f"{model}: {subsets}  mean {r['mean_accuracy']:.3f}")
+
+
+@app.command("derive-sugarcrepe")
+def derive_sugarcrepe(
+    winoground: Path = typer.Option(..., help="the synthetic world's Winoground dir"),
+    out: Path = typer.Option(..., help="SugarCrepe-format dir to write ({subset}.json + val2017/)"),
+    params: Path = ParamsOpt,
+):
+    """A SugarCrepe-format set (swap_att/obj, replace_att/obj/rel) from the synthetic world's Winoground
+    images; eval.sugarcrepe_world_items items per subset."""
+    from sdsclip import stages
+
+    with _stage("derive-sugarcrepe"):
+        _done(stages.derive_sugarcrepe(_params(params), winoground, out))
+
+
+@app.command()
+def report(
+    metrics_dir: Path = typer.Option(Path("metrics"), help="dir with {benchmark}_{model}.json files"),
+    out: Path = typer.Option(Path("reports"), help="dir for evaluation.md, evaluation.html, evaluation.png"),
+    summary: Path = typer.Option(Path("metrics/evaluation.json"), help="flat metrics JSON (DVC metrics)"),
+):
+    """The evaluation report: every benchmark and subset for pretrained / baseline / SDS-CLIP / teacher."""
+    from sdsclip import stages
+
+    with _stage("report"):
+        result = stages.report(metrics_dir, out, summary)
+        console.print(f"wrote {result['report']} (+ .html, .png) and {summary} ({result['metrics']} numbers)")
 
 
 @app.command()
@@ -226,9 +334,34 @@ def results(
         table.add_row(r["model"], f"{r['text_score']:.3f}", f"{r['image_score']:.3f}", f"{r['group_score']:.3f}",
                       *per_tag)
     Console(width=max(console.width, 100)).print(table)
+    _other_benchmarks_table(metrics_dir, names)
     if registration and registration.is_file():
         reg = json.loads(registration.read_text())
         console.print(f"MLflow: {reg['model_name']} v{reg['version']} ({reg['tracking_uri']}): {reg['reason']}")
+
+
+def _other_benchmarks_table(metrics_dir: Path, names: dict[str, str]) -> None:
+    """Headline ARO / SugarCrepe / zero-shot numbers, when their metrics files exist (full: reports/)."""
+    columns = {"VG-Rel": ("aro", "vg_relation", "macro_accuracy"), "VG-Attr": ("aro", "vg_attribution", "macro_accuracy"),
+               "COCO-Order": ("aro", "coco_order", "precision_at_1"), "SugarCrepe": ("sugarcrepe", None, "mean_accuracy"),
+               "zero-shot@1": ("zeroshot", None, "acc1")}
+    rows = []
+    for label, key in names.items():
+        cells = []
+        for bench, section, metric in columns.values():
+            path = metrics_dir / f"{bench}_{key}.json"
+            m = json.loads(path.read_text()) if path.is_file() else {}
+            value = (m.get(section, {}) if section else m).get(metric)
+            cells.append("—" if value is None else f"{value:.3f}")
+        rows.append((label, cells))
+    if all(c == "—" for _, cells in rows for c in cells):
+        return
+    table = Table(title="ARO / SugarCrepe / zero-shot (full report: reports/evaluation.md)")
+    for col in ["model", *columns]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    Console(width=max(console.width, 100)).print(table)
 
 
 @pipeline_app.command("compile")

@@ -43,15 +43,24 @@ class DataConfig(_Section):
     coco_root: str = Field("data/world/coco", description="dir with annotations/captions_{split}.json + images/{split}/")
     winoground_dir: str = Field("data/world/winoground", description="dir with examples.jsonl + images/")
     aro_dir: str = Field("data/world/aro")
-    zeroshot_dir: str = Field("data/world/zeroshot")
+    zeroshot_dir: str = Field("data/world/zeroshot", description="ImageFolder root, or the dir holding cifar-10-batches-py/")
+    sugarcrepe_dir: str = Field("data/sugarcrepe", description="SugarCrepe {subset}.json + val2017/ (default: derived from the world)")
     pretrain_split: str = Field("pretrain", description="COCO-format split the embedded models pretrain on")
     train_split: str = Field("train", description="COCO-format split SDS-CLIP fine-tunes on (real: train2017)")
 
 
 class IngestConfig(_Section):
+    """COCO captions -> WebDataset shards (src/sdsclip/ingest.py)."""
+
     splits: list[str] = Field(default_factory=lambda: ["pretrain", "train"], min_length=1)
-    shard_size: int = Field(1000, ge=1, description="images per WebDataset tar shard")
-    workers: int = Field(2, ge=1)
+    shard_size: int = Field(1000, ge=1, description="images planned per WebDataset tar shard")
+    workers: int = Field(2, ge=1, description="threads reading + hashing + decoding images")
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="decompression-bomb guard: larger images are quarantined (PIL's default)")
+    reencode_format: Literal["png", "jpeg"] = Field(
+        "png", description="stored encoding of images that need conversion (non-RGB, 16-bit, EXIF-rotated)")
+    reencode_quality: int = Field(95, ge=1, le=100, description="JPEG quality when reencode_format is jpeg")
+    resume: bool = Field(True, description="re-run: keep finished shards whose planned content is unchanged")
 
 
 class ValidateConfig(_Section):
@@ -61,6 +70,7 @@ class ValidateConfig(_Section):
     min_caption_chars: int = Field(3, ge=1)
     max_caption_chars: int = Field(1000, ge=1)
     min_captions_per_image: int = Field(1, ge=1)
+    data_docs: bool = Field(True, description="build Great Expectations Data Docs (HTML) next to the outputs")
 
 
 class OptimConfig(_Section):
@@ -107,8 +117,9 @@ class TrainConfig(_Section):
     """SDS-CLIP fine-tuning: L = L_CLIP + lambda * L_SDS; only image-tower LayerNorms + sigma train."""
 
     lambda_sds: float = Field(1.0, ge=0.0, description="weight of L_SDS; the control stage forces 0")
-    steps: int = Field(150, ge=1)
-    batch_size: int = Field(32, ge=2)
+    steps: int | None = Field(150, ge=1, description="optimizer steps; null = epochs x (pairs // batch_size)")
+    epochs: int | None = Field(None, ge=1, description="passes over the accepted pairs; only when steps is null")
+    batch_size: int = Field(32, ge=2, description="GLOBAL batch: split evenly over the processes of a DDP run")
     lr: float = Field(5e-5, gt=0)
     sigma_lr: float | None = Field(None, gt=0, description="lr for the fresh sigma map; null = lr")
     weight_decay: float = Field(0.0, ge=0)
@@ -116,12 +127,21 @@ class TrainConfig(_Section):
     t_min: int = Field(20, ge=0, description="smallest timestep sampled for L_SDS")
     t_max: int = Field(980, ge=1, description="largest timestep sampled for L_SDS")
     noise_draws: int = Field(1, ge=1, description="(t, eps) draws per sample per step")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast of the step (accelerate)")
+    gradient_checkpointing: bool = Field(False, description="recompute the frozen UNet's activations in backward")
+    text_cache_size: int = Field(
+        4096, ge=0, description="LRU entries of teacher text conditioning kept on its device; 0 = encode every step"
+    )
+    checkpoint_every: int = Field(50, ge=0, description="write a resumable checkpoint every N steps; 0 = never")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    log_mlflow: bool = Field(True, description="also log per-step losses to MLflow (registry.tracking_uri)")
 
     @model_validator(mode="after")
     def _t_range(self) -> "TrainConfig":
         if self.t_min >= self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must be < t_max ({self.t_max})")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"set exactly one of steps ({self.steps}) and epochs ({self.epochs}); the other null")
         return self
 
 
@@ -130,6 +150,17 @@ class EvalConfig(_Section):
     teacher_draws: int = Field(8, ge=1, description="shared (t, eps) draws for the teacher's denoising score")
     teacher_t_min: int = Field(100, ge=0)
     teacher_t_max: int = Field(900, ge=1)
+    teacher_max_items: int | None = Field(
+        None, ge=1, description="teacher only: first N items per ARO dataset / SugarCrepe subset / zero-shot set")
+    on_missing: Literal["error", "skip"] = Field(
+        "error", description="a missing/unreadable image: stop naming file and line, or skip it (counted, reported)")
+    aro_pos_tagger: str = Field("textblob", pattern=r"^(textblob|spacy:.+)$",
+                                description="POS tagger for the ARO order perturbations: textblob | spacy:MODEL")
+    aro_attribution_min_count: int = Field(25, ge=1, description="VG-Attribution macro: pairs with >= N items (ARO: 25)")
+    zeroshot_prompts_file: str | None = Field(None, description="class names + templates JSON; null = packaged file")
+    zeroshot_prompt_set: str | None = Field(None, description="entry of that file; null = the detected format")
+    sugarcrepe_world_items: int | None = Field(
+        100, ge=1, description="items per subset of the SugarCrepe-format set derived from the world")
 
 
 class RegisterConfig(_Section):
@@ -141,6 +172,7 @@ class RegisterConfig(_Section):
 
 
 class Params(_Section):
+    profile: str | None = Field(None, description="training recipe merged over `train` (see load_profile)")
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     world: WorldConfig = WorldConfig()
@@ -166,9 +198,57 @@ def _format_error(source: str, err: ValidationError) -> str:
     return f"{source}: {key}: {msg}{got_text}{more}"
 
 
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+PROFILE_SECTIONS = ("train",)
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name: str) -> tuple[dict[str, Any], Path]:
+    """A named training recipe: ``sdsclip/profiles/{name}.yaml``, or a path to such a YAML file.
+
+    A profile holds only the ``train`` section; ``params_from_dict`` merges it OVER params.yaml's, so a
+    key set by the profile wins (edit or copy the profile to change it)."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"profile: unknown profile {name!r} (no {path}; shipped: {', '.join(available_profiles())})")
+    try:
+        overlay = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(overlay, dict) or not all(isinstance(overlay.get(k, {}), dict) for k in overlay):
+        raise ConfigError(f"{path}: a profile must be a mapping of sections")
+    extra = sorted(set(overlay) - set(PROFILE_SECTIONS))
+    if extra:
+        raise ConfigError(f"{path}: {extra[0]}: a profile may only set {', '.join(PROFILE_SECTIONS)}")
+    return overlay, path
+
+
+def apply_profile(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """``raw`` with its ``profile`` (if any) merged over it; also the profile file's path for messages.
+
+    Idempotent: applying it to its own output changes nothing, so resolved params can be re-validated."""
+    name = raw.get("profile")
+    if name is None:
+        return raw, None
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"profile: must be a profile name or a .yaml path, got {name!r}")
+    overlay, path = load_profile(name)
+    merged = dict(raw)
+    for section, values in overlay.items():
+        base = merged.get(section) or {}
+        merged[section] = {**(base if isinstance(base, dict) else {}), **values}
+    return merged, str(path)
+
+
 def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+    raw, profile_path = apply_profile(raw)
+    if profile_path:
+        source = f"{source} + {profile_path}"
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

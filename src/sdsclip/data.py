@@ -10,8 +10,16 @@ Pipeline per epoch (all ``webdataset`` stages):
 
 Shuffling happens before decoding so the buffers hold compressed bytes, not pixels. With ``num_workers > 0``
 shards are split over DataLoader workers (each worker drops its own partial batch) and batches arrive in a
-fixed round-robin order, so the stream is still deterministic for a seed. Every process of a multi-process run
-reads all shards (no node splitting); give each rank its own ``seed`` if they should see different batches.
+fixed round-robin order, so the stream is still deterministic for a seed.
+
+Data parallelism: every process of a multi-process run reads the same stream (same seed, no node splitting) of
+GLOBAL batches of ``batch_size`` pairs and keeps its own contiguous slice ``rank * b : (rank + 1) * b`` with
+``b = batch_size // world_size``, cut before decoding (a rank decodes only its own images). So W processes
+see exactly the batch one process would, split W ways.
+
+Position: ``batches(start_epoch, start_batch)`` resumes a stream mid-epoch by dropping the first ``start_batch``
+global batches of that epoch still compressed (no decode), so a resumed run reads the same pairs as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -119,6 +127,21 @@ def _collate(pairs: list[tuple[Any, str]]) -> tuple[Any, list[str]]:
     return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
 
+def _global_batch_slice(samples: Iterator[dict[str, Any]], batch_size: int, skip: int, lo: int, hi: int
+                        ) -> Iterator[dict[str, Any]]:
+    """Group raw samples into global batches (the last partial one dropped), drop the first ``skip``, and
+    yield samples ``lo:hi`` of each remaining batch."""
+    batch: list[dict[str, Any]] = []
+    index = 0
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            if index >= skip:
+                yield from batch[lo:hi]
+            index += 1
+            batch = []
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return random.Random(f"sdsclip.data:{seed}:{epoch}").randrange(2**62)
 
@@ -130,9 +153,13 @@ class PairLoader:
     """
 
     def __init__(self, shards_dir: Path, accepted_csv: Path, image_transform: Callable, batch_size: int,
-                 seed: int, shuffle_buffer: int = 2000, num_workers: int = 0):
+                 seed: int, shuffle_buffer: int = 2000, num_workers: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must split evenly over {world_size} processes (rank {rank})")
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = batch_size // world_size
         self.shards_dir = Path(shards_dir)
         self.shards = [str(p) for p in shard_paths(self.shards_dir)]
         self.accepted = frozenset(load_accepted_ids(accepted_csv))
@@ -149,8 +176,14 @@ class PairLoader:
         self.shuffle_buffer = max(0, int(shuffle_buffer))
         self.num_workers = max(0, int(num_workers))
 
-    def epoch(self, epoch: int):
-        """The webdataset pipeline of one epoch (an iterable of batches)."""
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches in one epoch (partial batch dropped); exact with num_workers == 0."""
+        return self.n_pairs // self.batch_size
+
+    def epoch(self, epoch: int, skip: int = 0):
+        """The webdataset pipeline of one epoch (an iterable of this rank's batches), ``skip`` global
+        batches dropped from its start."""
         import webdataset as wds
 
         eseed = _epoch_seed(self.seed, epoch)
@@ -162,28 +195,37 @@ class PairLoader:
         ds = ds.shuffle(buf, initial=buf, seed=eseed + 1)
         ds = ds.compose(partial(_expand_pairs, accepted=self.accepted))
         ds = ds.shuffle(buf, initial=buf, seed=eseed + 2)
+        lo = self.rank * self.local_batch_size
+        ds = ds.compose(partial(_global_batch_slice, batch_size=self.batch_size, skip=skip, lo=lo,
+                                hi=lo + self.local_batch_size))
         ds = ds.decode("pil")
         ds = ds.map(partial(_to_pair, transform=self.transform))
-        ds = ds.batched(self.batch_size, collation_fn=_collate, partial=False)
+        ds = ds.batched(self.local_batch_size, collation_fn=_collate, partial=False)
         if self.num_workers == 0:
             return ds
         return wds.WebLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers)
 
-    def __iter__(self) -> Iterator[tuple[Any, list[str]]]:
-        epoch = 0
+    def batches(self, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, tuple[Any, list[str]]]]:
+        """Infinite ``(epoch, index in epoch, batch)`` stream from global batch ``start_batch`` of ``start_epoch``."""
+        epoch, skip = start_epoch, start_batch
         while True:
             n = 0
-            for batch in self.epoch(epoch):
-                n += 1
-                yield batch
-            if n == 0:
+            for n, batch in enumerate(self.epoch(epoch, skip), start=skip + 1):
+                yield epoch, n - 1, batch
+            if n == 0 and skip == 0:
                 raise DataError(f"{self.shards_dir}: an epoch produced no full batch of {self.batch_size} "
                                 f"({self.n_pairs} pairs over {len(self.shards)} shards / {self.num_workers} "
                                 "workers); lower batch_size or num_workers")
-            epoch += 1
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[Any, list[str]]]:
+        for _, _, batch in self.batches():
+            yield batch
 
 
 def pair_loader(shards_dir: Path, accepted_csv: Path, image_transform: Callable, batch_size: int, seed: int,
-                shuffle_buffer: int = 2000, num_workers: int = 0) -> PairLoader:
-    """Infinite deterministic stream of (images [B,3,H,W], captions list[str]) over accepted pairs."""
-    return PairLoader(shards_dir, accepted_csv, image_transform, batch_size, seed, shuffle_buffer, num_workers)
+                shuffle_buffer: int = 2000, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> PairLoader:
+    """Infinite deterministic stream of (images [B,3,H,W], captions list[str]) over accepted pairs
+    (``B = batch_size // world_size``: this rank's slice of each global batch)."""
+    return PairLoader(shards_dir, accepted_csv, image_transform, batch_size, seed, shuffle_buffer, num_workers,
+                      rank, world_size)

@@ -34,6 +34,41 @@ def _batches(seq: Sequence, size: int):
         yield seq[i : i + size]
 
 
+_IDENTITY_AT_SIZE = {"Resize", "CenterCrop", "MaybeConvertMode", "_convert_to_rgb", "MaybeToTensor", "ToTensor"}
+
+
+def _already_sized_pixels(preprocess, images: Sequence[Image.Image]) -> torch.Tensor | None:
+    """open_clip's eval transform on a batch of RGB images already at the model's input size, in one tensor op.
+
+    Resize(S) / CenterCrop(S) leave an S x S image unchanged (PIL returns a copy), so the transform reduces to
+    ToTensor + Normalize, done here on the stacked batch with the same float32 ops (bit-identical). Returns
+    None (use the per-image transform) for any other transform or image.
+    """
+    steps = getattr(preprocess, "transforms", None)
+    if not steps or type(steps[-1]).__name__ != "Normalize":
+        return None
+    size = None
+    for t in steps[:-1]:
+        name = getattr(t, "__name__", type(t).__name__)  # functions (e.g. _convert_to_rgb) or transform classes
+        if name not in _IDENTITY_AT_SIZE:
+            return None
+        if name in ("Resize", "CenterCrop"):
+            side = t.size if isinstance(t.size, int) else (t.size[0] if len(set(t.size)) == 1 else None)
+            if side is None or (size is not None and side != size) or getattr(t, "max_size", None):
+                return None
+            size = side
+    if size is None or any(im.mode != "RGB" or im.size != (size, size) for im in images):
+        return None
+    import numpy as np
+
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+    x = x.float().div(255)
+    norm = steps[-1]
+    mean = torch.as_tensor(norm.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.as_tensor(norm.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return x.sub(mean).div(std)
+
+
 class StudentScorer:
     """Cosine similarity of CLIP image and text embeddings."""
 
@@ -46,23 +81,34 @@ class StudentScorer:
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         out = []
         for chunk in _batches(list(images), self.batch_size):
-            x = torch.stack([self.student.preprocess(im.convert("RGB")) for im in chunk]).to(self.device)
-            out.append(F.normalize(self.model.encode_image(x).float(), dim=-1))
+            x = _already_sized_pixels(self.student.preprocess, chunk)
+            if x is None:
+                x = torch.stack([self.student.preprocess(im.convert("RGB")) for im in chunk])
+            out.append(F.normalize(self.model.encode_image(x.to(self.device)).float(), dim=-1))
         return torch.cat(out)
+
+    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
+        """Token ids [n, context] (each row independent of the others, so batches may be cut anywhere)."""
+        return self.student.tokenizer(list(captions))
 
     @torch.no_grad()
-    def embed_texts(self, captions: Sequence[str]) -> torch.Tensor:
-        out = []
-        for chunk in _batches(list(captions), self.batch_size):
-            tokens = self.student.tokenizer(list(chunk)).to(self.device)
-            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = [F.normalize(self.model.encode_text(chunk.to(self.device)).float(), dim=-1)
+               for chunk in _batches(tokens, self.batch_size)]
         return torch.cat(out)
 
-    def score(self, images, captions, pairs) -> torch.Tensor:
-        img, txt = self.embed_images(images), self.embed_texts(captions)
+    def embed_texts(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.embed_tokens(self.tokenize(captions))
+
+    @staticmethod
+    def pair_scores(img: torch.Tensor, txt: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Cosine similarity of (image index, caption index) pairs of normalised embeddings."""
         idx_i = torch.tensor([p[0] for p in pairs], dtype=torch.long)
         idx_c = torch.tensor([p[1] for p in pairs], dtype=torch.long)
         return (img[idx_i] * txt[idx_c]).sum(-1).cpu()
+
+    def score(self, images, captions, pairs) -> torch.Tensor:
+        return self.pair_scores(self.embed_images(images), self.embed_texts(captions), pairs)
 
 
 class TeacherScorer:

@@ -8,6 +8,12 @@ f_theta is CLIP's image encoder, sigma a learned linear map from its embedding t
 input (latent) shape, eps_phi the frozen UNet and c_text the frozen teacher text encoder's conditioning
 of the paired caption. Gradients of L_SDS flow through the frozen UNet into z, hence into sigma and the
 image encoder's LayerNorms (the only CLIP parameters that train).
+
+Data parallel: ``StudentWithSigma`` puts f_theta and sigma in one module (one DDP wrapper syncs every
+trainable parameter). Each of W processes holds a contiguous 1/W slice of the global batch; L_CLIP is
+computed against the features gathered from every process (with gradients) and L_SDS draws the (t, eps)
+of the WHOLE global batch from a generator seeded alike on every process and keeps its slice, so after
+DDP's gradient averaging W processes take the same step as one process over the global batch.
 """
 
 from __future__ import annotations
@@ -56,6 +62,34 @@ def select_trainable(clip_model: nn.Module, sigma: nn.Module) -> list[nn.Paramet
     return params + list(sigma.parameters())
 
 
+class StudentWithSigma(nn.Module):
+    """f_theta (the CLIP model) and sigma as one module: ``forward`` returns (f_theta(x) unnormalised, text
+    embedding, z = sigma(f_theta(x)) or None)."""
+
+    def __init__(self, clip_model: nn.Module, sigma: LatentProjection):
+        super().__init__()
+        self.clip = clip_model
+        self.sigma = sigma
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, project: bool = True):
+        image_emb = self.clip.encode_image(images)
+        text_emb = self.clip.encode_text(tokens)
+        z = self.sigma(image_emb.float()) if project else None
+        return image_emb, text_emb, z
+
+
+def draw_t_and_noise(
+    n: int, shape: tuple[int, ...], t_min: int, t_max: int, generator: torch.Generator | None,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, eps) for ``n`` local samples: draws for all ``n * world`` samples of the global batch (on CPU,
+    so they do not depend on the device) and keeps this rank's contiguous slice."""
+    rank, world = shard
+    t = torch.randint(t_min, t_max + 1, (n * world,), generator=generator, device="cpu")
+    noise = torch.randn((n * world, *shape), generator=generator, device="cpu", dtype=torch.float32)
+    return t[rank * n : (rank + 1) * n], noise[rank * n : (rank + 1) * n]
+
+
 def sds_loss(
     teacher: Teacher,
     z: torch.Tensor,
@@ -64,14 +98,45 @@ def sds_loss(
     t_max: int,
     noise_draws: int = 1,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
-    """L_SDS for latents z (B, C, H, W) with ``noise_draws`` (t, eps) draws per sample."""
+    """L_SDS for latents z (B, C, H, W) with ``noise_draws`` (t, eps) draws per sample.
+
+    ``shard = (rank, world)``: z is slice ``rank`` of a global batch split over ``world`` processes."""
     if noise_draws > 1:
         z = z.repeat_interleave(noise_draws, dim=0)
         text_cond = text_cond.repeat_interleave(noise_draws, dim=0)
-    t = torch.randint(t_min, t_max + 1, (z.shape[0],), generator=generator, device="cpu").to(z.device)
-    noise = torch.randn(z.shape, generator=generator, device="cpu", dtype=torch.float32).to(z.device, z.dtype)
-    return teacher.epsilon_error(z, text_cond, t, noise).mean()
+    t, noise = draw_t_and_noise(z.shape[0], tuple(z.shape[1:]), t_min, t_max, generator, shard)
+    return teacher.epsilon_error(z, text_cond.to(z.device), t.to(z.device), noise.to(z.device, z.dtype)).mean()
+
+
+def sds_clip_objective(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    z: torch.Tensor | None,
+    logit_scale: torch.Tensor,
+    teacher: Teacher | None,
+    text_cond: torch.Tensor | None,
+    lambda_sds: float,
+    t_min: int,
+    t_max: int,
+    noise_draws: int = 1,
+    generator: torch.Generator | None = None,
+    contrastive: ClipLoss | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> LossTerms:
+    """L_CLIP + lambda * L_SDS from the student's outputs (see ``StudentWithSigma``).
+
+    With lambda == 0 the teacher is never run (the control). In a W-process run ``contrastive`` must be a
+    ``ClipLoss(local_loss=True, gather_with_grad=True, rank, world_size)``; every term is then this
+    process's share, and the mean over processes is the single-process loss of the global batch."""
+    contrastive = contrastive or ClipLoss()
+    loss_clip = contrastive(F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1), logit_scale)
+    if lambda_sds == 0 or teacher is None:
+        zero = loss_clip.new_zeros(())
+        return LossTerms(total=loss_clip, clip=loss_clip, sds=zero)
+    loss_sds = sds_loss(teacher, z, text_cond, t_min, t_max, noise_draws, generator, shard)
+    return LossTerms(total=loss_clip + lambda_sds * loss_sds, clip=loss_clip, sds=loss_sds)
 
 
 def sds_clip_loss(
@@ -89,15 +154,7 @@ def sds_clip_loss(
     contrastive: ClipLoss | None = None,
 ) -> LossTerms:
     """L_CLIP + lambda * L_SDS on one batch. With lambda == 0 the teacher is never run (the control)."""
-    image_emb = clip_model.encode_image(images)  # f_theta(x), unnormalised
-    text_emb = clip_model.encode_text(tokens)
-    contrastive = contrastive or ClipLoss()
-    loss_clip = contrastive(
-        F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1), clip_model.logit_scale.exp()
-    )
-    if lambda_sds == 0 or teacher is None:
-        zero = loss_clip.new_zeros(())
-        return LossTerms(total=loss_clip, clip=loss_clip, sds=zero)
-    z = sigma(image_emb.float())
-    loss_sds = sds_loss(teacher, z, text_cond, t_min, t_max, noise_draws, generator)
-    return LossTerms(total=loss_clip + lambda_sds * loss_sds, clip=loss_clip, sds=loss_sds)
+    project = lambda_sds != 0 and teacher is not None
+    image_emb, text_emb, z = StudentWithSigma(clip_model, sigma)(images, tokens, project)
+    return sds_clip_objective(image_emb, text_emb, z, clip_model.logit_scale.exp(), teacher, text_cond,
+                              lambda_sds, t_min, t_max, noise_draws, generator, contrastive)

@@ -3,13 +3,21 @@
 All three read the validated WebDataset shards through ``sdsclip.data.pair_loader`` and run on
 accelerate. In the real configuration (a local open_clip checkpoint / Stable Diffusion directory) the two
 pretraining stages only verify the configured weights and record their hashes.
+
+``finetune`` (both ``train_baseline`` and ``train_sds``) is the production loop: data-parallel over any
+number of processes (accelerate DDP; ``sdsclip.distributed`` for torchrun / Kubeflow PyTorchJob), resumable
+from atomic safetensors checkpoints (``sdsclip.checkpoint``), with the frozen teacher's text conditioning
+cached per caption, and per-step loss terms to DVCLive (DVC plots) and MLflow. Every check that needs no
+compute (params, data, teacher layout, student weights, checkpoint compatibility) runs before any step.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,18 +29,24 @@ from diffusers.optimization import get_scheduler
 from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
-from sdsclip.config import OptimConfig, Params
-from sdsclip.data import pair_loader
-from sdsclip.models.student import Student, build_student, load_student, save_student
+from sdsclip import checkpoint as ckpt
+from sdsclip.config import OptimConfig, Params, params_to_dict
+from sdsclip.data import DataError, count_pairs, pair_loader
+from sdsclip.distributed import normalize_dist_env
+from sdsclip.models.student import STUDENT_WEIGHTS, Student, build_student, load_student, save_student
 from sdsclip.models.teacher import (
+    TEACHER_META,
     Teacher,
+    TextConditioningCache,
     build_tiny_teacher,
     caption_vocabulary,
+    check_teacher_dir,
+    latent_shape_of,
     load_teacher,
     save_teacher,
     teacher_pixels,
 )
-from sdsclip.sds import LatentProjection, select_trainable, sds_clip_loss
+from sdsclip.sds import LatentProjection, StudentWithSigma, sds_clip_objective, select_trainable
 
 
 class TrainError(ValueError):
@@ -43,7 +57,13 @@ class TrainError(ValueError):
 
 
 def make_accelerator(params: Params, mixed_precision: str = "no") -> Accelerator:
-    return Accelerator(cpu=params.device == "cpu", mixed_precision=mixed_precision)
+    """An accelerate Accelerator; multi-process when launched so (torchrun, accelerate launch, PyTorchJob)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    normalize_dist_env()
+    # Buffers (open_clip's attention masks) are constants: no need to re-broadcast them every forward.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(cpu=params.device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[ddp])
 
 
 def file_sha256(path: Path) -> str:
@@ -64,12 +84,19 @@ def tree_sha256(root: Path) -> str:
 
 
 class LossLog:
-    """Per-step loss terms as DVC plots (DVCLive TSVs) plus a summary JSON."""
+    """Per-step loss terms as DVC plots (DVCLive TSVs) plus a summary JSON.
 
-    def __init__(self, out_dir: Path):
+    ``resume_step > 0`` continues an interrupted run's curves: rows from that step on (logged after the
+    checkpoint the run resumes from) are dropped, and numbering goes on from it."""
+
+    def __init__(self, out_dir: Path, resume_step: int = 0):
         from dvclive import Live
 
-        self.live = Live(str(out_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+        if resume_step:
+            _truncate_tsvs(Path(out_dir) / "plots" / "metrics", resume_step)
+        self.live = Live(str(out_dir), save_dvc_exp=False, dvcyaml=None, report=None, resume=bool(resume_step))
+        if resume_step:
+            self.live.step = resume_step
 
     def log(self, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -78,6 +105,64 @@ class LossLog:
 
     def close(self) -> None:
         self.live.end()
+
+
+def _truncate_tsvs(metrics_dir: Path, step: int) -> None:
+    for tsv in metrics_dir.rglob("*.tsv") if metrics_dir.is_dir() else []:
+        lines = tsv.read_text().splitlines(keepends=True)
+        if not lines:
+            continue
+        col = lines[0].rstrip("\n").split("\t").index("step")
+        kept = [ln for ln in lines[1:] if ln.strip() and int(ln.split("\t")[col]) < step]
+        tsv.write_text(lines[0] + "".join(kept))
+
+
+class MlflowLog:
+    """Per-step loss terms to MLflow (params.registry.tracking_uri / experiment), buffered into batches."""
+
+    def __init__(self, params: Params, run_name: str, run_id: str | None = None, flush_every: int = 50):
+        import os
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        from sdsclip.register import _flatten
+
+        self.client = MlflowClient(tracking_uri=params.registry.tracking_uri)
+        self.flush_every, self.buffer = flush_every, []
+        if run_id is not None:
+            try:
+                self.run_id = self.client.get_run(run_id).info.run_id
+                return
+            except Exception:  # a resumed run whose MLflow store moved: start a new MLflow run
+                pass
+        exp = self.client.get_experiment_by_name(params.registry.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(params.registry.experiment)
+        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        flat = [Param(k, str(v)[:500]) for k, v in _flatten(params_to_dict(params)).items()]
+        for i in range(0, len(flat), 100):
+            self.client.log_batch(self.run_id, params=flat[i : i + 100])
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), now, step) for k, v in values.items()]
+        if len(self.buffer) >= self.flush_every * max(1, len(values)):
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.buffer), 1000):
+            self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
+        self.buffer = []
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        self.flush()
+        for key, value in (summary or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.client.log_metric(self.run_id, f"final.{key}", float(value))
+        self.client.set_terminated(self.run_id, "FINISHED")
 
 
 def _optimizer(params_list: list[torch.nn.Parameter], opt: OptimConfig | Any, lr: float | None = None):
@@ -216,17 +301,108 @@ def pretrain_teacher(
     return meta
 
 
-def resolve_teacher(ref: Path) -> Teacher:
-    """Load what pretrain_teacher wrote: the tiny teacher itself or a pointer to a local SD directory."""
-    meta_path = Path(ref) / "teacher.json"
+def _teacher_source(ref: Path) -> tuple[Path, str | None, int | None]:
+    """(directory, latent, image_size) of what pretrain_teacher wrote: the tiny teacher itself, or a
+    pointer (teacher.json, source pretrained_dir) to a local Stable Diffusion directory."""
+    meta_path = Path(ref) / TEACHER_META
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("source") == "pretrained_dir":
-            return load_teacher(meta["pretrained_dir"], latent=meta["latent"], image_size=meta["image_size"])
-    return load_teacher(ref)
+            return Path(meta["pretrained_dir"]), meta.get("latent"), meta.get("image_size")
+    return Path(ref), None, None
+
+
+def resolve_teacher(ref: Path, with_vae: bool = True) -> Teacher:
+    """Load what pretrain_teacher wrote: the tiny teacher itself or a pointer to a local SD directory."""
+    root, latent, image_size = _teacher_source(ref)
+    return load_teacher(root, latent=latent, image_size=image_size, with_vae=with_vae)
+
+
+def _latent_shape_from(teacher_ref: Path) -> tuple[int, int, int]:
+    """The UNet's input shape read from its config: the control never runs (or loads) the teacher."""
+    return latent_shape_of(_teacher_source(teacher_ref)[0])
+
+
+def _teacher_identity(root: Path) -> str:
+    """Cheap identity of a teacher dir for checkpoint fingerprints: teacher.json (which records the sha256
+    of a verified SD dir) or, for a bare SD dir, the file listing with sizes."""
+    meta = root / TEACHER_META
+    if meta.is_file():
+        return hashlib.sha256(meta.read_bytes()).hexdigest()
+    listing = sorted(f"{p.relative_to(root)}:{p.stat().st_size}" for p in root.rglob("*") if p.is_file())
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- SDS-CLIP fine-tuning
+
+# Knobs that do not change the trained weights: a checkpoint stays valid when only these differ.
+_RESUME_NEUTRAL = ("checkpoint_every", "keep_checkpoints", "log_mlflow", "text_cache_size", "gradient_checkpointing")
+
+
+@dataclass
+class _Plan:
+    """Everything finetune checked before spending compute."""
+
+    name: str
+    lambda_sds: float
+    total_steps: int
+    n_pairs: int
+    teacher_root: Path
+    teacher_latent: str | None
+    teacher_image_size: int | None
+    latent_shape: tuple[int, int, int]
+    student: Student
+    ckpt_dir: Path | None
+    fingerprint: dict[str, str] = field(default_factory=dict)
+    resume_from: Path | None = None
+    resume_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _fingerprint(params: Params, lambda_sds: float, student_ref: Path, teacher_root: Path, shards: Path,
+                 accepted: Path) -> dict[str, str]:
+    train = {k: v for k, v in params_to_dict(params)["train"].items() if k not in _RESUME_NEUTRAL}
+    shard_list = sorted(f"{p.name}:{p.stat().st_size}" for p in Path(shards).glob("shard-*.tar"))
+    return {
+        "train": json.dumps(train, sort_keys=True), "seed": str(params.seed), "lambda_sds": repr(lambda_sds),
+        "student": file_sha256(Path(student_ref) / STUDENT_WEIGHTS), "teacher": _teacher_identity(teacher_root),
+        "data": hashlib.sha256((file_sha256(Path(accepted)) + "\n".join(shard_list)).encode()).hexdigest(),
+    }
+
+
+def _preflight(params: Params, student_ref: Path, teacher_ref: Path, shards: Path, accepted: Path,
+               control: bool, resume: bool, checkpoint_dir: Path | None, out_dir: Path) -> _Plan:
+    """Every check that needs no training compute, cheapest first; each failure is one line."""
+    cfg = params.train
+    name = "train_baseline" if control else "train_sds"
+    lambda_sds = 0.0 if control else cfg.lambda_sds
+    if not lambda_sds >= 0:
+        raise TrainError(f"train.lambda_sds must be >= 0 (got {lambda_sds})")
+    n_pairs = count_pairs(shards, accepted)  # DataError: missing accepted.csv / shards
+    if n_pairs == 0:
+        raise DataError(f"{shards}: no accepted image-caption pairs (empty dataset; {accepted} accepts none)")
+    if n_pairs < cfg.batch_size:
+        raise DataError(f"{shards}: only {n_pairs} accepted image-caption pairs, fewer than one batch of "
+                        f"{cfg.batch_size} (train.batch_size; partial batches are dropped)")
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * (n_pairs // cfg.batch_size)
+    teacher_root, latent, image_size = _teacher_source(teacher_ref)
+    teacher_root, _, latent = check_teacher_dir(teacher_root, latent)  # TeacherLoadError: layout
+    latent_shape = latent_shape_of(teacher_root)
+    student = load_student(student_ref)  # StudentLoadError: weights that do not fit the architecture
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (Path(out_dir) / "checkpoints")
+    plan = _Plan(name, lambda_sds, total_steps, n_pairs, teacher_root, latent, image_size, latent_shape, student,
+                 ckpt_dir if (cfg.checkpoint_every or resume) else None)
+    if plan.ckpt_dir is not None:
+        plan.fingerprint = _fingerprint(params, lambda_sds, student_ref, teacher_root, shards, accepted)
+    if resume:
+        plan.resume_from = ckpt.latest_checkpoint(ckpt_dir)
+        if plan.resume_from is not None:
+            meta = ckpt.read_checkpoint_meta(plan.resume_from)
+            changed = sorted(k for k in plan.fingerprint if meta.get("fingerprint", {}).get(k) != plan.fingerprint[k])
+            if changed:
+                raise TrainError(f"--resume: {plan.resume_from} was written by a different run ({', '.join(changed)} "
+                                 f"changed); delete {ckpt_dir} or drop --resume")
+            plan.resume_meta = meta
+    return plan
 
 
 def finetune(
@@ -238,79 +414,156 @@ def finetune(
     out_dir: Path,
     control: bool = False,
     log_dir: Path | None = None,
+    resume: bool = False,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """SDS-CLIP fine-tuning (``control=True``: the same run with lambda = 0, the paper's baseline)."""
+    """SDS-CLIP fine-tuning (``control=True``: the same run with lambda = 0, the paper's baseline).
+
+    One code path for both arms and for 1 or N processes. ``resume``: continue from the newest checkpoint
+    in ``checkpoint_dir`` (default ``out_dir/checkpoints``, removed after a successful run) if there is one
+    written by the same configuration; without ``resume`` a run starts from step 0 and clears old ones."""
     cfg = params.train
-    lambda_sds = 0.0 if control else cfg.lambda_sds
-    set_seed(params.seed)
+    out_dir = Path(out_dir)
+    plan = _preflight(params, student_ref, teacher_ref, shards, accepted, control, resume, checkpoint_dir, out_dir)
+    lambda_sds, student = plan.lambda_sds, plan.student
+
     accelerator = make_accelerator(params, cfg.mixed_precision)
-    student = load_student(student_ref)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    if cfg.batch_size % world:
+        raise TrainError(f"train.batch_size {cfg.batch_size} does not split evenly over {world} processes")
+    set_seed(params.seed)
     model = student.model
+    teacher = None
+    if lambda_sds > 0:  # the control never loads the teacher; SDS never needs its VAE
+        teacher = load_teacher(plan.teacher_root, plan.teacher_latent, plan.teacher_image_size, with_vae=False)
+        teacher.freeze()
+        if cfg.gradient_checkpointing:
+            teacher.enable_gradient_checkpointing()
     # sigma exists in both arms so that the control differs from SDS-CLIP in lambda alone.
-    teacher = resolve_teacher(teacher_ref).freeze() if lambda_sds > 0 else None
-    latent_shape = teacher.latent_shape if teacher else _latent_shape_from(teacher_ref)
-    sigma = LatentProjection(student.embed_dim, latent_shape)
+    sigma = LatentProjection(student.embed_dim, plan.latent_shape)
     trainable = select_trainable(model, sigma)
-    ln_params = trainable[: len(trainable) - len(list(sigma.parameters()))]
+    if teacher is None:
+        sigma.requires_grad_(False)  # unused by the control's loss (and so left out of DDP's gradient sync)
+    n_sigma = len(list(sigma.parameters()))
+    ln_params = trainable[: len(trainable) - n_sigma]
+    module = StudentWithSigma(model, sigma)
+    module.eval()  # only LayerNorms train; dropout etc. stay off so both arms are deterministic
     optimizer = torch.optim.AdamW(
         [{"params": ln_params, "lr": cfg.lr}, {"params": list(sigma.parameters()), "lr": cfg.sigma_lr or cfg.lr}],
         weight_decay=cfg.weight_decay,
     )
-    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    model, sigma, optimizer, lr_sched = accelerator.prepare(model, sigma, optimizer, lr_sched)
+    # Stepped by hand once per global step (accelerate's prepared scheduler would step once per process).
+    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=plan.total_steps)
+    gen = torch.Generator().manual_seed(params.seed + 1)  # (t, eps) draws: same stream on every process
+    start_step, position = 0, (0, 0)
+    if plan.resume_from is not None:
+        tensors, meta = ckpt.load_checkpoint(plan.resume_from)
+        named = dict(module.named_parameters())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key.startswith("param."):
+                    named[key[len("param."):]].copy_(value)
+        optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors, meta["optimizer"]))
+        lr_sched.load_state_dict(meta["lr_scheduler"])
+        start_step, position = int(meta["step"]), tuple(meta["data_position"])
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if plan.resume_from is not None:  # after prepare: accelerate's own seeding must not override them
+        ckpt.rng_from_flat(tensors, meta["rng"], gen)
+    elif main and plan.ckpt_dir is not None:
+        ckpt.clear_checkpoints(plan.ckpt_dir)
+    unwrapped = accelerator.unwrap_model(module)
+    logit_scale = unwrapped.clip.logit_scale.detach().exp()
     if teacher is not None:
         teacher.to(accelerator.device)
-    batches = _loader(params, shards, accepted, student.preprocess, cfg.batch_size, params.seed)
-    gen = torch.Generator().manual_seed(params.seed + 1)
-    contrastive = ClipLoss()
-    log = LossLog(log_dir or out_dir / "dvclive")
-    # Only LayerNorms train; keep dropout etc. off so the control is deterministic.
-    model.eval()
+    text_cond_of = TextConditioningCache(teacher, cfg.text_cache_size) if teacher is not None else None
+    contrastive = ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world)
+    loader = pair_loader(shards, accepted, student.preprocess, cfg.batch_size, params.seed, rank=rank,
+                         world_size=world)
+    stream = loader.batches(*position)
+
+    log = mlflow_log = None
+    if main:
+        log = LossLog(log_dir or out_dir / "dvclive", resume_step=start_step)
+        if cfg.log_mlflow:
+            mlflow_log = MlflowLog(params, plan.name, plan.resume_meta.get("mlflow_run_id"))
+
+    def save(step: int) -> None:
+        if not main or plan.ckpt_dir is None:
+            return
+        tensors = {f"param.{n}": p for n, p in unwrapped.named_parameters() if p.requires_grad}
+        opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer.optimizer)
+        rng_tensors, rng_meta = ckpt.rng_to_flat(gen)
+        meta = {"fingerprint": plan.fingerprint, "data_position": list(position), "optimizer": opt_meta,
+                "lr_scheduler": lr_sched.state_dict(), "rng": rng_meta, "world_size": world,
+                "total_steps": plan.total_steps, "mlflow_run_id": mlflow_log.run_id if mlflow_log else None,
+                "last_values": values}
+        ckpt.save_checkpoint(plan.ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, meta,
+                             cfg.keep_checkpoints)
+
+    # A checkpoint dir inside the model dir is removed after success, so the last one is not worth writing;
+    # one outside it keeps a final checkpoint (a later --resume then just rewrites the same model).
+    inside = plan.ckpt_dir is not None and plan.ckpt_dir.resolve().is_relative_to(out_dir.resolve())
+    keep_final = not inside
+    project = teacher is not None
+    values = dict(plan.resume_meta.get("last_values", {}))
     started = time.time()
-    terms = None
-    name = "train_baseline" if control else "train_sds"
-    for step in tqdm(range(cfg.steps), desc=name, mininterval=5):
-        images, captions = next(batches)
-        images = images.to(accelerator.device)
+    bar = tqdm(total=plan.total_steps, initial=start_step, desc=plan.name, mininterval=2, disable=not main)
+    for step in range(start_step, plan.total_steps):
+        epoch, index, (images, captions) = next(stream)
+        images = images.to(accelerator.device, non_blocking=True)
         tokens = student.tokenizer(captions).to(accelerator.device)
-        text_cond = None
-        if teacher is not None:
-            with torch.no_grad():
-                text_cond = teacher.encode_text(captions)
+        text_cond = text_cond_of(captions) if text_cond_of is not None else None
         with accelerator.autocast():
-            terms = sds_clip_loss(
-                model, sigma, teacher, images, tokens, text_cond, lambda_sds,
-                cfg.t_min, cfg.t_max, cfg.noise_draws, gen, contrastive,
-            )
+            image_emb, text_emb, z = module(images, tokens, project)
+            terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, teacher, text_cond, lambda_sds,
+                                       cfg.t_min, cfg.t_max, cfg.noise_draws, gen, contrastive, (rank, world))
         accelerator.backward(terms.total)
         optimizer.step()
-        lr_sched.step()
+        if not optimizer.step_was_skipped:  # fp16 overflow: the schedule waits too
+            lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
-        log.log(terms.as_floats())
-    log.close()
+        position = (epoch, index + 1)
+        stacked = torch.stack([terms.total.detach(), terms.clip.detach(), terms.sds.detach()]).float()
+        if world > 1:
+            stacked = accelerator.reduce(stacked, "mean")  # each process holds its share of the global loss
+        total, clip, sds = stacked.tolist()
+        values = {"loss": total, "loss_clip": clip, "loss_sds": sds, "lr": lr_sched.get_last_lr()[0]}
+        if main:
+            log.log(values)
+            if mlflow_log:
+                mlflow_log.log(step, values)
+            bar.set_postfix(loss=f"{total:.4f}", clip=f"{clip:.4f}", sds=f"{sds:.4f}", refresh=False)
+            bar.update(1)
+        done = step + 1
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or (done == plan.total_steps and keep_final)):
+            save(done)
+    bar.close()
     seconds = time.time() - started
-    student.model = accelerator.unwrap_model(model)
-    sigma = accelerator.unwrap_model(sigma)
+    steps_run = plan.total_steps - start_step
     meta = {
-        "source": name, "lambda_sds": lambda_sds, "steps": cfg.steps, "seconds": round(seconds, 1),
-        "seconds_per_step": round(seconds / cfg.steps, 4), **(terms.as_floats() if terms else {}),
+        "source": plan.name, "lambda_sds": lambda_sds, "steps": plan.total_steps, "epochs": cfg.epochs,
+        "pairs": plan.n_pairs, "batch_size": cfg.batch_size, "processes": world,
+        "resumed_from_step": start_step if plan.resume_from is not None else None,
+        "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps_run), 4),
+        "latent_shape": list(plan.latent_shape), "profile": params.profile,
+        **{k: v for k, v in values.items() if k != "lr"},
         "student_ref": str(student_ref), "teacher_ref": str(teacher_ref),
     }
-    save_student(student, out_dir, meta)
-    from safetensors.torch import save_file
+    if text_cond_of is not None:
+        meta["text_conditioning_encoded"] = text_cond_of.encoded
+    if main:
+        log.close()
+        student.model = unwrapped.clip
+        save_student(student, out_dir, meta)
+        from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in sigma.state_dict().items()},
-              str(out_dir / "sigma.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.sigma.state_dict().items()},
+                  str(out_dir / "sigma.safetensors"))
+        if mlflow_log:
+            mlflow_log.close(meta)
+        if inside:
+            shutil.rmtree(plan.ckpt_dir, ignore_errors=True)  # the model directory holds only the model
+    accelerator.wait_for_everyone()
     return meta
-
-
-def _latent_shape_from(teacher_ref: Path) -> tuple[int, int, int]:
-    """The UNet's input shape read from its config: the control never runs (or loads) the teacher."""
-    root = Path(teacher_ref)
-    meta_path = root / "teacher.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("source") == "pretrained_dir":
-        root = Path(json.loads(meta_path.read_text())["pretrained_dir"])
-    unet_cfg = json.loads((root / "unet" / "config.json").read_text())
-    size = unet_cfg["sample_size"]
-    size = size if isinstance(size, int) else size[0]
-    return (unet_cfg["in_channels"], size, size)

@@ -6,24 +6,35 @@ derived columns are added to the batch: ``caption_chars`` (length of the strippe
 ``captions_per_image`` (manifest rows sharing the row's image_id); numeric columns are coerced (unparseable ->
 null) and empty strings become nulls.
 
-Output in ``out_dir``:
-    gx_result.json   the GX ExpectationSuiteValidationResult (``result_format=COMPLETE``) as JSON;
-    accepted.csv     manifest rows that pass every row-level expectation (original manifest columns);
-    quarantine.csv   the other rows, plus ``reason``: ``; ``-joined ``expectation_type(column)`` labels;
-    summary.json     {rows_in, accepted, quarantined, rejected_fraction, threshold, expectations,
-                      failed_expectations, passed, suite, suite_version}.
+The manifest and ``out_dir`` may be local paths or fsspec URLs. Output in ``out_dir``:
+    gx_result.json           the GX ExpectationSuiteValidationResult (``result_format=COMPLETE``) as JSON;
+    accepted.csv             manifest rows that pass every row-level expectation (original manifest columns);
+    quarantine.csv           the other rows, plus ``reason``: ``; ``-joined ``expectation_type(column)`` codes;
+    summary.json             {rows_in, accepted, quarantined, rejected_fraction, threshold, expectations,
+                              failed_expectations, passed, suite, suite_version};
+    validation_metrics.json  small metrics (DVC / Kubeflow): rows, accepted, quarantined, pass_rate, rows per
+                             failed expectation, and - when ingest's ``ingest_summary.json`` sits next to the
+                             manifest - ingest's counts per reason and the end-to-end pass rate over every
+                             caption of the COCO file (``accepted + quarantined by ingest + quarantined here ==
+                             annotations in``, asserted);
+    data_docs/index.html     GX Data Docs (``validation.data_docs``): the suite and this validation result.
 
-:class:`ValidationFailed` is raised after all files are written when the rejected fraction exceeds
+:func:`data_docs_page` renders one self-contained HTML page over several splits' outputs (the Kubeflow HTML
+artifact). :class:`ValidationFailed` is raised after all files are written when the rejected fraction exceeds
 ``cfg.max_rejected_fraction`` or a table-level expectation (or one that could not be evaluated) fails.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +112,15 @@ def _frame_for_gx(raw, numeric_columns: list[str]):
     return df
 
 
-def _run_gx(df, suite: dict[str, Any]):
+DOCS_SITE = "sdsclip"
+DOCS_DIR = "data_docs"
+METRICS_FILE = "validation_metrics.json"
+REPORT_PAGE = "data_docs.html"
+
+
+def _run_gx(df, suite: dict[str, Any], docs_dir: Path | None = None) -> dict[str, Any]:
+    """Validate ``df`` with the suite (an ephemeral GX context); with ``docs_dir``, also build GX Data Docs there
+    (a file-system site: index.html, the suite's page and this validation result's page)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("GX_USAGE_STATISTICS_ENABLED", "False")
     gx_logger = logging.getLogger("great_expectations")  # its INFO/WARNING chatter is not ours to show
@@ -114,6 +133,14 @@ def _run_gx(df, suite: dict[str, Any]):
     logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)  # GX forces INFO
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    ctx.variables.data_docs_sites = {}  # the ephemeral default site points into a temp dir
+    if docs_dir is not None:
+        ctx.add_data_docs_site(site_name=DOCS_SITE, site_config={
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
     batch_def = (ctx.data_sources.add_pandas("sdsclip")
                  .add_dataframe_asset("manifest")
                  .add_batch_definition_whole_dataframe("manifest"))
@@ -128,103 +155,272 @@ def _run_gx(df, suite: dict[str, Any]):
     gx_suite = ctx.suites.add(gx.ExpectationSuite(name=suite["name"], expectations=expectations,
                                                   meta={"sdsclip_suite_version": suite.get("version")}))
     vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="manifest", data=batch_def, suite=gx_suite))
-    result = vd.run(batch_parameters={"dataframe": df}, result_format={"result_format": "COMPLETE"})
+    result_format = {"result_format": "COMPLETE"}
+    if docs_dir is None:
+        return vd.run(batch_parameters={"dataframe": df}, result_format=result_format).to_json_dict()
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+        name="manifest", validation_definitions=[vd], result_format=result_format,
+        actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])]))
+    (result,) = checkpoint.run(batch_parameters={"dataframe": df}).run_results.values()
     return result.to_json_dict()
 
 
-def _write_csv(frame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
+def _write_csv(frame, loc) -> None:
+    with loc.fs.open(loc.path + ".tmp", "w", encoding="utf-8", newline="") as fh:
+        frame.to_csv(fh, index=False, lineterminator="\n")
+    loc.fs.mv(loc.path + ".tmp", loc.path)
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _write_json(obj: Any, loc) -> None:
+    loc.write_atomic((json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))
 
 
-def validate_manifest(manifest_csv: Path, out_dir: Path, cfg: ValidateConfig) -> dict:
-    """Run the manifest suite; write gx_result.json, accepted.csv, quarantine.csv, summary.json.
+def _ingest_summary(manifest) -> dict[str, Any] | None:
+    """ingest's ingest_summary.json next to the manifest, if there is one."""
+    from sdsclip.ingest import _Loc
+
+    loc = _Loc(manifest.fs, manifest.path.rsplit("/", 1)[0] + "/ingest_summary.json", "")
+    try:
+        summary = json.loads(loc.read_bytes())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    needed = ("annotations_in", "annotations_written", "annotations_quarantined")
+    return summary if isinstance(summary, dict) and all(_is_count(summary.get(k)) for k in needed) else None
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _metrics(summary: dict[str, Any], row_reasons: dict[int, list[str]], ingest: dict[str, Any] | None,
+             manifest_shown: str) -> dict[str, Any]:
+    rows, accepted, quarantined = summary["rows_in"], summary["accepted"], summary["quarantined"]
+    by_reason = Counter(label for labels in row_reasons.values() for label in labels)
+    metrics: dict[str, Any] = {
+        "rows": rows, "accepted": accepted, "quarantined": quarantined,
+        "pass_rate": round(accepted / rows, 6) if rows else 0.0, "passed": summary["passed"],
+        "quarantined_by_reason": dict(sorted(by_reason.items())),  # a row failing k expectations counts k times
+    }
+    if ingest is None:
+        return metrics
+    if ingest["annotations_written"] != rows:
+        raise ValidationFailed(f"{manifest_shown}: {rows} rows, but ingest_summary.json next to it says "
+                               f"{ingest['annotations_written']} were written; re-run the ingest stage")
+    a_in, a_q = ingest["annotations_in"], ingest["annotations_quarantined"]
+    if accepted + quarantined + a_q != a_in:
+        raise AssertionError(f"invariant broken: {accepted} accepted + {quarantined} quarantined by validate + {a_q} "
+                             f"quarantined by ingest != {a_in} annotations in")
+    metrics["ingest"] = {
+        "annotations_in": a_in, "annotations_quarantined": a_q,
+        "images_in": ingest.get("images_in"), "images_written": ingest.get("images_written"),
+        "quarantined_by_reason": ingest.get("quarantined", {}), "conversions": ingest.get("conversions", {}),
+    }
+    metrics["end_to_end"] = {
+        "annotations_in": a_in, "accepted": accepted, "quarantined": a_q + quarantined,
+        "pass_rate": round(accepted / a_in, 6) if a_in else 0.0,
+    }
+    return metrics
+
+
+def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLike, cfg: ValidateConfig) -> dict:
+    """Run the manifest suite; write gx_result.json, accepted.csv, quarantine.csv, summary.json,
+    validation_metrics.json and (``cfg.data_docs``) data_docs/. Paths may be fsspec URLs.
 
     Returns the summary dict; raises ValidationFailed (after writing everything) past the threshold or when a
     table-level expectation fails.
     """
     import pandas as pd
 
-    manifest_csv, out_dir = Path(manifest_csv), Path(out_dir)
+    from sdsclip.ingest import _Loc
+
+    man, out = _Loc.of(manifest_csv), _Loc.of(out_dir)
     t0 = time.perf_counter()
-    if not manifest_csv.is_file():
-        raise FileNotFoundError(f"{manifest_csv}: manifest not found (run the ingest stage first)")
+    if not man.fs.isfile(man.path):
+        raise FileNotFoundError(f"{man.shown}: manifest not found (run the ingest stage first)")
     try:
-        raw = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False, na_filter=False)
+        with man.fs.open(man.path, "rb") as fh:
+            raw = pd.read_csv(fh, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValidationFailed(f"{manifest_csv}: not a readable CSV manifest ({' '.join(str(err).split())}); "
+        raise ValidationFailed(f"{man.shown}: not a readable CSV manifest ({' '.join(str(err).split())}); "
                                "re-run the ingest stage") from None
     raw = raw.reset_index(drop=True)
+    ingest = _ingest_summary(man)
     suite = load_suite(cfg)
     df = _frame_for_gx(raw, suite.get("numeric_columns", []))
-    gx_result = _run_gx(df, suite)
 
-    order = {_label(e): i for i, e in enumerate(suite["expectations"])}  # report failures in suite order
-    row_reasons: dict[int, list[str]] = {}
-    failed: list[tuple[int, str]] = []
-    blocking: list[str] = []  # table-level or not evaluable
-    for r in gx_result["results"]:
-        exp_cfg = r["expectation_config"]
-        label = _label(exp_cfg)
-        if r.get("success"):
-            continue
-        kwargs = {k: v for k, v in exp_cfg.get("kwargs", {}).items() if k != "batch_id"}
-        failed.append((order.get(label, len(order)), label))
-        exc = r.get("exception_info") or {}
-        raised = exc.get("raised_exception") if isinstance(exc, dict) else False
-        if isinstance(exc, dict) and not raised:  # GX may key exception info by metric id
-            raised = any(isinstance(v, dict) and v.get("raised_exception") for v in exc.values())
-        idx = (r.get("result") or {}).get("unexpected_index_list")
-        if raised or "column" not in kwargs or idx is None:
-            blocking.append(label + (" [could not be evaluated]" if raised else ""))
-            continue
-        for i in idx:
-            row_reasons.setdefault(int(i), []).append(label)
-    failed_labels = [lab for _, lab in sorted(failed)]
+    docs_tmp = None
+    docs_dir = None
+    if cfg.data_docs:
+        if out.local:
+            docs_dir = Path(out.path) / DOCS_DIR
+            shutil.rmtree(docs_dir, ignore_errors=True)  # one validation page: this run's
+        else:
+            docs_tmp = tempfile.mkdtemp(prefix="sdsclip-docs-")
+            docs_dir = Path(docs_tmp) / DOCS_DIR
+    try:
+        gx_result = _run_gx(df, suite, docs_dir)
 
-    bad = raw.index.isin(list(row_reasons))
-    accepted = raw[~bad]
-    quarantined = raw[bad].copy()
-    quarantined["reason"] = ["; ".join(row_reasons[i]) for i in quarantined.index]
-    rows_in = len(raw)
-    if len(accepted) + len(quarantined) != rows_in:
-        raise AssertionError(f"validate invariant broken: {len(accepted)} + {len(quarantined)} != {rows_in}")
-    fraction = len(quarantined) / rows_in if rows_in else 0.0
-    passed = not blocking and fraction <= cfg.max_rejected_fraction
-    summary = {
-        "rows_in": rows_in,
-        "accepted": len(accepted),
-        "quarantined": len(quarantined),
-        "rejected_fraction": round(fraction, 6),
-        "threshold": cfg.max_rejected_fraction,
-        "expectations": len(gx_result["results"]),
-        "failed_expectations": failed_labels,
-        "blocking_failures": blocking,
-        "passed": passed,
-        "suite": suite["name"],
-        "suite_version": suite.get("version"),
-    }
+        order = {_label(e): i for i, e in enumerate(suite["expectations"])}  # report failures in suite order
+        row_reasons: dict[int, list[str]] = {}
+        failed: list[tuple[int, str]] = []
+        blocking: list[str] = []  # table-level or not evaluable
+        for r in gx_result["results"]:
+            exp_cfg = r["expectation_config"]
+            label = _label(exp_cfg)
+            if r.get("success"):
+                continue
+            kwargs = {k: v for k, v in exp_cfg.get("kwargs", {}).items() if k != "batch_id"}
+            failed.append((order.get(label, len(order)), label))
+            exc = r.get("exception_info") or {}
+            raised = exc.get("raised_exception") if isinstance(exc, dict) else False
+            if isinstance(exc, dict) and not raised:  # GX may key exception info by metric id
+                raised = any(isinstance(v, dict) and v.get("raised_exception") for v in exc.values())
+            idx = (r.get("result") or {}).get("unexpected_index_list")
+            if raised or "column" not in kwargs or idx is None:
+                blocking.append(label + (" [could not be evaluated]" if raised else ""))
+                continue
+            for i in idx:
+                row_reasons.setdefault(int(i), []).append(label)
+        failed_labels = [lab for _, lab in sorted(failed)]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(gx_result, out_dir / "gx_result.json")
-    _write_csv(accepted, out_dir / "accepted.csv")
-    _write_csv(quarantined, out_dir / "quarantine.csv")
-    _write_json(summary, out_dir / "summary.json")
-    log.info("validate %s: %d rows, %d accepted, %d quarantined, %d expectations, %.1fs", manifest_csv, rows_in,
+        bad = raw.index.isin(list(row_reasons))
+        accepted = raw[~bad]
+        quarantined = raw[bad].copy()
+        quarantined["reason"] = ["; ".join(row_reasons[i]) for i in quarantined.index]
+        rows_in = len(raw)
+        if len(accepted) + len(quarantined) != rows_in:
+            raise AssertionError(f"validate invariant broken: {len(accepted)} + {len(quarantined)} != {rows_in}")
+        fraction = len(quarantined) / rows_in if rows_in else 0.0
+        passed = not blocking and fraction <= cfg.max_rejected_fraction
+        summary = {
+            "rows_in": rows_in,
+            "accepted": len(accepted),
+            "quarantined": len(quarantined),
+            "rejected_fraction": round(fraction, 6),
+            "threshold": cfg.max_rejected_fraction,
+            "expectations": len(gx_result["results"]),
+            "failed_expectations": failed_labels,
+            "blocking_failures": blocking,
+            "passed": passed,
+            "suite": suite["name"],
+            "suite_version": suite.get("version"),
+        }
+        metrics = _metrics(summary, row_reasons, ingest, man.shown)
+
+        out.fs.makedirs(out.path, exist_ok=True)
+        _write_json(gx_result, out.child("gx_result.json"))
+        _write_csv(accepted, out.child("accepted.csv"))
+        _write_csv(quarantined, out.child("quarantine.csv"))
+        _write_json(summary, out.child("summary.json"))
+        _write_json(metrics, out.child(METRICS_FILE))
+        if docs_tmp is not None:
+            target = out.child(DOCS_DIR)
+            if out.fs.exists(target.path):
+                out.fs.rm(target.path, recursive=True)
+            out.fs.put(str(docs_dir) + "/", target.path + "/", recursive=True)
+    finally:
+        if docs_tmp is not None:
+            shutil.rmtree(docs_tmp, ignore_errors=True)
+    log.info("validate %s: %d rows, %d accepted, %d quarantined, %d expectations, %.1fs", man.shown, rows_in,
              len(accepted), len(quarantined), summary["expectations"], time.perf_counter() - t0)
 
     if blocking:
-        raise ValidationFailed(f"{manifest_csv}: table-level expectation(s) failed: {', '.join(blocking)}; "
-                               f"see {out_dir / 'gx_result.json'}")
+        raise ValidationFailed(f"{man.shown}: table-level expectation(s) failed: {', '.join(blocking)}; "
+                               f"see {out.child('gx_result.json').shown}")
     if not passed:
         raise ValidationFailed(
-            f"{manifest_csv}: rejected fraction {fraction:.4f} ({len(quarantined)}/{rows_in} rows) > threshold "
-            f"{cfg.max_rejected_fraction} (validation.max_rejected_fraction), see {out_dir / 'quarantine.csv'}")
+            f"{man.shown}: rejected fraction {fraction:.4f} ({len(quarantined)}/{rows_in} rows) > threshold "
+            f"{cfg.max_rejected_fraction} (validation.max_rejected_fraction), see {out.child('quarantine.csv').shown}")
     return summary
+
+
+# -- one self-contained HTML page (the Kubeflow UI shows an HTML artifact as one file) ------------------------
+
+_PAGE_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem;color:#222;max-width:1200px}
+h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}h3{font-size:1rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem}th,td{border:1px solid #ddd;padding:.25rem .5rem;
+text-align:left;vertical-align:top}th{background:#f4f4f4}.ok{color:#17803d;font-weight:600}
+.fail{color:#b42318;font-weight:600}code{font-size:.8rem;word-break:break-all}
+iframe{width:100%;height:900px;border:1px solid #ddd}.muted{color:#666;font-size:.85rem}
+"""
+
+
+def _read_json(loc) -> Any:
+    try:
+        return json.loads(loc.read_bytes())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _validation_page(docs) -> str | None:
+    """The HTML of GX's validation-result page under a Data Docs site (its own CSS is inlined by GX)."""
+    try:
+        pages = sorted(p for p in docs.fs.find(docs.path + "/validations") if p.endswith(".html"))
+    except (FileNotFoundError, OSError):
+        return None
+    return docs.fs.cat_file(pages[-1]).decode("utf-8") if pages else None
+
+
+def data_docs_page(out_dirs: dict[str, str | os.PathLike]) -> str:
+    """One self-contained HTML page over the validate outputs of several splits ({split: out_dir}): pass /
+    fail, counts, quarantine reasons of ingest and validate, every expectation's result with sample unexpected
+    values, and GX's own Data Docs validation page embedded (``srcdoc``; its styling loads from GX's CDNs)."""
+    from sdsclip.ingest import _Loc
+
+    esc = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>sdsclip manifest validation</title>",
+             f"<style>{_PAGE_CSS}</style></head><body><h1>sdsclip: manifest validation (Great Expectations)</h1>"]
+    for split, out_dir in out_dirs.items():
+        out = _Loc.of(out_dir)
+        summary = _read_json(out.child("summary.json")) or {}
+        metrics = _read_json(out.child(METRICS_FILE)) or {}
+        result = _read_json(out.child("gx_result.json")) or {}
+        verdict = ("<span class='ok'>PASSED</span>" if summary.get("passed")
+                   else "<span class='fail'>FAILED</span>" if summary else "<span class='fail'>NOT RUN</span>")
+        parts.append(f"<h2>{esc(str(split))}: {verdict}</h2>")
+        parts.append(f"<p class='muted'>{esc(out.shown)} &middot; suite {esc(str(summary.get('suite')))} "
+                     f"v{esc(str(summary.get('suite_version')))}</p>")
+        rows = [("rows (image-caption pairs)", metrics.get("rows")), ("accepted", metrics.get("accepted")),
+                ("quarantined by validate", metrics.get("quarantined")), ("pass rate", metrics.get("pass_rate")),
+                ("rejected fraction / threshold",
+                 f"{summary.get('rejected_fraction')} / {summary.get('threshold')}")]
+        e2e = metrics.get("end_to_end")
+        if e2e:
+            rows += [("captions in the COCO file", e2e["annotations_in"]),
+                     ("quarantined by ingest", metrics["ingest"]["annotations_quarantined"]),
+                     ("end-to-end pass rate", e2e["pass_rate"])]
+        parts.append("<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
+                     + "</table>")
+        for title, counts in (("Quarantined by ingest (reason code: records)",
+                               (metrics.get("ingest") or {}).get("quarantined_by_reason")),
+                              ("Quarantined by validate (expectation: rows)", metrics.get("quarantined_by_reason")),
+                              ("Images converted by ingest (conversion: images)",
+                               (metrics.get("ingest") or {}).get("conversions"))):
+            if counts:
+                parts.append(f"<h3>{esc(title)}</h3><table>" + "".join(
+                    f"<tr><td><code>{esc(str(k))}</code></td><td>{esc(str(v))}</td></tr>" for k, v in counts.items())
+                    + "</table>")
+        if result.get("results"):
+            parts.append("<h3>Expectations</h3><table><tr><th>expectation</th><th>kwargs</th><th>result</th>"
+                         "<th>unexpected</th><th>sample unexpected values</th></tr>")
+            for r in result["results"]:
+                cfg = r.get("expectation_config", {})
+                kwargs = {k: v for k, v in cfg.get("kwargs", {}).items() if k != "batch_id"}
+                res = r.get("result") or {}
+                sample = res.get("partial_unexpected_list") or []
+                ok = "<span class='ok'>ok</span>" if r.get("success") else "<span class='fail'>failed</span>"
+                parts.append(
+                    f"<tr><td><code>{esc(str(cfg.get('type')))}</code></td>"
+                    f"<td><code>{esc(json.dumps(kwargs, default=str)[:300])}</code></td><td>{ok}</td>"
+                    f"<td>{esc(str(res.get('unexpected_count', '')))}</td>"
+                    f"<td><code>{esc(json.dumps(sample[:5], default=str, ensure_ascii=False)[:300])}</code></td></tr>")
+            parts.append("</table>")
+        page = _validation_page(out.child(DOCS_DIR))
+        if page:
+            parts.append("<details><summary>Great Expectations Data Docs: validation result page</summary>"
+                         f"<iframe srcdoc=\"{esc(page, quote=True)}\"></iframe></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

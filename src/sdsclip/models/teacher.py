@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,11 @@ class Teacher:
                 m.requires_grad_(False)
         return self
 
+    def enable_gradient_checkpointing(self) -> "Teacher":
+        """Recompute the UNet's activations in backward (memory for compute); gradients into z unchanged."""
+        self.unet.enable_gradient_checkpointing()
+        return self
+
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         enc = self.tokenizer(
             list(captions),
@@ -92,10 +98,61 @@ class Teacher:
     def epsilon_error(
         self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
-        """Per-sample ||eps_phi(sqrt(a_t) z + sqrt(1-a_t) eps, t, c) - eps||^2 (mean over latent dims)."""
+        """Per-sample ||eps_phi(sqrt(a_t) z + sqrt(1-a_t) eps, t, c) - eps||^2 (mean over latent dims).
+
+        UNets trained to predict v (SD 2.x 768-v) or x0 are converted to their epsilon prediction first,
+        so the loss is the same quantity whatever the checkpoint's ``prediction_type``."""
         noisy = self.scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
-        return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample.float()
+        kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if kind != "epsilon":
+            abar = self.scheduler.alphas_cumprod.to(pred.device)[t.to(pred.device)].view(-1, 1, 1, 1)
+            if kind == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+                pred = abar.sqrt() * pred + (1 - abar).sqrt() * noisy.float()
+            elif kind == "sample":  # eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+                pred = (noisy.float() - abar.sqrt() * pred) / (1 - abar).sqrt()
+            else:
+                raise TeacherLoadError(f"scheduler prediction_type {kind!r} is not supported")
+        return (pred - noise.float()).pow(2).flatten(1).mean(1)
+
+
+class TextConditioningCache:
+    """The frozen teacher's text conditioning c_text, computed once per distinct caption.
+
+    An LRU of at most ``max_entries`` captions, kept on the teacher's device (SD-1.x: 77 x 768 floats =
+    236 kB per caption). ``max_entries = 0`` encodes every call (the per-step baseline)."""
+
+    def __init__(self, teacher: Teacher, max_entries: int):
+        self.teacher, self.max_entries = teacher, int(max_entries)
+        self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoded = 0  # captions run through the text encoder so far
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        captions = list(captions)
+        if self.max_entries == 0:
+            self.encoded += len(captions)
+            return self.teacher.encode_text(captions)
+        missing = list(dict.fromkeys(c for c in captions if c not in self._rows))
+        fresh: dict[str, torch.Tensor] = {}
+        if missing:
+            fresh = dict(zip(missing, self.teacher.encode_text(missing)))
+            self.encoded += len(missing)
+        out = []
+        for c in captions:
+            row = fresh.get(c)
+            if row is None:
+                row = self._rows[c]
+                self._rows.move_to_end(c)
+            else:
+                self._rows[c] = row
+            out.append(row)
+        while len(self._rows) > self.max_entries:
+            self._rows.popitem(last=False)
+        return torch.stack(out)
 
 
 # ---------------------------------------------------------------- tiny teacher (embedded default)
@@ -183,8 +240,18 @@ def is_teacher_dir(path: Path) -> bool:
     return (path / TEACHER_META).is_file() or (path / "model_index.json").is_file()
 
 
-def load_teacher(path: str | Path, latent: str | None = None, image_size: int | None = None) -> Teacher:
-    """Load a teacher from a local SD-layout directory (the tiny teacher or a real Stable Diffusion)."""
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TeacherLoadError(f"{path}: unreadable model config ({' '.join(str(err).split())})") from None
+
+
+def check_teacher_dir(path: str | Path, latent: str | None = None) -> tuple[Path, dict[str, Any], str]:
+    """Check a teacher directory without loading any weights: (path, teacher.json meta, latent kind).
+
+    Raises TeacherLoadError naming what is missing (the directory, a Stable Diffusion subfolder, or the
+    UNet's config), so a bad teacher stops a run before any compute is spent."""
     path = Path(path)
     if not path.is_dir():
         raise TeacherLoadError(f"{path}: teacher directory not found (teacher.pretrained_dir must be a local dir)")
@@ -194,21 +261,44 @@ def load_teacher(path: str | Path, latent: str | None = None, image_size: int | 
     missing = [s for s in needed if not (path / s).is_dir()]
     if missing:
         raise TeacherLoadError(f"{path}: missing Stable Diffusion subfolder(s) {', '.join(missing)}")
+    for sub in ("unet",) + (("vae",) if latent == "vae" else ()):
+        if not (path / sub / "config.json").is_file():
+            raise TeacherLoadError(f"{path}: {sub}/config.json missing (not a diffusers save_pretrained dir)")
+    return path, meta, latent
+
+
+def latent_shape_of(path: str | Path) -> tuple[int, int, int]:
+    """(C, H, W) of a teacher dir's UNet input, read from unet/config.json (no weights loaded):
+    (4, 64, 64) for Stable Diffusion 1.x at 512 px."""
+    cfg = _read_config(Path(path) / "unet" / "config.json")
+    size = cfg.get("sample_size")
+    size = size if isinstance(size, int) else size[0]
+    return (int(cfg["in_channels"]), int(size), int(size))
+
+
+def load_teacher(path: str | Path, latent: str | None = None, image_size: int | None = None,
+                 with_vae: bool = True) -> Teacher:
+    """Load a teacher from a local SD-layout directory (the tiny teacher or a real Stable Diffusion).
+
+    ``with_vae=False`` skips the VAE: SDS needs only the UNet, the text encoder and the scheduler (its
+    latents come from sigma, not from images); scoring images needs the VAE."""
+    path, meta, latent = check_teacher_dir(path, latent)
     unet = UNet2DConditionModel.from_pretrained(path / "unet")
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
     vae = None
-    if latent == "vae":
+    if latent == "vae" and with_vae:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(path / "vae")
     if image_size is None:
         image_size = meta.get("image_size")
     if image_size is None:  # SD: latent side x VAE downsampling factor
-        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 2
-        size = unet.config.sample_size
-        image_size = (size if isinstance(size, int) else size[0]) * factor
+        factor = 2
+        if latent == "vae":
+            factor = 2 ** (len(_read_config(path / "vae" / "config.json")["block_out_channels"]) - 1)
+        image_size = latent_shape_of(path)[1] * factor
     return Teacher(unet, text_encoder, tokenizer, scheduler, latent=latent, image_size=int(image_size), vae=vae)
 
 

@@ -1,0 +1,304 @@
+"""Cost of one SDS-CLIP training step, measured side by side in one run (a benchmark, not a timed test).
+
+    (a) SDS step          : the production step of sdsclip.train.finetune (student forward, sigma, frozen UNet
+                            forward + backward into z, L_CLIP + lambda L_SDS backward, AdamW), text
+                            conditioning from the warm per-caption cache
+    (b) contrastive + UNet: the lambda = 0 step on the same batch, plus ONE frozen-UNet forward + backward on a
+                            latent of the same shape with the same conditioning and (t, eps)
+    (c) SDS, per-step text: (a) with the teacher's text encoder run on every step (cache off)
+
+Reported: median step times, a/b (target <= 1.05: SDS adds nothing beyond its two parts), c/a (what the
+cache saves), conditioning alone (encode vs cache lookup), and peak memory per variant (CUDA:
+max_memory_allocated; CPU: peak RSS of a child process that runs only that variant).
+
+    python benchmarks/train_step.py                       # tiny embedded models, CPU, < 3 min on 2 cores
+    python benchmarks/train_step.py --size real --device cuda --bf16 [--grad-checkpointing] [--batch 32]
+        # ViT-B-32 + an SD-1.x-shaped UNet (4x64x64 latents, 77x768 conditioning), random weights: no download
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+CAPTION_WORDS = ("red", "green", "blue", "yellow", "circle", "square", "triangle")
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+def captions(n: int, offset: int = 0) -> list[str]:
+    out = []
+    for i in range(offset, offset + n):
+        a, b = CAPTION_WORDS[i % 4], CAPTION_WORDS[(i // 4 + 1) % 4]
+        s1, s2 = CAPTION_WORDS[4 + i % 3], CAPTION_WORDS[4 + (i // 3 + 1) % 3]
+        out.append(f"a {a} {s1} {RELATIONS[(i // 12) % 4]} a {b} {s2}")
+    return out
+
+
+@dataclass
+class Bench:
+    module: torch.nn.Module
+    student: object
+    teacher: object
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor
+    tokens: torch.Tensor
+    captions: list[str]
+    device: torch.device
+    autocast: object
+    generator: torch.Generator
+
+
+def build(size: str, batch: int, device: str, bf16: bool, grad_ckpt: bool, seed: int = 0) -> Bench:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdsclip.config import Params
+    from sdsclip.models.student import build_student
+    from sdsclip.models.teacher import Teacher, build_tiny_teacher, build_word_tokenizer, caption_vocabulary
+    from sdsclip.sds import LatentProjection, StudentWithSigma, select_trainable
+
+    torch.manual_seed(seed)
+    caps = captions(batch)
+    vocab = caption_vocabulary(captions(64))
+    if size == "tiny":  # the embedded default: what `make demo` trains
+        params = Params()
+        student = build_student(params.student.arch)
+        teacher = build_tiny_teacher(params.teacher, vocab)
+    else:  # real sizes with random weights: ViT-B-32 + Stable Diffusion 1.x-shaped UNet and text encoder
+        student = build_student("ViT-B-32")
+        tok = build_word_tokenizer(vocab, 77)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                            projection_dim=768))
+        unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                                    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                    attention_head_dim=8)
+        sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        teacher = Teacher(unet, text, tok, sched, latent="vae", image_size=512)
+    teacher.freeze()
+    if grad_ckpt:
+        teacher.enable_gradient_checkpointing()
+    dev = torch.device(device)
+    teacher.to(dev)
+    sigma = LatentProjection(student.embed_dim, teacher.latent_shape)
+    trainable = select_trainable(student.model, sigma)
+    module = StudentWithSigma(student.model, sigma).to(dev).eval()
+    optimizer = torch.optim.AdamW(trainable, lr=5e-5)
+    side = student.model.visual.image_size
+    side = side[0] if isinstance(side, (tuple, list)) else side
+    images = torch.randn(batch, 3, side, side, device=dev)
+    tokens = student.tokenizer(caps).to(dev)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast(
+        dev.type, enabled=False))
+    return Bench(module, student, teacher, optimizer, images, tokens, caps, dev, autocast,
+                 torch.Generator().manual_seed(seed + 1))
+
+
+def make_steps(b: Bench, lambda_sds: float = 1.0, t_range: tuple[int, int] = (20, 980)):
+    from open_clip.loss import ClipLoss
+
+    from sdsclip.models.teacher import TextConditioningCache
+    from sdsclip.sds import sds_clip_objective, sds_loss
+
+    contrastive = ClipLoss()
+    logit_scale = b.module.clip.logit_scale.detach().exp()
+    cached = TextConditioningCache(b.teacher, 4096)
+    per_step = TextConditioningCache(b.teacher, 0)
+    cached(b.captions)  # warm: in training every caption is encoded once, then looked up
+
+    def sds_step(cond_of):
+        cond = cond_of(b.captions)
+        with b.autocast():
+            image_emb, text_emb, z = b.module(b.images, b.tokens, True)
+            terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, b.teacher, cond, lambda_sds,
+                                       *t_range, 1, b.generator, contrastive)
+        terms.total.backward()
+        b.optimizer.step()
+        b.optimizer.zero_grad(set_to_none=True)
+
+    def contrastive_plus_unet():
+        with b.autocast():
+            image_emb, text_emb, _ = b.module(b.images, b.tokens, False)
+            terms = sds_clip_objective(image_emb, text_emb, None, logit_scale, None, None, 0.0, *t_range,
+                                       1, b.generator, contrastive)
+        terms.total.backward()
+        b.optimizer.step()
+        b.optimizer.zero_grad(set_to_none=True)
+        cond = cached(b.captions)
+        z = torch.randn(len(b.captions), *b.teacher.latent_shape, device=b.device, requires_grad=True)
+        with b.autocast():
+            loss = sds_loss(b.teacher, z, cond, *t_range, 1, b.generator)
+        loss.backward()
+
+    def encode_only():
+        with torch.no_grad():
+            per_step(b.captions)
+
+    def lookup_only():
+        cached(b.captions)
+
+    return {"a_sds_step": lambda: sds_step(cached), "b_contrastive_plus_unet": contrastive_plus_unet,
+            "c_sds_step_per_step_text": lambda: sds_step(per_step), "text_encode": encode_only,
+            "text_cache_lookup": lookup_only}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(b: Bench, steps: int, warmup: int) -> dict[str, float]:
+    fns = make_steps(b)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for i in range(warmup + steps):
+        order = names[i % len(names):] + names[: i % len(names)]  # rotate: no variant always runs first
+        for name in order:
+            _sync(b.device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(b.device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory(args, variant: str) -> float:
+    """Peak memory (MiB) of ``variant``: CUDA allocator peak, or the peak RSS of a child process on CPU."""
+    if args.device == "cuda":
+        b = build(args.size, args.batch, args.device, args.bf16, args.grad_checkpointing)
+        fn = make_steps(b)[variant]
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        del b, fn
+        torch.cuda.empty_cache()
+        return peak
+    cmd = [sys.executable, __file__, "--memory-child", variant, "--size", args.size, "--batch", str(args.batch),
+           "--device", args.device] + (["--bf16"] if args.bf16 else []) + (
+        ["--grad-checkpointing"] if args.grad_checkpointing else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def memory_child(args) -> None:
+    """RSS sampled every 0.5 ms while 3 steps of one variant run, minus the RSS of the built models just
+    before them (freed memory is reused by the next step, so later steps would hide the working set)."""
+    import gc
+    import threading
+
+    import psutil
+
+    b = build(args.size, args.batch, args.device, args.bf16, args.grad_checkpointing)
+    fn = make_steps(b)[args.memory_child]
+    proc = psutil.Process()
+    gc.collect()
+    base = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for _ in range(3):
+        fn()
+    done.set()
+    thread.join()
+    print(json.dumps({"peak_rss_mib": (peak - base) / 2**20, "models_rss_mib": base / 2**20,
+                      "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def machine(device: str) -> str:
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, " \
+          f"torch threads {torch.get_num_threads()}"
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (+ {cpu})"
+    try:
+        load = os.getloadavg()[0]
+        cpu += f", load avg {load:.1f}"
+    except OSError:
+        pass
+    return f"CPU only: {cpu}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=25, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (train.mixed_precision: bf16)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="UNet gradient checkpointing")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(args)
+        return {}
+
+    started = time.time()
+    b = build(args.size, args.batch, args.device, args.bf16, args.grad_checkpointing)
+    t = time_variants(b, args.steps, args.warmup)
+    del b
+    result = {
+        "machine": machine(args.device), "size": args.size, "device": args.device, "batch": args.batch,
+        "bf16": args.bf16, "grad_checkpointing": args.grad_checkpointing, "steps": args.steps,
+        "median_s": t,
+        "ratio_sds_over_contrastive_plus_unet": t["a_sds_step"] / t["b_contrastive_plus_unet"],
+        "speedup_cached_text_step": t["c_sds_step_per_step_text"] / t["a_sds_step"],
+        "speedup_cached_text_conditioning_alone": t["text_encode"] / t["text_cache_lookup"],
+    }
+    if not args.no_memory:
+        result["peak_memory_mib"] = {v: peak_memory(args, v) for v in
+                                     ("a_sds_step", "b_contrastive_plus_unet", "c_sds_step_per_step_text")}
+        result["memory_kind"] = ("torch.cuda.max_memory_allocated, models included" if args.device == "cuda"
+                                 else "peak RSS during the first 3 steps above the built models' RSS, one "
+                                      "child process per variant")
+    result["wall_s"] = round(time.time() - started, 1)
+
+    print(f"\nSDS-CLIP train step benchmark  [{result['machine']}]")
+    print(f"size={args.size} batch={args.batch} device={args.device} bf16={args.bf16} "
+          f"grad_checkpointing={args.grad_checkpointing}; median of {args.steps} interleaved steps")
+    for k, v in t.items():
+        print(f"  {k:<28} {v * 1000:9.2f} ms")
+    verdict = "OK" if result["ratio_sds_over_contrastive_plus_unet"] <= 1.05 else "ABOVE TARGET"
+    print(f"  (a) / (b)  SDS step vs contrastive + UNet fwd/bwd : {result['ratio_sds_over_contrastive_plus_unet']:.3f}"
+          f"  (target <= 1.05: {verdict})")
+    print(f"  (c) / (a)  per-step vs cached text conditioning   : {result['speedup_cached_text_step']:.3f}x step")
+    print(f"  encode / lookup, conditioning alone              : "
+          f"{result['speedup_cached_text_conditioning_alone']:.1f}x")
+    if "peak_memory_mib" in result:
+        print(f"  peak memory ({result['memory_kind']}):")
+        for k, v in result["peak_memory_mib"].items():
+            print(f"    {k:<28} {v:9.1f} MiB")
+    print(f"  wall {result['wall_s']} s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
