@@ -102,11 +102,16 @@ def evaluate_sugarcrepe(scorer, data_dir: Path, out: Path, *, images_dir: Path |
         raise SugarCrepeDataError(f"{data_dir}: no subset file for {', '.join(absent)} (expected {{subset}}.json)")
     skipped = SkipLog()
     result: dict[str, Any] = {"subsets": {}}
-    lines = []
+    loaded = {}
     for name in subsets:
         ids, items = load_subset(subset_file(data_dir, name), images_dir, on_missing, skipped)
-        ids, items = ids[:max_items], items[:max_items]
-        scores = score_options(scorer, items)
+        loaded[name] = (ids[:max_items], items[:max_items])
+    # One scoring pass over every subset: an (image, caption) pair shared by subsets (the positive caption of
+    # an image appears in several) is scored once, which matters for the teacher's cost.
+    all_scores = score_options(scorer, [it for _, items in loaded.values() for it in items])
+    lines, start = [], 0
+    for name, (ids, items) in loaded.items():
+        scores, start = all_scores[start : start + len(items)], start + len(items)
         result["subsets"][name] = subset_metrics(scores)
         lines += [json.dumps({"subset": name, "id": i, "positive": float(s[0]), "negative": float(s[1])})
                   for i, s in zip(ids, scores.tolist())]
