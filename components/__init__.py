@@ -3,8 +3,9 @@
 Each component is a plain, typed Python function that imports ``sdsclip`` inside its body and calls the
 matching ``sdsclip.stages`` function; kfp ships only the function's source, so the container image must
 have the ``sdsclip`` package installed (no ``packages_to_install``). ``make_components(base_image)``
-turns the functions into components that run in ``base_image``, so the same pipeline runs on a cluster
-and locally (kfp.local).
+turns the functions into components that run in ``base_image`` (the CPU image); the pipeline moves its GPU
+tasks to the CUDA image per task (``set_container_image``), so one set of components serves both, and the
+same pipeline runs on a cluster and locally (kfp.local).
 
 Every stage takes ``params``: the effective params.yaml text produced once by ``resolve_params``.
 """
@@ -15,7 +16,8 @@ from kfp import dsl
 
 from components import data, evaluation, training
 
-DEFAULT_IMAGE = "sdsclip:latest"
+DEFAULT_IMAGE = "ghcr.io/sdsclip/sdsclip:0.1.0"  # docker/Dockerfile.cpu
+DEFAULT_GPU_IMAGE = "ghcr.io/sdsclip/sdsclip:0.1.0-cuda"  # docker/Dockerfile.cuda
 
 FUNCTIONS = (
     data.resolve_params,

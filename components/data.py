@@ -7,16 +7,42 @@ body (no module-level helpers, no ``from __future__ import annotations``).
 from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
 
-def resolve_params(params_yaml: str, seed: int, device: str, lambda_sds: float, train_steps: int) -> str:
-    """params.yaml text + the UI overrides -> the validated, effective params (YAML) every stage reads."""
-    import yaml
+def resolve_params(
+    params_yaml: str,
+    form_spec: dict,
+    seed: int,
+    device: str,
+    profile: str,
+    coco_root: str,
+    train_split: str,
+    ingest_splits: list,
+    winoground_dir: str,
+    aro_dir: str,
+    zeroshot_dir: str,
+    sugarcrepe_dir: str,
+    student_arch: str,
+    student_checkpoint: str,
+    teacher_pretrained_dir: str,
+    teacher_latent: str,
+    teacher_image_size: int,
+    lambda_sds: float,
+    train_steps: int,
+    train_epochs: int,
+    train_batch_size: int,
+    train_lr: float,
+    mixed_precision: str,
+    eval_teacher_draws: int,
+    tracking_uri: str,
+    model_name: str,
+) -> str:
+    """params.yaml text + the run form -> the validated, effective params (YAML) every stage reads. A form
+    field wins over params_yaml only when the run changed it from its compiled default (``form_spec``, see
+    sdsclip.kubeflow.apply_run_form); '' or 0 in a nullable field means null."""
+    arguments = dict(locals())  # first: only the parameters are bound yet
+    from sdsclip.kubeflow import apply_run_form
 
-    from sdsclip.config import params_from_dict, params_to_dict
-
-    raw = yaml.safe_load(params_yaml) or {}
-    raw.update(seed=seed, device=device)
-    raw["train"] = {**raw.get("train", {}), "lambda_sds": lambda_sds, "steps": train_steps}
-    return yaml.safe_dump(params_to_dict(params_from_dict(raw, "params_yaml")), sort_keys=False)
+    form = {name: value for name, value in arguments.items() if name in form_spec}
+    return apply_run_form(params_yaml, form, form_spec)
 
 
 def synth(params: str, world: Output[Dataset]):

@@ -43,9 +43,18 @@ def train(
     shards: Input[Dataset],
     validated: Input[Dataset],
     control: bool,
+    checkpoint_root: str,
     model: Output[Model],
 ):
-    """Fine-tune the student: L_CLIP + lambda * L_SDS (control: lambda = 0)."""
+    """Fine-tune the student: L_CLIP + lambda * L_SDS (control: lambda = 0).
+
+    ``checkpoint_root`` (the checkpoints PVC on a cluster; '' = inside the model dir, removed after success):
+    resumable checkpoints go to ``{checkpoint_root}/{arm}-{hash of this task's output URI}`` and the stage
+    runs with resume, so a retried task (same output URI) continues from its newest checkpoint instead of
+    step 0, while every other run or task starts in a directory of its own.
+    MLFLOW_TRACKING_URI (the sdsclip-mlflow secret on a cluster), when set, wins over registry.tracking_uri."""
+    import hashlib
+    import os
     from pathlib import Path
 
     import yaml
@@ -54,6 +63,14 @@ def train(
     from sdsclip.config import params_from_dict
 
     p = params_from_dict(yaml.safe_load(params))
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        p = p.model_copy(update={"registry": p.registry.model_copy(
+            update={"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]})})
+    checkpoint_dir = None
+    if checkpoint_root:
+        arm = "baseline" if control else "sds"
+        checkpoint_dir = Path(checkpoint_root, f"{arm}-{hashlib.sha256(model.uri.encode()).hexdigest()[:16]}")
     meta = stages.train(p, Path(student.path), Path(teacher.path), Path(shards.path), Path(validated.path),
-                        Path(model.path), control=control)
+                        Path(model.path), control=control, resume=checkpoint_dir is not None,
+                        checkpoint_dir=checkpoint_dir)
     model.metadata.update({k: v for k, v in meta.items() if isinstance(v, (int, float, str))})

@@ -1,4 +1,5 @@
-"""The Kubeflow pipeline (pipelines/sdsclip_pipeline.py): it compiles, and it runs end to end (kfp.local)."""
+"""The Kubeflow pipeline (pipelines/sdsclip_pipeline.py): it compiles (cluster and local targets, the committed
+YAML is fresh), and it runs end to end (kfp.local)."""
 
 import json
 import sys
@@ -12,7 +13,10 @@ from kfp.components import load_component_from_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipelines.sdsclip_pipeline import DEFAULT_PACKAGE as PACKAGE  # noqa: E402
 from pipelines.sdsclip_pipeline import compile_pipeline, run_local  # noqa: E402
+from sdsclip.config import params_from_dict, params_to_dict  # noqa: E402
+from sdsclip.kubeflow import FORM_FIELDS, NULL_IN_FORM, form_spec  # noqa: E402
 
 STAGE_TASKS = {
     "resolve-params", "synth", "ingest", "validate", "pretrain-student", "pretrain-teacher",
@@ -24,26 +28,70 @@ STAGE_TASKS = {
 EVALUATED = ("pretrained", "baseline", "sds", "teacher")
 
 
+def compiled(path: Path) -> tuple[dict, dict]:
+    """(pipeline spec, kubernetes platform spec or {}) of a compiled YAML (two documents for the cluster)."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], (docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {})
+
+
+def by_name(spec: dict) -> dict:
+    """Task display name -> (task spec, executor spec, executor label)."""
+    tasks = spec["root"]["dag"]["tasks"]
+    executors = spec["deploymentSpec"]["executors"]
+    out = {}
+    for task in tasks.values():
+        label = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        out[task["taskInfo"]["name"]] = (task, executors[label]["container"], label)
+    return out
+
+
+GPU_TASKS = {"pretrain-teacher", "train-baseline", "train-sds", "evaluate-teacher", "evaluate-aro-teacher",
+             "evaluate-sugarcrepe-teacher"}
+
+
+def test_committed_pipeline_yaml_is_fresh_and_compilation_deterministic(tmp_path):
+    first = compile_pipeline(tmp_path / "a.yaml").read_text()
+    second = compile_pipeline(tmp_path / "b.yaml").read_text()
+    assert first == second, "compiling twice gave different bytes (timestamp or unordered output?)"
+    assert PACKAGE.is_file() and PACKAGE.read_text() == first, (
+        f"{PACKAGE.relative_to(ROOT)} is stale (the pipeline code, components or params.yaml changed): "
+        f"regenerate it with `sdsclip pipeline compile` (in the project root) and commit it")
+
+
 def test_compile_pipeline(tmp_path):
-    out = compile_pipeline(tmp_path / "pipeline.yaml", base_image="registry.example/sdsclip:test")
-    spec = yaml.safe_load(out.read_text())  # valid YAML, multi-line params_yaml default included
+    out = compile_pipeline(tmp_path / "pipeline.yaml", base_image="registry.example/sdsclip:test",
+                           gpu_image="registry.example/sdsclip:test-cuda")
+    spec, platform = compiled(out)  # valid YAML, multi-line params_yaml default included
     assert load_component_from_file(str(out)).name == "sdsclip"  # and kfp reads it back
 
     tasks = spec["root"]["dag"]["tasks"]
     assert {t["taskInfo"]["name"] for t in tasks.values()} == STAGE_TASKS
     executors = spec["deploymentSpec"]["executors"]
     assert len(executors) == len(tasks)
-    assert {e["container"]["image"] for e in executors.values()} == {"registry.example/sdsclip:test"}
+    images = {name: container["image"] for name, (_, container, _) in by_name(spec).items()}
+    assert {n for n, image in images.items() if image == "registry.example/sdsclip:test-cuda"} == GPU_TASKS
+    assert {image for n, image in images.items() if n not in GPU_TASKS} == {"registry.example/sdsclip:test"}
     assert not any("pip install" in " ".join(e["container"]["command"]) for e in executors.values())
 
-    repo = yaml.safe_load((ROOT / "params.yaml").read_text())
+    repo = params_from_dict(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    resolved = params_to_dict(repo)
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert inputs["params_yaml"]["defaultValue"] == (ROOT / "params.yaml").read_text()
     assert inputs["params_yaml"]["parameterType"] == "STRING"
-    assert inputs["seed"]["defaultValue"] == repo["seed"]
-    assert inputs["device"]["defaultValue"] == repo["device"]
-    assert inputs["lambda_sds"]["defaultValue"] == repo["train"]["lambda_sds"]
-    assert inputs["train_steps"]["defaultValue"] == repo["train"]["steps"]
+    # every run-form field is a pipeline parameter whose default is params.yaml's value ('' / 0 for null)
+    assert set(inputs) == {"params_yaml", *FORM_FIELDS, "gpu_type", "gpu_count", "checkpoint_root"}
+    for name, key in FORM_FIELDS.items():
+        value = resolved
+        for part in key.split("."):
+            value = value[part]
+        assert inputs[name]["defaultValue"] == (NULL_IN_FORM[name] if value is None else value), name
+    kinds = {name: inputs[name]["parameterType"] for name in inputs}
+    assert (kinds["seed"], kinds["lambda_sds"], kinds["ingest_splits"], kinds["gpu_count"]) == (
+        "NUMBER_INTEGER", "NUMBER_DOUBLE", "LIST", "STRING")
+    # resolve-params receives each field from the run form, plus the compiled defaults to compare against
+    resolve = by_name(spec)["resolve-params"][0]["inputs"]["parameters"]
+    assert {n: resolve[n]["componentInputParameter"] for n in FORM_FIELDS} == {n: n for n in FORM_FIELDS}
+    assert resolve["form_spec"]["runtimeValue"]["constant"] == form_spec((ROOT / "params.yaml").read_text())
 
     # the graph: train runs twice (control / SDS) on both pretrained models; register gets SDS + baseline
     deps = {t["taskInfo"]["name"]: {tasks[d]["taskInfo"]["name"] for d in t.get("dependentTasks", [])}
@@ -58,14 +106,136 @@ def test_compile_pipeline(tmp_path):
                                             "derive-sugarcrepe", "report"}
 
 
+def test_cluster_settings(tmp_path):
+    spec, platform = compiled(PACKAGE)
+    tasks = by_name(spec)
+    for name, (task, container, label) in tasks.items():
+        resources = container["resources"]  # requests and limits on every task
+        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(
+            resources), name
+        k8s = platform.get(label, {})
+        gpu = name in GPU_TASKS
+        assert ("accelerator" in resources) == gpu, name
+        if gpu:  # accelerator type and count come from run parameters; GPU nodes selected and tolerated
+            assert resources["accelerator"] == {
+                "resourceType": "{{$.inputs.parameters['pipelinechannel--gpu_type']}}",
+                "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpu_count']}}"}
+            assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"]
+            assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+            assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            assert container["image"] == "ghcr.io/sdsclip/sdsclip:0.1.0-cuda"
+        else:
+            assert "nodeSelector" not in k8s and "tolerations" not in k8s, name
+            assert container["image"] == "ghcr.io/sdsclip/sdsclip:0.1.0"
+        pvcs = {m["mountPath"]: m["constant"] for m in k8s.get("pvcMount", [])}
+        reads_data = name not in {"resolve-params", "synth", "validate", "report", "register"}
+        assert pvcs.get("/mnt/data") == ("sdsclip-data" if reads_data else None), name
+        assert pvcs.get("/mnt/checkpoints") == ("sdsclip-checkpoints" if name.startswith("train-") else None), name
+        secrets = {s["secretName"]: (sorted(e["envVar"] for e in s["keyToEnv"]), s["optional"])
+                   for s in k8s.get("secretAsEnv", [])}
+        expected = {}
+        if name.startswith("train-") or name == "register":
+            expected["sdsclip-mlflow"] = (sorted(["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                                                  "MLFLOW_TRACKING_PASSWORD"]), False)
+        if name == "ingest":
+            expected["sdsclip-object-store"] = (sorted(["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                        "AWS_ENDPOINT_URL"]), True)
+        assert secrets == expected, name
+        retry = task.get("retryPolicy")
+        assert (retry is not None) == (gpu or name == "ingest"), name
+        if retry:
+            assert retry["maxRetryCount"] >= 2 and retry["backoffDuration"] != "0s"
+        assert task.get("cachingOptions", {}).get("enableCache", False) == (name != "register"), name
+    # train resumes into the checkpoints PVC by default on the cluster
+    assert spec["root"]["inputDefinitions"]["parameters"]["checkpoint_root"]["defaultValue"] == "/mnt/checkpoints"
+
+
+def test_local_target_is_the_same_graph_without_kubernetes(tmp_path):
+    cluster, _ = compiled(PACKAGE)
+    local_path = compile_pipeline(tmp_path / "local.yaml", target="local")
+    local, platform = compiled(local_path)
+    assert platform == {} and len(list(yaml.safe_load_all(local_path.read_text()))) == 1
+
+    # edges, arguments, caching; on the cluster kfp adds the accelerator's run parameters as task inputs
+    accelerator_inputs = {"accelerator_type", "accelerator_count", "pipelinechannel--gpu_type",
+                          "pipelinechannel--gpu_count"}
+
+    def graph(spec):
+        return {name: (sorted(task.get("dependentTasks", [])), task.get("cachingOptions"),
+                       {kind: {k: v for k, v in args.items() if k not in accelerator_inputs}
+                        for kind, args in task["inputs"].items()})
+                for name, (task, _, _) in by_name(spec).items()}
+
+    assert graph(local) == graph(cluster)
+    local_inputs = local["root"]["inputDefinitions"]["parameters"]
+    cluster_inputs = cluster["root"]["inputDefinitions"]["parameters"]
+    assert local_inputs.keys() == cluster_inputs.keys()
+    assert {k for k in local_inputs if local_inputs[k] != cluster_inputs[k]} == {"checkpoint_root"}
+    assert local_inputs["checkpoint_root"]["defaultValue"] == ""  # inside the model dir, removed after success
+    for name, (task, container, _) in by_name(local).items():
+        assert "resources" not in container and "retryPolicy" not in task, name
+        assert container["image"] == "ghcr.io/sdsclip/sdsclip:0.1.0"
+
+
+def test_kfp_local_ignores_kubernetes_settings(tmp_path):
+    """The finding the local target rests on, shown on a one-task pipeline: kfp.local runs a pipeline that has
+    GPU/CPU resources, a PVC, a secret, a node selector and a toleration; it warns that the resources have no
+    effect and never reads the platform spec."""
+    import warnings
+
+    from kfp import dsl, kubernetes, local
+
+    @dsl.component(base_image="python:3.11", install_kfp_package=False)
+    def double(x: int) -> int:
+        return 2 * x
+
+    @dsl.pipeline(name="probe")
+    def probe(x: int = 4, gpu_type: str = "nvidia.com/gpu"):
+        task = double(x=x).set_accelerator_type(gpu_type).set_accelerator_limit("1").set_cpu_limit("1")
+        kubernetes.mount_pvc(task, pvc_name="sdsclip-data", mount_path="/mnt/data")
+        kubernetes.use_secret_as_env(task, secret_name="sdsclip-mlflow", secret_key_to_env={"a": "A"})
+        kubernetes.add_node_selector(task, label_key="nvidia.com/gpu.present", label_value="true")
+        kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe()
+    (run_dir,) = tmp_path.glob("probe-*")
+    output = json.loads((run_dir / "double" / "executor_output.json").read_text())
+    assert output["parameterValues"]["Output"] == 8
+    ignored = [str(w.message) for w in caught if "no effect in the current local runner" in str(w.message)]
+    assert len(ignored) == 1 and "accelerator" in ignored[0] and "cpu_limit" in ignored[0]
+
+
 def test_compile_with_params_path(tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text("seed: 7\ntrain:\n  steps: 9\n")
-    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.json", params_path=params).read_text())
+    spec, _ = compiled(compile_pipeline(tmp_path / "p.json", params_path=params, target="local"))
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert (inputs["seed"]["defaultValue"], inputs["train_steps"]["defaultValue"]) == (7, 9)
+    assert inputs["train_epochs"]["defaultValue"] == 0  # null in params: 0 in the run form
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {"sdsclip:latest"}
+    assert images == {"ghcr.io/sdsclip/sdsclip:0.1.0"}
+
+
+def test_compile_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from sdsclip.cli import app
+
+    out = tmp_path / "x.yaml"
+    r = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(out), "--base-image", "r/s:1",
+                                 "--gpu-image", "r/s:1-cuda"])
+    assert r.exit_code == 0, r.output
+    spec, platform = compiled(out)
+    assert {c["image"] for _, c, _ in by_name(spec).values()} == {"r/s:1", "r/s:1-cuda"} and platform
+    r = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(out), "--target", "gke"])
+    assert r.exit_code == 2 and "--target 'gke'" in r.output and "Traceback" not in r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n")
+    r = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(out), "--params", str(bad)])
+    assert r.exit_code == 2 and "train.lr" in r.output and "Traceback" not in r.output
 
 
 def tiny_params(tmp_path: Path) -> dict:
