@@ -25,9 +25,11 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
-## compile the Kubeflow pipeline YAML
+## after editing params.yaml, components/ or the pipeline: recompile the committed Kubeflow pipeline YAML and
+## refresh the params ConfigMap source of k8s/ (tests fail while either is stale)
 pipeline: venv
 	sdsclip pipeline compile --out pipelines/sdsclip_pipeline.yaml
+	cp params.yaml k8s/base/params.yaml
 
 clean:
 	rm -rf data models metrics scores logs mlflow.db mlruns mlartifacts

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 from kfp import dsl
 
-from components import data, evaluation, training
+from components import data, evaluation, multinode, training
 
 DEFAULT_IMAGE = "ghcr.io/sdsclip/sdsclip:0.1.0"  # docker/Dockerfile.cpu
 DEFAULT_GPU_IMAGE = "ghcr.io/sdsclip/sdsclip:0.1.0-cuda"  # docker/Dockerfile.cuda
@@ -27,6 +27,7 @@ FUNCTIONS = (
     training.pretrain_student,
     training.pretrain_teacher,
     training.train,
+    multinode.train_multinode,
     evaluation.evaluate_winoground,
     evaluation.evaluate_aro,
     evaluation.evaluate_zeroshot,

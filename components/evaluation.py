@@ -180,8 +180,8 @@ def register(
 ):
     """Register the SDS-CLIP student in MLflow (registry.tracking_uri); the alias moves only if its gate
     metric is >= the baseline's. The result JSON is ``registration`` (also its metadata).
-    MLFLOW_TRACKING_URI (the sdsclip-mlflow secret on a cluster), when set, wins over registry.tracking_uri."""
-    import os
+    MLFLOW_TRACKING_URI (the sdsclip-mlflow secret on a cluster), when set, wins over registry.tracking_uri
+    (sdsclip.register.resolve_tracking_uri)."""
     from pathlib import Path
 
     import yaml
@@ -190,9 +190,6 @@ def register(
     from sdsclip.config import params_from_dict
 
     p = params_from_dict(yaml.safe_load(params))
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        p = p.model_copy(update={"registry": p.registry.model_copy(
-            update={"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]})})
     split = p.data.train_split
     lineage = [Path(shards.path, split, "manifest.csv"), Path(validated.path, split, "accepted.csv")]
     result = stages.register(p, Path(model.path), Path(metrics.path), Path(baseline_metrics.path),

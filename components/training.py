@@ -52,9 +52,9 @@ def train(
     resumable checkpoints go to ``{checkpoint_root}/{arm}-{hash of this task's output URI}`` and the stage
     runs with resume, so a retried task (same output URI) continues from its newest checkpoint instead of
     step 0, while every other run or task starts in a directory of its own.
-    MLFLOW_TRACKING_URI (the sdsclip-mlflow secret on a cluster), when set, wins over registry.tracking_uri."""
+    MLFLOW_TRACKING_URI (the sdsclip-mlflow secret on a cluster), when set, wins over registry.tracking_uri
+    (sdsclip.register.resolve_tracking_uri)."""
     import hashlib
-    import os
     from pathlib import Path
 
     import yaml
@@ -63,9 +63,6 @@ def train(
     from sdsclip.config import params_from_dict
 
     p = params_from_dict(yaml.safe_load(params))
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        p = p.model_copy(update={"registry": p.registry.model_copy(
-            update={"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]})})
     checkpoint_dir = None
     if checkpoint_root:
         arm = "baseline" if control else "sds"

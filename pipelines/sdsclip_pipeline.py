@@ -14,7 +14,9 @@ registry.tracking_uri, registry.model_name. A field overrides params_yaml only w
 its default; '' (text) or 0 (steps, epochs) means null. Cluster-only: ``gpu_type`` (the GPU tasks'
 accelerator resource name, e.g. nvidia.com/gpu, amd.com/gpu), ``gpu_count`` (GPUs per GPU task; a string,
 as the KFP driver reads resource placeholders as strings) and ``checkpoint_root`` (where train writes its
-resumable checkpoints: the checkpoints PVC on a cluster, '' = inside the model dir).
+resumable checkpoints: the checkpoints PVC on a cluster, '' = inside the model dir); ``train_nodes`` (1: each
+training arm runs in one pod; > 1: as a PyTorchJob of that many pods, ``train_gpus_per_node`` GPUs each, see
+components/multinode.py and k8s/training/; cluster target only).
 
 **Targets.** ``target="cluster"`` (the committed pipelines/sdsclip_pipeline.yaml) adds the Kubernetes
 settings: GPU tasks (pretrain-teacher, train-baseline, train-sds and the teacher's evaluations) in the CUDA
@@ -23,7 +25,8 @@ task; PVCs ``sdsclip-data`` (/mnt/data) and ``sdsclip-checkpoints`` (/mnt/checkp
 (``sdsclip-mlflow`` -> MLFLOW_TRACKING_URI/USERNAME/PASSWORD for train and register, ``sdsclip-object-store``
 -> AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_ENDPOINT_URL for ingest); retries on the preemptible and
 networked tasks. ``target="local"`` leaves them out (kfp.local ignores resources with a warning and never
-reads the Kubernetes platform spec). Both build the same tasks, edges, parameters and caching.
+reads the Kubernetes platform spec). Both build the same tasks, edges, parameters and caching, except the
+PyTorchJob branch of each training arm: kfp.local cannot resolve its dsl.OneOf, so locally an arm is one task.
 Needs a KFP backend >= 2.4 (resource limits from pipeline parameters, kubeflow/pipelines#11501).
 
     sdsclip pipeline compile        # -> pipelines/sdsclip_pipeline.yaml (cluster, default images)
@@ -166,6 +169,8 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
         gpu_type: str = DEFAULT_GPU_TYPE,
         gpu_count: str = DEFAULT_GPU_COUNT,
         checkpoint_root: str = default_checkpoint_root,
+        train_nodes: int = 1,
+        train_gpus_per_node: int = 1,
     ):
         arguments = dict(locals())  # first: only the parameters are bound yet
         form = {name: value for name, value in arguments.items() if name in spec}
@@ -183,11 +188,25 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
         models = dict(student=student, teacher=teacher, **data)
 
         def train(arm: str, control: bool):
-            # One place for a training arm: a multi-node variant (train_nodes > 1, a PyTorchJob) can go
-            # here behind dsl.If without touching the rest of the graph.
-            task = c.train(control=control, checkpoint_root=checkpoint_root, **models)
-            return place(task.set_display_name(f"train-{arm}"), "gpu", data=True, checkpoints=True, mlflow=True,
-                         retry=GPU_RETRY).output
+            # train_nodes == 1: the fine-tuning runs in this task's pod (accelerate on its GPUs);
+            # train_nodes > 1: a small pod submits it as a Kubeflow PyTorchJob of train_nodes pods with
+            # train_gpus_per_node GPUs each (components/multinode.py), waits, and returns the same model.
+            def one_pod() -> dsl.PipelineTask:
+                return place(c.train(control=control, checkpoint_root=checkpoint_root, **models)
+                             .set_display_name(f"train-{arm}"), "gpu", data=True, checkpoints=True, mlflow=True,
+                             retry=GPU_RETRY)
+
+            if target == "local":  # kfp.local 2.17 cannot resolve a dsl.OneOf of artifacts; a PyTorchJob
+                return one_pod().output  # needs a cluster anyway, so locally train_nodes is ignored
+            with dsl.If(train_nodes == 1, name=f"train-{arm}-one-pod"):
+                single = one_pod()
+            with dsl.Else(name=f"train-{arm}-pytorchjob"):
+                # the step only stages data on the PVC and waits; a retry re-attaches to the job it started
+                job = place(c.train_multinode(control=control, num_nodes=train_nodes,
+                                              gpus_per_node=train_gpus_per_node, image=gpu_image, **models)
+                            .set_display_name(f"train-{arm}-pytorchjob"), "data", data=True, mlflow=True,
+                            retry=GPU_RETRY)
+            return dsl.OneOf(single.output, job.output)
 
         baseline, sds = train("baseline", True), train("sds", False)
 

@@ -20,12 +20,13 @@ from sdsclip.kubeflow import FORM_FIELDS, NULL_IN_FORM, form_spec  # noqa: E402
 
 STAGE_TASKS = {
     "resolve-params", "synth", "ingest", "validate", "pretrain-student", "pretrain-teacher",
-    "train-baseline", "train-sds", "evaluate-pretrained", "evaluate-baseline", "evaluate-sds",
+    "train-baseline", "train-sds", "train-baseline-pytorchjob", "train-sds-pytorchjob", "evaluate-pretrained", "evaluate-baseline", "evaluate-sds",
     "evaluate-teacher", "register", "derive-sugarcrepe", "report",
     *[f"evaluate-{b}-{m}" for b in ("aro", "sugarcrepe") for m in ("pretrained", "baseline", "sds", "teacher")],
     *[f"evaluate-zeroshot-{m}" for m in ("pretrained", "baseline", "sds")],
 }
 EVALUATED = ("pretrained", "baseline", "sds", "teacher")
+PYTORCHJOB_TASKS = {"train-baseline-pytorchjob", "train-sds-pytorchjob"}  # cluster target only
 
 
 def compiled(path: Path) -> tuple[dict, dict]:
@@ -35,14 +36,42 @@ def compiled(path: Path) -> tuple[dict, dict]:
 
 
 def by_name(spec: dict) -> dict:
-    """Task display name -> (task spec, executor spec, executor label)."""
-    tasks = spec["root"]["dag"]["tasks"]
+    """Task display name -> (task spec, executor spec, executor label) of every container task, those inside
+    the training arms' dsl.If / dsl.Else sub-DAGs included."""
     executors = spec["deploymentSpec"]["executors"]
     out = {}
-    for task in tasks.values():
-        label = spec["components"][task["componentRef"]["name"]]["executorLabel"]
-        out[task["taskInfo"]["name"]] = (task, executors[label]["container"], label)
+
+    def walk(dag: dict) -> None:
+        for task in dag["tasks"].values():
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" in component:
+                walk(component["dag"])
+            else:
+                label = component["executorLabel"]
+                out[task["taskInfo"]["name"]] = (task, executors[label]["container"], label)
+
+    walk(spec["root"]["dag"])
     return out
+
+
+def dependencies(spec: dict) -> dict:
+    """Container task display name -> display names of the container tasks it waits for. A task inside a
+    sub-DAG waits for what its top-level group waits for; waiting for a group means waiting for its tasks."""
+    components = spec["components"]
+
+    def inside(task: dict) -> set:
+        component = components[task["componentRef"]["name"]]
+        if "dag" not in component:
+            return {task["taskInfo"]["name"]}
+        return set().union(*(inside(t) for t in component["dag"]["tasks"].values()))
+
+    top = spec["root"]["dag"]["tasks"]
+    deps = {}
+    for task in top.values():
+        waits = set().union(set(), *(inside(top[d]) for d in task.get("dependentTasks", [])))
+        for name in inside(task):
+            deps[name] = waits
+    return deps
 
 
 GPU_TASKS = {"pretrain-teacher", "train-baseline", "train-sds", "evaluate-teacher", "evaluate-aro-teacher",
@@ -64,8 +93,8 @@ def test_compile_pipeline(tmp_path):
     spec, platform = compiled(out)  # valid YAML, multi-line params_yaml default included
     assert load_component_from_file(str(out)).name == "sdsclip"  # and kfp reads it back
 
-    tasks = spec["root"]["dag"]["tasks"]
-    assert {t["taskInfo"]["name"] for t in tasks.values()} == STAGE_TASKS
+    tasks = by_name(spec)
+    assert set(tasks) == STAGE_TASKS
     executors = spec["deploymentSpec"]["executors"]
     assert len(executors) == len(tasks)
     images = {name: container["image"] for name, (_, container, _) in by_name(spec).items()}
@@ -79,7 +108,9 @@ def test_compile_pipeline(tmp_path):
     assert inputs["params_yaml"]["defaultValue"] == (ROOT / "params.yaml").read_text()
     assert inputs["params_yaml"]["parameterType"] == "STRING"
     # every run-form field is a pipeline parameter whose default is params.yaml's value ('' / 0 for null)
-    assert set(inputs) == {"params_yaml", *FORM_FIELDS, "gpu_type", "gpu_count", "checkpoint_root"}
+    assert set(inputs) == {"params_yaml", *FORM_FIELDS, "gpu_type", "gpu_count", "checkpoint_root", "train_nodes",
+                           "train_gpus_per_node"}
+    assert inputs["train_nodes"]["defaultValue"] == 1  # one pod unless the run asks for a PyTorchJob
     for name, key in FORM_FIELDS.items():
         value = resolved
         for part in key.split("."):
@@ -93,16 +124,31 @@ def test_compile_pipeline(tmp_path):
     assert {n: resolve[n]["componentInputParameter"] for n in FORM_FIELDS} == {n: n for n in FORM_FIELDS}
     assert resolve["form_spec"]["runtimeValue"]["constant"] == form_spec((ROOT / "params.yaml").read_text())
 
-    # the graph: train runs twice (control / SDS) on both pretrained models; register gets SDS + baseline
-    deps = {t["taskInfo"]["name"]: {tasks[d]["taskInfo"]["name"] for d in t.get("dependentTasks", [])}
-            for t in tasks.values()}
-    assert deps["train-sds"] == deps["train-baseline"] == {
+    # the graph: train runs twice (control / SDS) on both pretrained models, in one pod or as a PyTorchJob
+    # (train_nodes); register gets SDS + baseline
+    deps = dependencies(spec)
+    for arm in ("baseline", "sds"):  # exactly one of the two runs: train_nodes == 1, else the PyTorchJob
+        conditions = {t["taskInfo"]["name"]: t["triggerPolicy"]["condition"]
+                      for group in spec["root"]["dag"]["tasks"].values()
+                      if "dag" in spec["components"][group["componentRef"]["name"]]
+                      for t in spec["components"][group["componentRef"]["name"]]["dag"]["tasks"].values()
+                      if t["taskInfo"]["name"].startswith(f"train-{arm}-")}
+        assert set(conditions) == {f"train-{arm}-one-pod", f"train-{arm}-pytorchjob"}
+        assert conditions[f"train-{arm}-one-pod"].endswith("== 1")
+        assert conditions[f"train-{arm}-pytorchjob"].startswith("!(") and "== 1" in conditions[f"train-{arm}-pytorchjob"]
+        job_inputs = tasks[f"train-{arm}-pytorchjob"][0]["inputs"]["parameters"]
+        assert job_inputs["image"]["runtimeValue"]["constant"] == "registry.example/sdsclip:test-cuda"
+        assert job_inputs["num_nodes"]["componentInputParameter"].endswith("train_nodes")
+        assert job_inputs["control"]["runtimeValue"]["constant"] == (arm == "baseline")
+    assert deps["train-sds"] == deps["train-baseline"] == deps["train-sds-pytorchjob"] == {
         "resolve-params", "ingest", "validate", "pretrain-student", "pretrain-teacher"}
     assert {"train-sds", "evaluate-sds", "evaluate-baseline"} <= deps["register"]
     assert deps["evaluate-teacher"] == {"resolve-params", "synth", "pretrain-teacher"}
-    assert deps["evaluate-sugarcrepe-sds"] == {"resolve-params", "derive-sugarcrepe", "train-sds"}
+    assert deps["evaluate-sugarcrepe-sds"] == {"resolve-params", "derive-sugarcrepe", "train-sds",
+                                               "train-sds-pytorchjob"}
     assert deps["report"] == STAGE_TASKS - {"resolve-params", "synth", "ingest", "validate", "pretrain-student",
                                             "pretrain-teacher", "train-baseline", "train-sds", "register",
+                                            "train-baseline-pytorchjob", "train-sds-pytorchjob",
                                             "derive-sugarcrepe", "report"}
 
 
@@ -130,7 +176,8 @@ def test_cluster_settings(tmp_path):
         pvcs = {m["mountPath"]: m["constant"] for m in k8s.get("pvcMount", [])}
         reads_data = name not in {"resolve-params", "synth", "validate", "report", "register"}
         assert pvcs.get("/mnt/data") == ("sdsclip-data" if reads_data else None), name
-        assert pvcs.get("/mnt/checkpoints") == ("sdsclip-checkpoints" if name.startswith("train-") else None), name
+        one_pod_train = name in {"train-baseline", "train-sds"}  # a PyTorchJob's pods mount it, not the step
+        assert pvcs.get("/mnt/checkpoints") == ("sdsclip-checkpoints" if one_pod_train else None), name
         secrets = {s["secretName"]: (sorted(e["envVar"] for e in s["keyToEnv"]), s["optional"])
                    for s in k8s.get("secretAsEnv", [])}
         expected = {}
@@ -142,7 +189,7 @@ def test_cluster_settings(tmp_path):
                                                         "AWS_ENDPOINT_URL"]), True)
         assert secrets == expected, name
         retry = task.get("retryPolicy")
-        assert (retry is not None) == (gpu or name == "ingest"), name
+        assert (retry is not None) == (gpu or name == "ingest" or name.endswith("-pytorchjob")), name
         if retry:
             assert retry["maxRetryCount"] >= 2 and retry["backoffDuration"] != "0s"
         assert task.get("cachingOptions", {}).get("enableCache", False) == (name != "register"), name
@@ -161,12 +208,31 @@ def test_local_target_is_the_same_graph_without_kubernetes(tmp_path):
                           "pipelinechannel--gpu_count"}
 
     def graph(spec):
-        return {name: (sorted(task.get("dependentTasks", [])), task.get("cachingOptions"),
-                       {kind: {k: v for k, v in args.items() if k not in accelerator_inputs}
-                        for kind, args in task["inputs"].items()})
-                for name, (task, _, _) in by_name(spec).items()}
+        # display-name edges, caching and arguments; a task inside a training arm's dsl.If sees its inputs
+        # through the sub-DAG's channels, so its arguments are compared by source task and output instead
+        def arguments(args):
+            out = {}
+            for kind, values in args.items():
+                out[kind] = {}
+                for k, v in values.items():
+                    if k in accelerator_inputs:
+                        continue
+                    if "taskOutputArtifact" in v or "taskOutputParameter" in v:
+                        ref = v.get("taskOutputArtifact") or v.get("taskOutputParameter")
+                        v = ref.get("outputArtifactKey") or ref.get("outputParameterKey")
+                        if "-oneof-" in v:  # a training arm's dsl.OneOf(one pod, PyTorchJob): its model output
+                            v = "model"
+                    elif "componentInputArtifact" in v or "componentInputParameter" in v:
+                        v = (v.get("componentInputArtifact") or v["componentInputParameter"]).split("-")[-1]
+                    out[kind][k] = v
+            return out
+
+        deps = dependencies(spec)
+        return {name: (sorted(deps[name] - PYTORCHJOB_TASKS), task.get("cachingOptions"), arguments(task["inputs"]))
+                for name, (task, _, _) in by_name(spec).items() if name not in PYTORCHJOB_TASKS}
 
     assert graph(local) == graph(cluster)
+    assert set(by_name(cluster)) - set(by_name(local)) == PYTORCHJOB_TASKS  # kfp.local cannot run dsl.OneOf
     local_inputs = local["root"]["inputDefinitions"]["parameters"]
     cluster_inputs = cluster["root"]["inputDefinitions"]["parameters"]
     assert local_inputs.keys() == cluster_inputs.keys()
@@ -260,7 +326,7 @@ def test_pipeline_runs_locally(tmp_path):
 
     # kfp.local raises on a failed task; every task also left its executor output
     task_dirs = {p.name for p in run_dir.iterdir() if (p / "executor_output.json").is_file()}
-    assert len(task_dirs) == len(STAGE_TASKS), sorted(task_dirs)
+    assert len(task_dirs) == len(STAGE_TASKS - PYTORCHJOB_TASKS), sorted(task_dirs)  # local: one pod per arm
 
     for task in ("train", "train-2"):  # the UI override won over params_yaml's train.steps (3)
         out = json.loads((run_dir / task / "executor_output.json").read_text())

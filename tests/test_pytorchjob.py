@@ -192,6 +192,25 @@ def test_render_job_file_for_kubectl(tmp_path):
     assert container(job)["command"][:3] == ["torchrun", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
 
 
+def test_render_job_cli(tmp_path):
+    """`sdsclip pipeline render-job` writes the same checked job; a bad name is one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from sdsclip.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"seed": 0, "multinode": {"namespace": "ml"}}))
+    args = ["pipeline", "render-job", "--out", str(tmp_path / "job.yaml"), "--run-dir", "/mnt/data/sdsclip-runs/r1",
+            "--num-nodes", "3", "--gpus-per-node", "4", "--control", "--params", str(params)]
+    ok = CliRunner().invoke(app, [*args, "--name", "sdsclip-r1"])
+    assert ok.exit_code == 0, ok.output
+    job = yaml.safe_load((tmp_path / "job.yaml").read_text())
+    pj.validate_job(job, kubernetes_version=K8S_VERSIONS[-1])
+    assert job["metadata"]["namespace"] == "ml" and job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    bad = CliRunner().invoke(app, [*args, "--name", "Bad_Name"])
+    assert bad.exit_code == 2 and "multinode.name" in bad.output and "Traceback" not in bad.output
+
+
 # ------------------------------------------------------------------------------------------ the operator's env
 
 
@@ -584,7 +603,9 @@ def test_component_stages_inputs_submits_and_copies_the_model_back(fake, tmp_pat
     for key in artifacts:
         assert (run_dir / "inputs" / key / "sub" / "weights.bin").read_bytes() == key.encode() * 100
     staged = yaml.safe_load((run_dir / "params.yaml").read_text())  # no multinode section; the secret's URI
-    assert staged == {**raw, "registry": {**raw["registry"], "tracking_uri": "http://sdsclip-mlflow.sdsclip:5000"}}
+    assert "multinode" not in staged
+    assert staged == {**{k: v for k, v in raw.items() if k != "multinode"},
+                      "registry": {**raw["registry"], "tracking_uri": "http://sdsclip-mlflow.sdsclip:5000"}}
     ((_, path, _, created),) = fake.calls("POST")
     assert path == f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"
     pj.validate_job(created, kubernetes_version=K8S_VERSIONS[-1])

@@ -50,7 +50,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, WinogroundDataError, EvalDataError, StudentLoadError, TeacherLoadError,
                                          ModelRefError, TrainError, CheckpointError, LaunchError, FileNotFoundError]
     for module, name in (("sdsclip.ingest", "IngestError"), ("sdsclip.validate", "ValidationFailed"),
-                         ("sdsclip.validate", "SuiteError"), ("sdsclip.data", "DataError")):
+                         ("sdsclip.validate", "SuiteError"), ("sdsclip.data", "DataError"),
+                         ("sdsclip.register", "RegistryError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -440,3 +441,30 @@ def main() -> None:  # pragma: no cover - console entry point
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+@pipeline_app.command("render-job")
+def pipeline_render_job(
+    out: Path = typer.Option(..., help="PyTorchJob YAML to write (then: kubectl create -f OUT)"),
+    name: str = typer.Option(..., help="job name (pods: NAME-master-0, NAME-worker-0, ...)"),
+    image: str = typer.Option("ghcr.io/sdsclip/sdsclip:0.1.0-cuda", help="image with sdsclip installed"),
+    run_dir: str = typer.Option(..., help="run dir on the data PVC holding params.yaml and "
+                                          "inputs/{student,teacher,shards,validated}/"),
+    num_nodes: int = typer.Option(2, help="pods: 1 Master + NUM_NODES - 1 Workers"),
+    gpus_per_node: int = typer.Option(1, help="GPUs per pod"),
+    control: bool = typer.Option(False, "--control", help="the lambda = 0 baseline instead of SDS-CLIP"),
+    namespace: Optional[str] = typer.Option(None, help="namespace (default: the kubeconfig's)"),
+    params: Path = ParamsOpt,
+):
+    """Render the multi-node training PyTorchJob (k8s/training/pytorchjob.yaml; knobs from params.yaml's
+    `multinode:` section), checked against the CRD schema, for submission by hand."""
+    from sdsclip.pytorchjob import PyTorchJobError, render_job_file
+
+    try:
+        path = render_job_file(out, name=name, image=image, run_dir=run_dir, num_nodes=num_nodes,
+                               gpus_per_node=gpus_per_node, control=control, namespace=namespace,
+                               params_path=params if params.is_file() else None)
+    except PyTorchJobError as err:
+        err_console.print(f"[red]sdsclip pipeline render-job: error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(f"wrote {path}: kubectl create -f {path}")

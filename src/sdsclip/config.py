@@ -184,6 +184,19 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegisterConfig = RegisterConfig()
+    multinode: dict[str, Any] | None = Field(
+        None, description="PyTorchJob settings for multi-node training (sdsclip.pytorchjob.JobConfig fields)")
+
+    @model_validator(mode="after")
+    def _check_multinode(self) -> "Params":
+        if self.multinode is not None:  # checked here so a typo stops every stage, not only the training step
+            from sdsclip.pytorchjob import PyTorchJobError, job_config
+
+            try:
+                job_config(self.multinode, name="check", image="check")
+            except PyTorchJobError as err:
+                raise ValueError(str(err)) from None
+        return self
 
 
 def _format_error(source: str, err: ValidationError) -> str:

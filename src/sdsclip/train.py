@@ -127,9 +127,9 @@ class MlflowLog:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        from sdsclip.register import _flatten
+        from sdsclip.register import _flatten, resolve_tracking_uri
 
-        self.client = MlflowClient(tracking_uri=params.registry.tracking_uri)
+        self.client = MlflowClient(tracking_uri=resolve_tracking_uri(params))  # MLFLOW_TRACKING_URI wins
         self.flush_every, self.buffer = flush_every, []
         if run_id is not None:
             try:
