@@ -435,6 +435,56 @@ def pipeline_submit(
     _done(result)
 
 
+# ------------------------------------------------------------------ diagnostics and the science experiment
+
+diagnose_app = typer.Typer(help="Checks that must pass before an SDS-CLIP result means anything.",
+                           no_args_is_help=True)
+app.add_typer(diagnose_app, name="diagnose")
+
+
+@diagnose_app.command("teacher")
+def diagnose_teacher(
+    model: Path = typer.Option(..., help="teacher dir (pretrain-teacher output)"),
+    data: Path = typer.Option(..., help="Winoground-format dir (examples.jsonl + images/)"),
+    out: Optional[Path] = typer.Option(None, help="also write the diagnostic as JSON"),
+    items: Optional[int] = typer.Option(None, min=1, help="first N items only (default all)"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 when below teacher.binding_min_text_score"),
+    params: Path = ParamsOpt,
+):
+    """Does the teacher bind words to image regions? Caption-swap effect on its denoising error (fixed, shared
+    (t, eps) draws: eval.teacher_*) and its Winoground text score against teacher.binding_min_text_score."""
+    from sdsclip.diagnose import teacher_binding, verdict_line
+
+    with _stage("diagnose teacher"):
+        result = teacher_binding(_params(params), model, data, items)
+        if out is not None:
+            from sdsclip.evaluate.common import write_json
+
+            write_json(out, result)
+    console.print(verdict_line(result), highlight=False, soft_wrap=True)
+    if strict and not result["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def science(
+    workdir: Optional[Path] = typer.Option(None, help="experiment dir (default science.workdir)"),
+    profile: str = typer.Option("science", help="profile applied over --params ('-' keeps the file's own)"),
+    params: Path = ParamsOpt,
+):
+    """The control (lambda = 0) vs SDS-CLIP over science.seeds and science.lambdas on the embedded world:
+    world, pretraining, teacher diagnostic, fine-tuning, Winoground / ARO / zero-shot, report (Markdown + PNG)
+    in WORKDIR/report/. Resumable: finished steps made with the same params are reused. Uses the `science`
+    profile (src/sdsclip/profiles/science.yaml) by default; hours on a 2-core CPU."""
+    from sdsclip.science import load_science_params, run_science
+
+    with _stage("science"):
+        p = load_science_params(params, None if profile == "-" else profile)
+        summary = run_science(p, workdir, log=lambda line: err_console.print(line, highlight=False))
+    _done({"report": str(Path(workdir or p.science.workdir) / "report" / "science.md"),
+           "object_swap_group": {a: v["subsets"].get("Wino group: object swap") for a, v in summary["arms"].items()}})
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

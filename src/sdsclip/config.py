@@ -79,6 +79,9 @@ class OptimConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0)
+    batching: Literal["random", "bag_distinct"] = Field(
+        "random", description="random: shuffled pairs; bag_distinct: no two captions of a batch share their bag of "
+        "colours, shapes and relation axis, so batches hold no word-order hard negatives (as web data rarely does)")
 
 
 class StudentConfig(_Section):
@@ -98,6 +101,17 @@ class TinyUNetConfig(_Section):
     text_heads: int = Field(4, ge=1)
     max_caption_tokens: int = Field(16, ge=4)
     train_timesteps: int = Field(1000, ge=10)
+    unshuffle_factor: int = Field(
+        2, ge=1, le=8, description="pixel_unshuffle latent: k x k pixel blocks -> channels (2: 32 px -> 16x16x12; "
+        "4: -> 8x8x48, ~4x cheaper per UNet step)")
+    position_embedding_std: float | None = Field(
+        None, gt=0, description="init std of the text encoder's position embeddings (null = transformers' 0.02); "
+        "order is only a weak signal while they are small next to the word embeddings")
+    pooled_conditioning: bool = Field(
+        False, description="also add the caption's last text-encoder state (causal: it has read the whole caption, "
+        "in order) to the UNet's timestep embedding, so every ResNet block is conditioned on it")
+    cross_attention_full_res: bool = Field(
+        False, description="cross-attention in the full-resolution UNet block too (more layout conditioning)")
 
 
 class TeacherConfig(_Section):
@@ -111,6 +125,18 @@ class TeacherConfig(_Section):
     tiny: TinyUNetConfig = TinyUNetConfig()
     pretrain: OptimConfig = OptimConfig(steps=800, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_steps=50)
     caption_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="share of empty captions while pretraining")
+    pretrain_t_min: int = Field(0, ge=0, description="smallest timestep sampled while pretraining the tiny teacher")
+    pretrain_t_max: int | None = Field(
+        None, ge=1, description="largest timestep (exclusive) sampled while pretraining; null = train_timesteps")
+    binding_min_text_score: float = Field(
+        0.5, ge=0.0, le=1.0, description="`sdsclip diagnose teacher` passes at this Winoground text score (chance 0.25)")
+
+    @model_validator(mode="after")
+    def _pretrain_t_range(self) -> "TeacherConfig":
+        top = min(self.pretrain_t_max or self.tiny.train_timesteps, self.tiny.train_timesteps)
+        if self.pretrain_t_min >= top:
+            raise ValueError(f"pretrain_t_min ({self.pretrain_t_min}) must be < pretrain_t_max / train_timesteps ({top})")
+        return self
 
 
 class TrainConfig(_Section):
@@ -127,6 +153,8 @@ class TrainConfig(_Section):
     t_min: int = Field(20, ge=0, description="smallest timestep sampled for L_SDS")
     t_max: int = Field(980, ge=1, description="largest timestep sampled for L_SDS")
     noise_draws: int = Field(1, ge=1, description="(t, eps) draws per sample per step")
+    batching: Literal["random", "bag_distinct"] = Field(
+        "random", description="fine-tuning batches: random, or bag_distinct (no word-order hard negatives)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast of the step (accelerate)")
     gradient_checkpointing: bool = Field(False, description="recompute the frozen UNet's activations in backward")
     text_cache_size: int = Field(
@@ -163,6 +191,23 @@ class EvalConfig(_Section):
         100, ge=1, description="items per subset of the SugarCrepe-format set derived from the world")
 
 
+class ScienceConfig(_Section):
+    """`sdsclip science`: the control (lambda = 0) vs SDS-CLIP over seeds and a lambda sweep (src/sdsclip/science.py)."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
+                             description="fine-tuning seeds (data order, (t, eps) draws, sigma init) per arm")
+    lambdas: list[float] = Field(default_factory=lambda: [1.0, 10.0], min_length=1,
+                                 description="lambda_sds values of the SDS arms; the control (0) always runs")
+    workdir: str = Field("science", description="world, shards, models, metrics and report of the experiment")
+    diagnose_items: int | None = Field(200, ge=1, description="Winoground items of the teacher diagnostic; null = all")
+
+    @model_validator(mode="after")
+    def _positive_lambdas(self) -> "ScienceConfig":
+        if any(not lam > 0 for lam in self.lambdas):
+            raise ValueError(f"lambdas must be > 0 (the control, 0, always runs), got {self.lambdas}")
+        return self
+
+
 class RegisterConfig(_Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking/registry store")
     experiment: str = "sdsclip"
@@ -184,6 +229,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegisterConfig = RegisterConfig()
+    science: ScienceConfig = ScienceConfig()
     multinode: dict[str, Any] | None = Field(
         None, description="PyTorchJob settings for multi-node training (sdsclip.pytorchjob.JobConfig fields)")
 
@@ -213,6 +259,10 @@ def _format_error(source: str, err: ValidationError) -> str:
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 PROFILE_SECTIONS = ("train",)
+# A profile that declares `profile_scope: experiment` is a whole experiment (e.g. `science`): it may also
+# reshape the world and the models, which a training recipe must not do behind the user's back.
+EXPERIMENT_SCOPE = "experiment"
+EXPERIMENT_SECTIONS = ("world", "student", "teacher", "train", "eval", "science")
 
 
 def available_profiles() -> list[str]:
@@ -222,8 +272,9 @@ def available_profiles() -> list[str]:
 def load_profile(name: str) -> tuple[dict[str, Any], Path]:
     """A named training recipe: ``sdsclip/profiles/{name}.yaml``, or a path to such a YAML file.
 
-    A profile holds only the ``train`` section; ``params_from_dict`` merges it OVER params.yaml's, so a
-    key set by the profile wins (edit or copy the profile to change it)."""
+    A profile holds only the ``train`` section, unless it declares ``profile_scope: experiment``: then it may
+    set the world, student, teacher, train and eval sections. ``params_from_dict`` merges it OVER params.yaml
+    (nested mappings key by key), so a key set by the profile wins (edit or copy the profile to change it)."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"profile: unknown profile {name!r} (no {path}; shipped: {', '.join(available_profiles())})")
@@ -231,12 +282,26 @@ def load_profile(name: str) -> tuple[dict[str, Any], Path]:
         overlay = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(overlay, dict) or not all(isinstance(overlay.get(k, {}), dict) for k in overlay):
+    if not isinstance(overlay, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of sections")
-    extra = sorted(set(overlay) - set(PROFILE_SECTIONS))
+    scope = overlay.pop("profile_scope", None)
+    if scope not in (None, EXPERIMENT_SCOPE):
+        raise ConfigError(f"{path}: profile_scope: must be {EXPERIMENT_SCOPE!r} or absent (got {scope!r})")
+    if not all(isinstance(overlay.get(k, {}), dict) for k in overlay):
+        raise ConfigError(f"{path}: a profile must be a mapping of sections")
+    allowed = EXPERIMENT_SECTIONS if scope == EXPERIMENT_SCOPE else PROFILE_SECTIONS
+    extra = sorted(set(overlay) - set(allowed))
     if extra:
-        raise ConfigError(f"{path}: {extra[0]}: a profile may only set {', '.join(PROFILE_SECTIONS)}")
+        hint = "" if scope else f" (or declare `profile_scope: {EXPERIMENT_SCOPE}` to also set world, student, teacher, eval, science)"
+        raise ConfigError(f"{path}: {extra[0]}: a profile may only set {', '.join(allowed)}{hint}")
     return overlay, path
+
+
+def _deep_merge(base: Any, overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base) if isinstance(base, dict) else {}
+    for key, value in overlay.items():
+        merged[key] = _deep_merge(merged.get(key), value) if isinstance(value, dict) else value
+    return merged
 
 
 def apply_profile(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -249,11 +314,7 @@ def apply_profile(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"profile: must be a profile name or a .yaml path, got {name!r}")
     overlay, path = load_profile(name)
-    merged = dict(raw)
-    for section, values in overlay.items():
-        base = merged.get(section) or {}
-        merged[section] = {**(base if isinstance(base, dict) else {}), **values}
-    return merged, str(path)
+    return _deep_merge(raw, overlay), str(path)
 
 
 def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:

@@ -6,7 +6,7 @@ re-reads every shard with a shuffle seeded by ``(seed, e)``, so a seed fixes the
 
 Pipeline per epoch (all ``webdataset`` stages):
     WebDataset(shards in a seed-shuffled order) -> shuffle(images, raw bytes) -> expand to accepted pairs
-    -> shuffle(pairs) -> decode("pil") -> (transform(RGB image), caption) -> batched(partial=False)
+    -> shuffle(pairs) [-> bag-distinct reorder] -> decode("pil") -> (transform(RGB image), caption) -> batched(partial=False)
 
 Shuffling happens before decoding so the buffers hold compressed bytes, not pixels. With ``num_workers > 0``
 shards are split over DataLoader workers (each worker drops its own partial batch) and batches arrive in a
@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -142,6 +143,62 @@ def _global_batch_slice(samples: Iterator[dict[str, Any]], batch_size: int, skip
             batch = []
 
 
+# Relation words collapse to their axis: "A left of B" and "B right of A" (same scene) or "B left of A" (the
+# swapped scene) are then the same bag, so a bag-distinct batch never holds a word-order hard negative.
+_AXIS = {"left": "<horizontal>", "right": "<horizontal>", "above": "<vertical>", "below": "<vertical>"}
+_FILLER = frozenset({"a", "an", "the", "to", "of", "is", "are"})
+BATCHINGS = ("random", "bag_distinct")
+
+
+def bag_key(caption: str) -> tuple[str, ...]:
+    """A caption's bag of content words with spatial relations reduced to their axis, e.g. both
+    ``a red circle to the left of a blue square`` and ``a blue square to the right of a red circle`` ->
+    ('<horizontal>', 'blue', 'circle', 'red', 'square')."""
+    words = re.findall(r"[a-z0-9]+", caption.lower())
+    return tuple(sorted(_AXIS.get(w, w) for w in words if w not in _FILLER))
+
+
+def _bag_distinct(samples: Iterator[dict[str, Any]], batch_size: int, max_pending: int
+                  ) -> Iterator[dict[str, Any]]:
+    """Reorder a (shuffled) pair stream so that each consecutive run of ``batch_size`` samples holds no two
+    captions with the same ``bag_key``: what web-scale batches look like (hard negatives are rare), unlike
+    random batches over a small synthetic vocabulary. Greedy and deterministic: a sample whose bag is taken
+    waits in a FIFO for a later batch; only full batches are emitted."""
+    from collections import deque
+
+    pending: deque[dict[str, Any]] = deque()
+    stream = iter(samples)
+    exhausted = False
+    while True:
+        batch: list[dict[str, Any]] = []
+        bags: set[tuple[str, ...]] = set()
+        for _ in range(len(pending)):  # oldest waiting samples first
+            sample = pending.popleft()
+            key = bag_key(sample["__caption__"])
+            if key in bags or len(batch) == batch_size:
+                pending.append(sample)
+            else:
+                batch.append(sample)
+                bags.add(key)
+        while len(batch) < batch_size and not exhausted:
+            sample = next(stream, None)
+            if sample is None:
+                exhausted = True
+                break
+            key = bag_key(sample["__caption__"])
+            if key in bags:
+                pending.append(sample)
+                if len(pending) > max_pending:
+                    raise DataError(f"{sample.get('__url__')}: bag_distinct batching: fewer than {batch_size} "
+                                    "distinct caption bags in reach; lower the batch size or use batching: random")
+            else:
+                batch.append(sample)
+                bags.add(key)
+        if len(batch) < batch_size:
+            return  # end of the epoch: the partial batch (and what still waits) is dropped
+        yield from batch
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return random.Random(f"sdsclip.data:{seed}:{epoch}").randrange(2**62)
 
@@ -153,7 +210,11 @@ class PairLoader:
     """
 
     def __init__(self, shards_dir: Path, accepted_csv: Path, image_transform: Callable, batch_size: int,
-                 seed: int, shuffle_buffer: int = 2000, num_workers: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int, shuffle_buffer: int = 2000, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                 batching: str = "random"):
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, got {batching!r}")
+        self.batching = batching
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
@@ -195,6 +256,9 @@ class PairLoader:
         ds = ds.shuffle(buf, initial=buf, seed=eseed + 1)
         ds = ds.compose(partial(_expand_pairs, accepted=self.accepted))
         ds = ds.shuffle(buf, initial=buf, seed=eseed + 2)
+        if self.batching == "bag_distinct":
+            ds = ds.compose(partial(_bag_distinct, batch_size=self.batch_size,
+                                    max_pending=max(10 * self.batch_size, buf)))
         lo = self.rank * self.local_batch_size
         ds = ds.compose(partial(_global_batch_slice, batch_size=self.batch_size, skip=skip, lo=lo,
                                 hi=lo + self.local_batch_size))
@@ -224,8 +288,10 @@ class PairLoader:
 
 
 def pair_loader(shards_dir: Path, accepted_csv: Path, image_transform: Callable, batch_size: int, seed: int,
-                shuffle_buffer: int = 2000, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> PairLoader:
+                shuffle_buffer: int = 2000, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                batching: str = "random") -> PairLoader:
     """Infinite deterministic stream of (images [B,3,H,W], captions list[str]) over accepted pairs
-    (``B = batch_size // world_size``: this rank's slice of each global batch)."""
+    (``B = batch_size // world_size``: this rank's slice of each global batch). ``batching="bag_distinct"``:
+    no two captions of a global batch share their ``bag_key`` (see ``_bag_distinct``)."""
     return PairLoader(shards_dir, accepted_csv, image_transform, batch_size, seed, shuffle_buffer, num_workers,
-                      rank, world_size)
+                      rank, world_size, batching)

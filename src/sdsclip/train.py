@@ -174,8 +174,10 @@ def _cycle(loader) -> Iterator:
         yield from loader
 
 
-def _loader(params: Params, shards: Path, accepted: Path, transform: Callable, batch_size: int, seed: int):
-    return iter(_cycle(pair_loader(shards, accepted, transform, batch_size=batch_size, seed=seed)))
+def _loader(params: Params, shards: Path, accepted: Path, transform: Callable, batch_size: int, seed: int,
+            batching: str = "random"):
+    return iter(_cycle(pair_loader(shards, accepted, transform, batch_size=batch_size, seed=seed,
+                                   batching=batching)))
 
 
 def student_transform(student: Student) -> Callable:
@@ -213,7 +215,7 @@ def pretrain_student(
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], opt)
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.steps)
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
-    batches = _loader(params, shards, accepted, student.preprocess, opt.batch_size, params.seed)
+    batches = _loader(params, shards, accepted, student.preprocess, opt.batch_size, params.seed, opt.batching)
     contrastive = ClipLoss()
     log = LossLog(log_dir or out_dir / "dvclive")
     model.train()
@@ -234,8 +236,8 @@ def pretrain_student(
         log.log({"loss_clip": loss.item()})
     log.close()
     student.model = accelerator.unwrap_model(model).eval()
-    meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss),
-            "seconds": round(time.time() - started, 1)}
+    meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss.detach()),
+            "batching": opt.batching, "seconds": round(time.time() - started, 1)}
     save_student(student, out_dir, meta)
     return meta
 
@@ -272,10 +274,14 @@ def pretrain_teacher(
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.steps)
     modules, optimizer, lr_sched = accelerator.prepare(modules, optimizer, lr_sched)
     teacher.to(accelerator.device)
-    batches = _loader(params, shards, accepted, teacher_transform(cfg.image_size), opt.batch_size, params.seed)
+    batches = _loader(params, shards, accepted, teacher_transform(cfg.image_size), opt.batch_size, params.seed,
+                      opt.batching)
     gen = torch.Generator().manual_seed(params.seed)
     log = LossLog(log_dir or out_dir / "dvclive")
     n_timesteps = teacher.scheduler.config.num_train_timesteps
+    t_lo, t_hi = cfg.pretrain_t_min, min(cfg.pretrain_t_max or n_timesteps, n_timesteps)
+    if t_lo >= t_hi:
+        raise TrainError(f"teacher.pretrain_t_min ({t_lo}) must be < pretrain_t_max ({t_hi})")
     modules.train()
     started = time.time()
     for step in tqdm(range(opt.steps), desc="pretrain_teacher", mininterval=5):
@@ -285,7 +291,7 @@ def pretrain_teacher(
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         latents = teacher.encode_images(teacher_pixels(images))
         cond = teacher.encode_text(captions)
-        t = torch.randint(0, n_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+        t = torch.randint(t_lo, t_hi, (latents.shape[0],), generator=gen).to(latents.device)
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
         loss = teacher.epsilon_error(latents, cond, t, noise).mean()
         accelerator.backward(loss)
@@ -295,7 +301,7 @@ def pretrain_teacher(
         log.log({"loss_denoise": loss.item()})
     log.close()
     teacher.to("cpu")
-    meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss),
+    meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss.detach()),
             "seconds": round(time.time() - started, 1)}
     save_teacher(teacher.freeze(), out_dir, meta)
     return meta
@@ -480,7 +486,7 @@ def finetune(
     text_cond_of = TextConditioningCache(teacher, cfg.text_cache_size) if teacher is not None else None
     contrastive = ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world)
     loader = pair_loader(shards, accepted, student.preprocess, cfg.batch_size, params.seed, rank=rank,
-                         world_size=world)
+                         world_size=world, batching=cfg.batching)
     stream = loader.batches(*position)
 
     log = mlflow_log = None

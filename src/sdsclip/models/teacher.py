@@ -41,6 +41,7 @@ class Teacher:
     latent: str  # "pixel_unshuffle" | "vae"
     image_size: int
     vae: Any = None
+    unshuffle_factor: int = 2  # pixel_unshuffle latent: image side / latent side
 
     @property
     def device(self) -> torch.device:
@@ -93,7 +94,7 @@ class Teacher:
         if self.latent == "vae":
             dist = self.vae.encode(pixels).latent_dist
             return dist.mean * self.vae.config.scaling_factor
-        return F.pixel_unshuffle(pixels, 2)
+        return F.pixel_unshuffle(pixels, self.unshuffle_factor)
 
     def epsilon_error(
         self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -103,7 +104,10 @@ class Teacher:
         UNets trained to predict v (SD 2.x 768-v) or x0 are converted to their epsilon prediction first,
         so the loss is the same quantity whatever the checkpoint's ``prediction_type``."""
         noisy = self.scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample.float()
+        # Pooled conditioning (tiny teacher option): the causal text encoder's last position has attended to
+        # the whole caption, in order; it is added to the timestep embedding, so every ResNet block sees it.
+        pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
+        pred = self.unet(noisy, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
         kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
         if kind != "epsilon":
             abar = self.scheduler.alphas_cumprod.to(pred.device)[t.to(pred.device)].view(-1, 1, 1, 1)
@@ -186,8 +190,10 @@ def build_word_tokenizer(vocabulary: list[str], max_tokens: int) -> PreTrainedTo
 
 def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
     tiny: TinyUNetConfig = cfg.tiny
-    if cfg.image_size % 2:
-        raise TeacherLoadError(f"teacher.image_size: must be even for 2x2 pixel-unshuffle (got {cfg.image_size})")
+    factor = tiny.unshuffle_factor
+    if cfg.image_size % factor:
+        raise TeacherLoadError(f"teacher.image_size: must be a multiple of teacher.tiny.unshuffle_factor {factor} "
+                               f"(got {cfg.image_size})")
     tokenizer = build_word_tokenizer(vocabulary, tiny.max_caption_tokens)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -203,25 +209,34 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
             eos_token_id=tokenizer.eos_token_id,
         )
     )
+    if tiny.position_embedding_std is not None:
+        with torch.no_grad():
+            embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
+            embeddings.position_embedding.weight.normal_(0.0, tiny.position_embedding_std)
     n_blocks = len(tiny.block_out_channels)
-    # Cross-attention everywhere but the full-resolution block (as in the feasibility study: cheap and enough).
-    down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n_blocks - 1)
-    up = ["CrossAttnUpBlock2D"] * (n_blocks - 1) + ["UpBlock2D"]
+    # Cross-attention everywhere but the full-resolution block (as in the feasibility study: cheap and enough),
+    # unless asked for there too.
+    full = tiny.cross_attention_full_res
+    down = ["CrossAttnDownBlock2D" if full else "DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n_blocks - 1)
+    up = ["CrossAttnUpBlock2D"] * (n_blocks - 1) + ["CrossAttnUpBlock2D" if full else "UpBlock2D"]
     groups = min(8, *tiny.block_out_channels)
     unet = UNet2DConditionModel(
-        sample_size=cfg.image_size // 2,
-        in_channels=12,
-        out_channels=12,
+        sample_size=cfg.image_size // factor,
+        in_channels=3 * factor * factor,
+        out_channels=3 * factor * factor,
         block_out_channels=tuple(tiny.block_out_channels),
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         layers_per_block=tiny.layers_per_block,
         cross_attention_dim=tiny.text_width,
         attention_head_dim=tiny.attention_head_dim,
+        class_embed_type="projection" if tiny.pooled_conditioning else None,
+        projection_class_embeddings_input_dim=tiny.text_width if tiny.pooled_conditioning else None,
         norm_num_groups=groups,
     )
     scheduler = DDPMScheduler(num_train_timesteps=tiny.train_timesteps, beta_schedule="squaredcos_cap_v2")
-    return Teacher(unet, text_encoder, tokenizer, scheduler, latent="pixel_unshuffle", image_size=cfg.image_size)
+    return Teacher(unet, text_encoder, tokenizer, scheduler, latent="pixel_unshuffle", image_size=cfg.image_size,
+                   unshuffle_factor=factor)
 
 
 def save_teacher(teacher: Teacher, out_dir: Path, meta: dict[str, Any] | None = None) -> Path:
@@ -231,6 +246,8 @@ def save_teacher(teacher: Teacher, out_dir: Path, meta: dict[str, Any] | None = 
     teacher.tokenizer.save_pretrained(out_dir / "tokenizer")
     teacher.scheduler.save_pretrained(out_dir / "scheduler")
     info = {"latent": teacher.latent, "image_size": teacher.image_size, **(meta or {})}
+    if teacher.latent == "pixel_unshuffle":
+        info["unshuffle_factor"] = teacher.unshuffle_factor
     (out_dir / TEACHER_META).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -295,11 +312,12 @@ def load_teacher(path: str | Path, latent: str | None = None, image_size: int | 
     if image_size is None:
         image_size = meta.get("image_size")
     if image_size is None:  # SD: latent side x VAE downsampling factor
-        factor = 2
+        factor = int(meta.get("unshuffle_factor", 2))
         if latent == "vae":
             factor = 2 ** (len(_read_config(path / "vae" / "config.json")["block_out_channels"]) - 1)
         image_size = latent_shape_of(path)[1] * factor
-    return Teacher(unet, text_encoder, tokenizer, scheduler, latent=latent, image_size=int(image_size), vae=vae)
+    return Teacher(unet, text_encoder, tokenizer, scheduler, latent=latent, image_size=int(image_size), vae=vae,
+                   unshuffle_factor=int(meta.get("unshuffle_factor", 2)))
 
 
 def teacher_pixels(images: torch.Tensor) -> torch.Tensor:
