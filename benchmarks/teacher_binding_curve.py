@@ -1,7 +1,7 @@
 """Learning curve of the tiny teacher's binding: pretrain it and run `sdsclip diagnose teacher` every K steps.
 
 Used to choose the science profile's teacher (README "Does SDS-CLIP help in the miniature?"). Same loop as
-``sdsclip.train.pretrain_teacher`` (same data stream, caption dropout, timestep range), plus a diagnostic on the
+``sdsclip.train.pretrain_teacher`` (same data stream and ``teacher_pretrain_loss``), plus a diagnostic on the
 first ``--items`` Winoground-format items at every ``--every`` steps; rows go to ``--out`` (JSON) as they come.
 
     OMP_NUM_THREADS=1 python benchmarks/teacher_binding_curve.py --shards data/shards --validated data/validated \
@@ -50,8 +50,8 @@ def main() -> None:
 
     from sdsclip.config import params_from_dict
     from sdsclip.diagnose import teacher_binding
-    from sdsclip.models.teacher import build_tiny_teacher, caption_vocabulary, save_teacher, teacher_pixels
-    from sdsclip.train import _accepted_captions, _loader, _optimizer, teacher_transform
+    from sdsclip.models.teacher import build_tiny_teacher, caption_vocabulary, save_teacher
+    from sdsclip.train import _accepted_captions, _loader, _optimizer, teacher_pretrain_loss, teacher_transform
 
     raw = yaml.safe_load(args.params.read_text()) or {}
     if args.profile:
@@ -79,12 +79,7 @@ def main() -> None:
         started = time.time()
         modules.train()
         images, captions = next(batches)
-        drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        latents = teacher.encode_images(teacher_pixels(images))
-        t = torch.randint(lo, hi, (latents.shape[0],), generator=gen)
-        noise = torch.randn(latents.shape, generator=gen)
-        loss = teacher.epsilon_error(latents, teacher.encode_text(captions), t, noise).mean()
+        loss, _ = teacher_pretrain_loss(teacher, cfg, images, captions, (lo, hi), gen)
         loss.backward()
         optimizer.step()
         lr_sched.step()
@@ -100,7 +95,8 @@ def main() -> None:
         rows.append({"step": step, "train_seconds": round(train_s, 1), "loss": sum(recent) / len(recent),
                      **{k: d[k] for k in ("text_score", "swap_effect", "swap_effect_sem", "caption_effect",
                                           "swap_to_caption_ratio", "swap_positive_fraction")},
-                     "by_tag": {k: {m: v[m] for m in ("swap_effect", "text_score")} for k, v in d["by_tag"].items()}})
+                     "by_tag": {k: {m: v[m] for m in ("swap_effect", "text_score")} for k, v in d["by_tag"].items()},
+                     "by_t": {r["t"]: r["text_score"] for r in d["by_t"]}})
         print(json.dumps(rows[-1]), flush=True)
         args.out.write_text(json.dumps({"params": args.params.name, "profile": args.profile, "set": args.set,
                                         "rows": rows}, indent=1) + "\n")

@@ -53,6 +53,11 @@ def test_teacher_binding_reports_effects_scores_and_verdict(setup):
     strict = teacher_binding(params, setup["teacher"], setup["wino"], max_items=4, threshold=1.01)
     assert strict["passed"] is False
     assert strict["swap_effect"] == result["swap_effect"]  # fixed, shared draws: deterministic
+    # one row per shared draw; the overall scores are their mean (scored one draw at a time)
+    assert [row["t"] for row in result["by_t"]] == result["t"]
+    per_draw = [row["swap_effect"] for row in result["by_t"]]
+    assert result["swap_effect"] == pytest.approx(sum(per_draw) / len(per_draw), rel=1e-6, abs=1e-12)
+    assert all(0.0 <= row["text_score"] <= 1.0 for row in result["by_t"])
 
 
 def test_cli_diagnose_teacher_writes_json_and_strict_exit_code(setup):

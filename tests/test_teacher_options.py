@@ -44,3 +44,67 @@ def test_bad_teacher_options_stop_with_one_line():
         params_from_dict({"teacher": {"tiny": {"unshuffle_factor": 9}}})
     with pytest.raises(ConfigError, match=r"teacher: .*pretrain_t_min \(900\) must be < pretrain_t_max"):
         params_from_dict({"teacher": {"pretrain_t_min": 900, "pretrain_t_max": 500}})
+
+
+def test_v_prediction_teacher_trains_on_v_and_scores_on_eps(tmp_path):
+    """v-prediction: the pretraining loss is the v error, which is the eps error / alpha_bar(t) exactly;
+    scoring and SDS keep using the eps error, so both kinds of teacher are compared on one scale."""
+    torch.manual_seed(0)
+    teacher = build_tiny_teacher(_tiny(prediction_type="v_prediction"), vocabulary()).freeze()
+    assert teacher.scheduler.config.prediction_type == "v_prediction"
+    z = teacher.encode_images(torch.rand(3, 3, 32, 32) * 2 - 1)
+    cond = teacher.encode_text(["a red circle above a blue square"] * 3)
+    t, noise = torch.tensor([10, 500, 950]), torch.randn_like(z)
+    with torch.no_grad():
+        v_loss = teacher.denoising_loss(z, cond, t, noise)
+        eps_err = teacher.epsilon_error(z, cond, t, noise)
+    abar = teacher.scheduler.alphas_cumprod[t]
+    assert torch.allclose(v_loss, eps_err / abar, rtol=1e-3)
+    loaded = load_teacher(save_teacher(teacher, tmp_path / "t"))
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    eps_teacher = build_tiny_teacher(_tiny(), vocabulary()).freeze()
+    with torch.no_grad():  # an eps-UNet trains on the eps error itself
+        assert torch.equal(eps_teacher.denoising_loss(z, cond, t, noise), eps_teacher.epsilon_error(z, cond, t, noise))
+
+
+def test_hard_negative_captions_swap_words_not_the_bag():
+    from sdsclip.data import bag_key
+    from sdsclip.synth import hard_negative_caption
+
+    cap = "a red circle to the left of a blue square"
+    assert hard_negative_caption(cap, object_swap=True) == "a blue square to the left of a red circle"
+    assert hard_negative_caption(cap, object_swap=False) == "a blue circle to the left of a red square"
+    assert hard_negative_caption("a red circle and a blue square", object_swap=False) == "a blue circle and a red square"
+    # no negative: a conjunction's object swap is the same scene; equal colours swap to the same caption
+    assert hard_negative_caption("a red circle and a blue square", object_swap=True) is None
+    assert hard_negative_caption("a red circle below a red square", object_swap=False) is None
+    for other in ("", "a red circle", "two dogs on a sofa"):
+        assert hard_negative_caption(other, object_swap=True) is None
+    for swap in (True, False):
+        neg = hard_negative_caption(cap, swap)
+        assert sorted(neg.split()) == sorted(cap.split()) and bag_key(neg) == bag_key(cap)
+
+
+def test_hard_negative_ranking_loss_only_when_asked():
+    from sdsclip.train import teacher_pretrain_loss
+
+    images = torch.rand(4, 3, 32, 32)
+    captions = ["a red circle to the left of a blue square", "a green square above a yellow triangle",
+                "a red circle", "a blue circle and a blue square"]
+    plain_cfg, hard_cfg = _tiny(), TeacherConfig(**{**_tiny().model_dump(), "hard_negative_weight": 1.0,
+                                                    "caption_dropout": 0.0})
+    torch.manual_seed(0)
+    teacher = build_tiny_teacher(plain_cfg, vocabulary())
+    plain, parts = teacher_pretrain_loss(teacher, plain_cfg, images, captions, (0, 1000),
+                                         torch.Generator().manual_seed(0))
+    assert set(parts) == {"loss_denoise"} and plain.item() == pytest.approx(parts["loss_denoise"])
+    loss, parts = teacher_pretrain_loss(teacher, hard_cfg, images, captions, (0, 1000),
+                                        torch.Generator().manual_seed(0))
+    assert {"loss_denoise", "loss_hard_negative", "hard_negative_order_correct"} <= set(parts)
+    assert parts["loss_hard_negative"] >= 0
+    assert loss.item() == pytest.approx(parts["loss_denoise"] + parts["loss_hard_negative"], rel=1e-5)
+    loss.backward()  # the ranking term reaches the text encoder (the caption and its negative differ in order)
+    emb = getattr(teacher.text_encoder, "text_model", teacher.text_encoder).embeddings
+    assert emb.position_embedding.weight.grad is not None and emb.position_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match=r"teacher\.hard_negative_weight"):
+        params_from_dict({"teacher": {"hard_negative_weight": -1}})

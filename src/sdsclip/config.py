@@ -112,6 +112,10 @@ class TinyUNetConfig(_Section):
         "in order) to the UNet's timestep embedding, so every ResNet block is conditioned on it")
     cross_attention_full_res: bool = Field(
         False, description="cross-attention in the full-resolution UNet block too (more layout conditioning)")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="what the UNet learns to predict (its pretraining loss): epsilon (SD 1.x) or v "
+        "(SD 2.x). The eps loss weights the high-noise steps, where only the caption can say where each object "
+        "is, by SNR(t) ~ 0; v weights them ~1/alpha_bar(t) more. Scoring and SDS always use the eps error")
 
 
 class TeacherConfig(_Section):
@@ -130,6 +134,12 @@ class TeacherConfig(_Section):
         None, ge=1, description="largest timestep (exclusive) sampled while pretraining; null = train_timesteps")
     binding_min_text_score: float = Field(
         0.5, ge=0.0, le=1.0, description="`sdsclip diagnose teacher` passes at this Winoground text score (chance 0.25)")
+    hard_negative_weight: float = Field(
+        0.0, ge=0.0, description="tiny teacher only: weight of a ranking loss that makes the denoising error under a "
+        "word-order hard negative of the caption (its colours or its objects swapped) exceed the error under the "
+        "caption, same (t, eps); 0 = plain denoising, as Stable Diffusion is trained")
+    hard_negative_margin: float = Field(
+        0.1, ge=0.0, description="the ranking loss stops once error(negative) >= (1 + margin) x error(caption)")
 
     @model_validator(mode="after")
     def _pretrain_t_range(self) -> "TeacherConfig":

@@ -46,7 +46,10 @@ def teacher_binding(params: Params, teacher_ref: Path, winoground_dir: Path, max
     data = load_data(Path(winoground_dir), params.eval.on_missing)
     examples = data.examples[:max_items] if max_items else data.examples
     started = time.time()
-    scores = score_examples(scorer, data, examples)
+    # Scored one draw at a time (same UNet calls as all at once): the overall score is their mean, and the
+    # per-timestep rows show where in the noise schedule the caption's word order is used.
+    per_draw = torch.stack([score_examples(one, data, examples) for one in scorer.single_draws()])
+    scores = per_draw.mean(0)
     # Reference scale: how much any caption helps against the empty caption, same images and draws.
     images = [n for e in examples for n in (e.image_0, e.image_1)]
     captions = ["", *dict.fromkeys(c for e in examples for c in (e.caption_0, e.caption_1))]
@@ -81,6 +84,9 @@ def teacher_binding(params: Params, teacher_ref: Path, winoground_dir: Path, max
         "text_score": metrics["text_score"], "image_score": metrics["image_score"],
         "group_score": metrics["group_score"], "chance_text_score": CHANCE_TEXT_SCORE,
         "by_tag": by_tag, "threshold_text_score": threshold,
+        "by_t": [{"t": int(t), "swap_effect": float(swap_effects(sc).mean()),
+                  "swap_positive_fraction": float((swap_effects(sc) > 0).double().mean()), **_scores(sc)}
+                 for t, sc in zip(scorer.t, per_draw)],
         "passed": bool(metrics["text_score"] >= threshold),
         "seconds": round(time.time() - started, 1),
     }

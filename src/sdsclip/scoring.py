@@ -129,6 +129,18 @@ class TeacherScorer:
         self.t = steps
         self.noise = torch.randn((draws, *teacher.latent_shape), generator=gen)
 
+    def single_draws(self) -> list["TeacherScorer"]:
+        """One scorer per (t, eps) draw, sharing the teacher: the mean of their scores is this scorer's score,
+        so a diagnostic can see at which noise levels the caption matters, at no extra compute."""
+        import copy
+
+        out = []
+        for k in range(self.t.shape[0]):
+            one = copy.copy(self)
+            one.t, one.noise = self.t[k : k + 1], self.noise[k : k + 1]
+            out.append(one)
+        return out
+
     @torch.no_grad()
     def latents(self, images: Sequence[Image.Image]) -> torch.Tensor:
         from torchvision.transforms.functional import center_crop, resize, to_tensor

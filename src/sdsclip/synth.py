@@ -119,6 +119,46 @@ def definite_conjunctive_caption(a: Identity, b: Identity) -> str:
     return f"{object_phrase(a, definite=True)} and {object_phrase(b, definite=True)}"
 
 
+_TWO_OBJECT_CAPTION = None  # compiled on first use
+
+
+def parse_two_object_caption(caption: str) -> tuple[Identity, str, Identity] | None:
+    """(A, relation, B) of an indefinite relational caption, relation ``and`` for a conjunctive one; None for
+    any other text (single objects, the empty caption, real-world captions)."""
+    import re
+
+    global _TWO_OBJECT_CAPTION
+    if _TWO_OBJECT_CAPTION is None:
+        obj = rf"a ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
+        rel = "|".join(re.escape(r) for r in (*RELATIONS, "and"))
+        _TWO_OBJECT_CAPTION = re.compile(rf"{obj} ({rel}) {obj}")
+    m = _TWO_OBJECT_CAPTION.fullmatch(" ".join(caption.lower().split()))
+    if not m:
+        return None
+    ca, sa, relation, cb, sb = m.groups()
+    return (ca, sa), relation, (cb, sb)
+
+
+def hard_negative_caption(caption: str, object_swap: bool) -> str | None:
+    """The Winoground-style negative of a two-object caption: the same words in another order, false of the
+    image. ``object_swap``: the two object phrases trade places (relational captions only); otherwise the two
+    colours do. None when the caption has no such negative (a conjunction's object swap describes the same
+    scene; a colour swap of two same-coloured objects is the same caption)."""
+    parsed = parse_two_object_caption(caption)
+    if parsed is None:
+        return None
+    (ca, sa), relation, (cb, sb) = parsed
+    if object_swap:
+        if relation == "and":
+            return None
+        return relational_caption((cb, sb), relation, (ca, sa))
+    if ca == cb:
+        return None
+    if relation == "and":
+        return conjunctive_caption((cb, sa), (ca, sb))
+    return relational_caption((cb, sa), relation, (ca, sb))
+
+
 def relation_holds(a_center: Sequence[float], b_center: Sequence[float], relation: str, canvas: int) -> bool:
     """The contract's relation thresholds between object centres (image coordinates, y down)."""
     ax, ay = a_center

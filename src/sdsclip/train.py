@@ -30,7 +30,7 @@ from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
 from sdsclip import checkpoint as ckpt
-from sdsclip.config import OptimConfig, Params, params_to_dict
+from sdsclip.config import OptimConfig, Params, TeacherConfig, params_to_dict
 from sdsclip.data import DataError, count_pairs, pair_loader
 from sdsclip.distributed import normalize_dist_env
 from sdsclip.models.student import STUDENT_WEIGHTS, Student, build_student, load_student, save_student
@@ -251,6 +251,39 @@ def _accepted_captions(accepted: Path) -> list[str]:
     return pd.read_csv(accepted, usecols=["caption"], keep_default_na=False)["caption"].astype(str).tolist()
 
 
+def teacher_pretrain_loss(teacher: Teacher, cfg: TeacherConfig, images: torch.Tensor, captions: list[str],
+                          t_range: tuple[int, int], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch of tiny-teacher pretraining: the denoising loss (with caption dropout), plus, when
+    ``teacher.hard_negative_weight`` > 0, a ranking loss on the same (t, eps) that asks the error under a
+    word-order hard negative of each caption to exceed the error under the caption by a relative margin
+    (hard-negative training of a diffusion matcher, as in Krojer et al. 2023, "Are Diffusion Models
+    Vision-And-Language Reasoners?"). Returns (loss, logged parts)."""
+    from sdsclip.synth import hard_negative_caption
+
+    # Caption dropout: the model also learns the unconditional score (classifier-free guidance style).
+    drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    latents = teacher.encode_images(teacher_pixels(images))
+    t = torch.randint(t_range[0], t_range[1], (latents.shape[0],), generator=gen).to(latents.device)
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    errors = teacher.denoising_loss(latents, teacher.encode_text(captions), t, noise)
+    loss = errors.mean()
+    parts = {"loss_denoise": loss.item()}
+    if cfg.hard_negative_weight > 0:
+        kinds = (torch.rand(len(captions), generator=gen) < 0.5).tolist()  # object swap or colour swap
+        negatives = [hard_negative_caption(c, k) or hard_negative_caption(c, not k) for c, k in zip(captions, kinds)]
+        idx = [i for i, n in enumerate(negatives) if n]
+        if idx:
+            pos = errors[idx]
+            neg = teacher.denoising_loss(latents[idx], teacher.encode_text([negatives[i] for i in idx]), t[idx],
+                                         noise[idx])
+            rank = F.relu(pos - neg + cfg.hard_negative_margin * pos.detach()).mean()
+            loss = loss + cfg.hard_negative_weight * rank
+            parts["loss_hard_negative"] = rank.item()
+            parts["hard_negative_order_correct"] = float((neg > pos).float().mean())
+    return loss, parts
+
+
 def pretrain_teacher(
     params: Params, shards: Path, accepted: Path, out_dir: Path, log_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -286,19 +319,12 @@ def pretrain_teacher(
     started = time.time()
     for step in tqdm(range(opt.steps), desc="pretrain_teacher", mininterval=5):
         images, captions = next(batches)
-        # Caption dropout: the model also learns the unconditional score (classifier-free guidance style).
-        drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        latents = teacher.encode_images(teacher_pixels(images))
-        cond = teacher.encode_text(captions)
-        t = torch.randint(t_lo, t_hi, (latents.shape[0],), generator=gen).to(latents.device)
-        noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-        loss = teacher.epsilon_error(latents, cond, t, noise).mean()
+        loss, parts = teacher_pretrain_loss(teacher, cfg, images, captions, (t_lo, t_hi), gen)
         accelerator.backward(loss)
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
-        log.log({"loss_denoise": loss.item()})
+        log.log(parts)
     log.close()
     teacher.to("cpu")
     meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss.detach()),

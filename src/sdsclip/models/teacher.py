@@ -119,6 +119,23 @@ class Teacher:
                 raise TeacherLoadError(f"scheduler prediction_type {kind!r} is not supported")
         return (pred - noise.float()).pow(2).flatten(1).mean(1)
 
+    def denoising_loss(
+        self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sample training loss in the UNet's own target (eps, or v for ``v_prediction``): pretraining.
+
+        Same quantity as ``epsilon_error`` for an eps-UNet; for a v-UNet it is epsilon_error / alpha_bar(t)."""
+        kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if kind == "epsilon":
+            return self.epsilon_error(latents, cond, t, noise)
+        if kind != "v_prediction":
+            raise TeacherLoadError(f"pretraining with prediction_type {kind!r} is not supported")
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
+        pred = self.unet(noisy, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
+        target = self.scheduler.get_velocity(latents, noise, t).float()
+        return (pred - target).pow(2).flatten(1).mean(1)
+
 
 class TextConditioningCache:
     """The frozen teacher's text conditioning c_text, computed once per distinct caption.
@@ -234,7 +251,8 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
         projection_class_embeddings_input_dim=tiny.text_width if tiny.pooled_conditioning else None,
         norm_num_groups=groups,
     )
-    scheduler = DDPMScheduler(num_train_timesteps=tiny.train_timesteps, beta_schedule="squaredcos_cap_v2")
+    scheduler = DDPMScheduler(num_train_timesteps=tiny.train_timesteps, beta_schedule="squaredcos_cap_v2",
+                              prediction_type=tiny.prediction_type)
     return Teacher(unet, text_encoder, tokenizer, scheduler, latent="pixel_unshuffle", image_size=cfg.image_size,
                    unshuffle_factor=factor)
 
