@@ -108,3 +108,23 @@ def test_hard_negative_ranking_loss_only_when_asked():
     assert emb.position_embedding.weight.grad is not None and emb.position_embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match=r"teacher\.hard_negative_weight"):
         params_from_dict({"teacher": {"hard_negative_weight": -1}})
+
+
+def test_bidirectional_t5_text_encoder_survives_save_and_load(tmp_path):
+    """text_encoder t5: every token reads the whole caption (no causal mask), so the first object's state
+    depends on the relation after it; the class is recorded in text_encoder/config.json and loaded back."""
+    torch.manual_seed(0)
+    teacher = build_tiny_teacher(_tiny(text_encoder="t5", pooled_conditioning=True), vocabulary()).freeze()
+    caps = ["a red circle to the left of a blue square", "a red circle to the right of a blue square"]
+    with torch.no_grad():
+        states = teacher.encode_text(caps)
+    assert states.shape[-1] == teacher.unet.config.cross_attention_dim
+    assert not torch.allclose(states[0, 1:4], states[1, 1:4])  # "a red circle" already differs: bidirectional
+    loaded = load_teacher(save_teacher(teacher, tmp_path / "t"))
+    assert type(loaded.text_encoder).__name__ == "T5EncoderModel"
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_text(caps), states)
+    clip = build_tiny_teacher(_tiny(), vocabulary()).freeze()
+    with torch.no_grad():  # the causal CLIP encoder: the prefix "[BOS] a red circle" cannot see what follows
+        causal = clip.encode_text(caps)
+    assert torch.allclose(causal[0, :4], causal[1, :4], atol=1e-6)

@@ -112,6 +112,10 @@ class TinyUNetConfig(_Section):
         "in order) to the UNet's timestep embedding, so every ResNet block is conditioned on it")
     cross_attention_full_res: bool = Field(
         False, description="cross-attention in the full-resolution UNet block too (more layout conditioning)")
+    text_encoder: Literal["clip", "t5"] = Field(
+        "clip", description="clip: CLIPTextModel, causal (as Stable Diffusion): a word's state never sees the words "
+        "after it; t5: T5EncoderModel, bidirectional with relative positions (as Imagen / DeepFloyd IF), so each "
+        "object phrase also reads the relation that follows it. position_embedding_std is clip only")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="what the UNet learns to predict (its pretraining loss): epsilon (SD 1.x) or v "
         "(SD 2.x). The eps loss weights the high-noise steps, where only the caption can say where each object "

@@ -19,13 +19,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config,
+                          T5EncoderModel)
 
 from sdsclip.config import TeacherConfig, TinyUNetConfig
 
 TEACHER_META = "teacher.json"
 SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+#: text encoder classes a teacher dir may hold, by the ``architectures`` entry of text_encoder/config.json
+TEXT_ENCODERS = {"CLIPTextModel": CLIPTextModel, "T5EncoderModel": T5EncoderModel}
 
 
 class TeacherLoadError(ValueError):
@@ -35,7 +38,7 @@ class TeacherLoadError(ValueError):
 @dataclass
 class Teacher:
     unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | T5EncoderModel
     tokenizer: Any
     scheduler: DDPMScheduler
     latent: str  # "pixel_unshuffle" | "vae"
@@ -104,8 +107,8 @@ class Teacher:
         UNets trained to predict v (SD 2.x 768-v) or x0 are converted to their epsilon prediction first,
         so the loss is the same quantity whatever the checkpoint's ``prediction_type``."""
         noisy = self.scheduler.add_noise(latents, noise, t)
-        # Pooled conditioning (tiny teacher option): the causal text encoder's last position has attended to
-        # the whole caption, in order; it is added to the timestep embedding, so every ResNet block sees it.
+        # Pooled conditioning (tiny teacher option): the text encoder's last position has attended to the whole
+        # caption, in order; it is added to the timestep embedding, so every ResNet block sees it.
         pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
         pred = self.unet(noisy, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
         kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
@@ -212,21 +215,43 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
         raise TeacherLoadError(f"teacher.image_size: must be a multiple of teacher.tiny.unshuffle_factor {factor} "
                                f"(got {cfg.image_size})")
     tokenizer = build_word_tokenizer(vocabulary, tiny.max_caption_tokens)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=tiny.text_width,
-            intermediate_size=4 * tiny.text_width,
-            num_hidden_layers=tiny.text_layers,
-            num_attention_heads=tiny.text_heads,
-            max_position_embeddings=tiny.max_caption_tokens,
-            projection_dim=tiny.text_width,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+    if tiny.text_encoder == "t5":
+        if tiny.text_width % tiny.text_heads:
+            raise TeacherLoadError(f"teacher.tiny.text_width {tiny.text_width} must be a multiple of text_heads "
+                                   f"{tiny.text_heads}")
+        text_encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=tiny.text_width,
+                d_kv=tiny.text_width // tiny.text_heads,
+                d_ff=4 * tiny.text_width,
+                num_layers=tiny.text_layers,
+                num_heads=tiny.text_heads,
+                relative_attention_num_buckets=tiny.max_caption_tokens,
+                relative_attention_max_distance=tiny.max_caption_tokens,
+                dropout_rate=0.0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+                architectures=["T5EncoderModel"],
+            )
         )
-    )
-    if tiny.position_embedding_std is not None:
+    else:
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=tiny.text_width,
+                intermediate_size=4 * tiny.text_width,
+                num_hidden_layers=tiny.text_layers,
+                num_attention_heads=tiny.text_heads,
+                max_position_embeddings=tiny.max_caption_tokens,
+                projection_dim=tiny.text_width,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+    if tiny.position_embedding_std is not None and tiny.text_encoder == "clip":
         with torch.no_grad():
             embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
             embeddings.position_embedding.weight.normal_(0.0, tiny.position_embedding_std)
@@ -319,7 +344,11 @@ def load_teacher(path: str | Path, latent: str | None = None, image_size: int | 
     latents come from sigma, not from images); scoring images needs the VAE."""
     path, meta, latent = check_teacher_dir(path, latent)
     unet = UNet2DConditionModel.from_pretrained(path / "unet")
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+    arch = (_read_config(path / "text_encoder" / "config.json").get("architectures") or ["CLIPTextModel"])[0]
+    if arch not in TEXT_ENCODERS:
+        raise TeacherLoadError(f"{path}: text_encoder architecture {arch!r} is not supported "
+                               f"(one of {', '.join(TEXT_ENCODERS)})")
+    text_encoder = TEXT_ENCODERS[arch].from_pretrained(path / "text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
     vae = None
