@@ -106,4 +106,5 @@ def verdict_line(result: dict[str, Any]) -> str:
     return (f"teacher binding {word}: text score {result['text_score']:.3f} (threshold "
             f"{result['threshold_text_score']:.2f}, chance {CHANCE_TEXT_SCORE}), caption-swap effect "
             f"{result['swap_effect']:.2e} ({'n/a' if ratio is None else f'{ratio:.1%}'} of the caption effect "
-            f"{result['caption_effect']:.2e}), n={result['n']}")
+            f"{result['caption_effect']:.2e}), n={result['n']}"
+            + "".join(f"; {tag} text score {row['text_score']:.2f}" for tag, row in result.get("by_tag", {}).items()))
