@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from sdsclip.cli import app
 from sdsclip.config import WorldConfig, params_from_dict
-from sdsclip.diagnose import swap_effects, teacher_binding
+from sdsclip.diagnose import swap_effects, teacher_binding, verdict_line
 from sdsclip.synth import _write_winoground
 from tiny_params import tiny_params
 from train_helpers import TINY_TEACHER, vocabulary
@@ -78,3 +78,19 @@ def test_cli_diagnose_teacher_writes_json_and_strict_exit_code(setup):
     bad = runner.invoke(app, ["diagnose", "teacher", "--model", str(setup["root"] / "nope"), "--data",
                               str(setup["wino"]), "--params", str(setup["params"])])
     assert bad.exit_code == 2 and "--model must be a student directory" in bad.output
+
+
+def test_each_tag_must_reach_the_threshold(setup):
+    """A teacher that binds colours but not relations must not pass: the threshold applies per tag too."""
+    params = params_from_dict(setup["raw"])
+    result = teacher_binding(params, setup["teacher"], setup["wino"], max_items=4)
+    tags = result["by_tag"]
+    worst = min(row["text_score"] for row in tags.values())
+    best = max(row["text_score"] for row in tags.values())
+    threshold = (worst + best) / 2 if worst < best else worst + 0.01
+    per_tag = teacher_binding(params, setup["teacher"], setup["wino"], max_items=4, threshold=threshold)
+    assert per_tag["failed_tags"] and per_tag["passed"] is False
+    assert "below the threshold" in verdict_line(per_tag)
+    overall_only = params_from_dict({**setup["raw"], "teacher": {**setup["raw"]["teacher"], "binding_each_tag": False}})
+    loose = teacher_binding(overall_only, setup["teacher"], setup["wino"], max_items=4, threshold=0.0)
+    assert loose["failed_tags"] == [] and loose["passed"] is True

@@ -78,10 +78,13 @@ def fake_stages(monkeypatch):
 
     monkeypatch.setattr(stages, "train", train)
     monkeypatch.setattr(science, "evaluate_student", evaluate)
-    monkeypatch.setattr(diagnose, "teacher_binding", lambda params, ref, data, items=None, threshold=None: {
-        "text_score": 0.6, "image_score": 0.1, "group_score": 0.1, "swap_effect": 1e-3, "swap_effect_sem": 1e-4,
-        "caption_effect": 1e-2, "swap_to_caption_ratio": 0.1, "threshold_text_score": 0.5, "passed": True,
-        "n": 10, "by_tag": {}})
+    def binding(params, ref, data, items=None, threshold=None):
+        calls.append("diagnose")
+        return {"text_score": 0.6, "image_score": 0.1, "group_score": 0.1, "swap_effect": 1e-3,
+                "swap_effect_sem": 1e-4, "caption_effect": 1e-2, "swap_to_caption_ratio": 0.1,
+                "threshold_text_score": 0.5, "passed": True, "n": 10, "by_tag": {}}
+
+    monkeypatch.setattr(diagnose, "teacher_binding", binding)
     return calls
 
 
@@ -115,6 +118,12 @@ def test_runner_runs_every_seed_and_arm_then_resumes_from_its_outputs(tmp_path, 
     science.run_science(params_from_dict(raw), tmp_path / "sci", log=lambda line: None)
     assert not {"synth", "ingest", "validate", "pretrain_student", "pretrain_teacher"} & set(fake_stages)
     assert len([c for c in fake_stages if c.startswith("train:")]) == 12
+    # The diagnostic's pass rule changes no weights: only the diagnostic runs again.
+    for knob, value in (("binding_min_text_score", 0.9), ("binding_each_tag", False)):
+        fake_stages.clear()
+        raw["teacher"][knob] = value
+        science.run_science(params_from_dict(raw), tmp_path / "sci", log=lambda line: None)
+        assert fake_stages == ["diagnose"]
 
 
 def test_cli_science_applies_the_profile_and_reports_bad_params_in_one_line(tmp_path, fake_stages):

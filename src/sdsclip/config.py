@@ -138,6 +138,9 @@ class TeacherConfig(_Section):
         None, ge=1, description="largest timestep (exclusive) sampled while pretraining; null = train_timesteps")
     binding_min_text_score: float = Field(
         0.5, ge=0.0, le=1.0, description="`sdsclip diagnose teacher` passes at this Winoground text score (chance 0.25)")
+    binding_each_tag: bool = Field(
+        True, description="the text-score threshold also applies to each Winoground tag on its own (colour swaps, "
+        "object swaps), so a teacher that binds colours but not relations does not pass")
     hard_negative_weight: float = Field(
         0.0, ge=0.0, description="tiny teacher only: weight of a ranking loss that makes the denoising error under a "
         "word-order hard negative of the caption (its colours or its objects swapped) exceed the error under the "

@@ -8,8 +8,10 @@ shared (t, eps) draws as ``sdsclip evaluate`` (``eval.teacher_draws``, ``eval.te
   (> 0: the true caption explains the image better). Reported raw and relative to the *caption effect* (error
   with the empty caption minus with the true one), so teachers of different loss scale compare;
 - the teacher's Winoground text score (chance 0.25), the figure the pass threshold
-  (``teacher.binding_min_text_score``) applies to; image and group scores are reported but are weak for a
-  denoising matcher (some images are a priori easier to denoise), as Diffusion Classifier notes.
+  (``teacher.binding_min_text_score``) applies to, overall and (``teacher.binding_each_tag``) on each tag: the
+  student fails object swaps, not colour swaps, so a teacher must bind what the student lacks. Image and
+  group scores are reported but are weak for a denoising matcher (some images are a priori easier to
+  denoise), as Diffusion Classifier notes.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def teacher_binding(params: Params, teacher_ref: Path, winoground_dir: Path, max
         by_tag[tag] = {"n": len(idx), "swap_effect": float(effects[idx].mean()),
                        "swap_positive_fraction": float((effects[idx] > 0).double().mean()),
                        **{k: v for k, v in _scores(scores[idx]).items()}}
+    failed_tags = sorted(tag for tag, row in by_tag.items() if row["text_score"] < threshold) \
+        if params.teacher.binding_each_tag else []
     result = {
         "model": str(teacher_ref), "n": len(examples),
         "draws": int(scorer.t.shape[0]), "t": [int(t) for t in scorer.t],
@@ -87,7 +91,9 @@ def teacher_binding(params: Params, teacher_ref: Path, winoground_dir: Path, max
         "by_t": [{"t": int(t), "swap_effect": float(swap_effects(sc).mean()),
                   "swap_positive_fraction": float((swap_effects(sc) > 0).double().mean()), **_scores(sc)}
                  for t, sc in zip(scorer.t, per_draw)],
-        "passed": bool(metrics["text_score"] >= threshold),
+        "each_tag": bool(params.teacher.binding_each_tag),
+        "failed_tags": failed_tags,
+        "passed": bool(metrics["text_score"] >= threshold and not failed_tags),
         "seconds": round(time.time() - started, 1),
     }
     return result
@@ -107,4 +113,5 @@ def verdict_line(result: dict[str, Any]) -> str:
             f"{result['threshold_text_score']:.2f}, chance {CHANCE_TEXT_SCORE}), caption-swap effect "
             f"{result['swap_effect']:.2e} ({'n/a' if ratio is None else f'{ratio:.1%}'} of the caption effect "
             f"{result['caption_effect']:.2e}), n={result['n']}"
-            + "".join(f"; {tag} text score {row['text_score']:.2f}" for tag, row in result.get("by_tag", {}).items()))
+            + "".join(f"; {tag} text score {row['text_score']:.2f}" for tag, row in result.get("by_tag", {}).items())
+            + (f" (below the threshold: {', '.join(result['failed_tags'])})" if result.get("failed_tags") else ""))

@@ -39,6 +39,10 @@ SUBSETS = {
 }
 
 
+#: teacher knobs that only decide whether the diagnostic passes
+DIAGNOSTIC_ONLY = ("binding_min_text_score", "binding_each_tag")
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -122,11 +126,13 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
     student_dir, teacher_dir = work / "models" / "student_pretrained", work / "models" / "teacher"
     _cached(student_dir, [data_key, full["student"], params.seed],
             lambda: stages.pretrain_student(params, shards, validated, student_dir, work / "logs" / "student"), log)
+    # The diagnostic's pass rule changes no weights: it keys the diagnostic only, not the teacher or the arms.
+    pass_rule = {k: full["teacher"].pop(k) for k in DIAGNOSTIC_ONLY if k in full["teacher"]}
     _cached(teacher_dir, [data_key, full["teacher"], params.seed],
             lambda: stages.pretrain_teacher(params, shards, validated, teacher_dir, work / "logs" / "teacher"), log)
     models_key = [data_key, full["student"], full["teacher"], params.seed]
     diag_dir = work / "metrics" / "teacher_diagnostic"
-    diagnostic = _cached(diag_dir, [models_key, full["eval"], sci.diagnose_items],
+    diagnostic = _cached(diag_dir, [models_key, full["eval"], sci.diagnose_items, pass_rule],
                          lambda: teacher_binding(params, teacher_dir, Path(params.data.winoground_dir),
                                                  sci.diagnose_items), log)
     log(verdict_line(diagnostic))
