@@ -99,6 +99,15 @@ class Teacher:
             return dist.mean * self.vae.config.scaling_factor
         return F.pixel_unshuffle(pixels, self.unshuffle_factor)
 
+    def _predict(self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, the UNet's raw prediction at x_t) for latents noised with ``noise`` to timestep ``t``."""
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        # Pooled conditioning (tiny teacher option): the text encoder's last position has attended to the whole
+        # caption, in order; it is added to the timestep embedding, so every ResNet block sees it.
+        pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
+        return noisy, self.unet(noisy, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
+
     def epsilon_error(
         self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
@@ -106,11 +115,7 @@ class Teacher:
 
         UNets trained to predict v (SD 2.x 768-v) or x0 are converted to their epsilon prediction first,
         so the loss is the same quantity whatever the checkpoint's ``prediction_type``."""
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        # Pooled conditioning (tiny teacher option): the text encoder's last position has attended to the whole
-        # caption, in order; it is added to the timestep embedding, so every ResNet block sees it.
-        pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
-        pred = self.unet(noisy, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
+        noisy, pred = self._predict(latents, cond, t, noise)
         kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
         if kind != "epsilon":
             abar = self.scheduler.alphas_cumprod.to(pred.device)[t.to(pred.device)].view(-1, 1, 1, 1)
@@ -133,9 +138,7 @@ class Teacher:
             return self.epsilon_error(latents, cond, t, noise)
         if kind != "v_prediction":
             raise TeacherLoadError(f"pretraining with prediction_type {kind!r} is not supported")
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
-        pred = self.unet(noisy, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
+        _, pred = self._predict(latents, cond, t, noise)
         target = self.scheduler.get_velocity(latents, noise, t).float()
         return (pred - target).pow(2).flatten(1).mean(1)
 
