@@ -198,7 +198,8 @@ def summarize(runs: list[dict[str, Any]], pretrained: dict[str, Any], diagnostic
     return {"arms": arms, "paired_vs_control": paired, "pretrained": pre, "runs": runs,
             "teacher_diagnostic": {k: diagnostic.get(k) for k in (
                 "text_score", "image_score", "group_score", "swap_effect", "swap_effect_sem", "caption_effect",
-                "swap_to_caption_ratio", "threshold_text_score", "passed", "n", "by_tag")},
+                "swap_to_caption_ratio", "threshold_text_score", "each_tag", "failed_tags", "passed", "n", "by_tag",
+                "by_t")},
             "settings": {"profile": params.profile, "seeds": params.science.seeds,
                          "lambdas": params.science.lambdas, "train_steps": params.train.steps,
                          "train_batch_size": params.train.batch_size, "train_batching": params.train.batching,
@@ -248,7 +249,11 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"Teacher diagnostic ({diag.get('n')} items): text score {diag.get('text_score'):.3f}, "
               f"caption-swap effect {diag.get('swap_effect'):.2e} (± {diag.get('swap_effect_sem'):.1e} s.e.m.; "
               f"{'n/a' if ratio is None else f'{ratio:.1%}'} of the caption effect {diag.get('caption_effect'):.2e}), "
-              f"{'PASS' if diag.get('passed') else 'FAIL'} at text score ≥ {diag.get('threshold_text_score')}.", ""]
+              f"{'PASS' if diag.get('passed') else 'FAIL'} at text score ≥ {diag.get('threshold_text_score')}"
+              f"{' overall and on each tag' if diag.get('each_tag') else ''}."
+              + "".join(f" {tag}: text score {row['text_score']:.3f}, swap effect {row['swap_effect']:.2e}."
+                        for tag, row in (diag.get("by_tag") or {}).items())
+              + (f" Below the threshold: {', '.join(diag['failed_tags'])}." if diag.get("failed_tags") else ""), ""]
     return "\n".join(lines)
 
 
