@@ -128,3 +128,34 @@ def test_bidirectional_t5_text_encoder_survives_save_and_load(tmp_path):
     with torch.no_grad():  # the causal CLIP encoder: the prefix "[BOS] a red circle" cannot see what follows
         causal = clip.encode_text(caps)
     assert torch.allclose(causal[0, :4], causal[1, :4], atol=1e-6)
+
+
+def test_coordinate_channels_reach_the_unet_but_not_sigma(tmp_path):
+    """CoordConv teacher: the UNet's input carries two fixed x/y maps, so the denoised latent (what sigma
+    produces) keeps the image's shape; the maps change the prediction and survive save/load."""
+    from sdsclip.models.teacher import coordinate_channels, latent_shape_of
+
+    torch.manual_seed(0)
+    teacher = build_tiny_teacher(_tiny(coord_channels=True), vocabulary()).freeze()
+    assert teacher.unet.config.in_channels == teacher.unet.config.out_channels + 2 == 14
+    assert teacher.latent_shape == (12, 16, 16)
+    z = teacher.encode_images(torch.rand(2, 3, 32, 32) * 2 - 1)
+    grid = coordinate_channels(z)
+    assert grid.shape == (2, 2, 16, 16)
+    assert float(grid[0, 0, 0, 0]) == -1.0 and float(grid[0, 0, 0, -1]) == 1.0  # x grows to the right
+    assert float(grid[0, 1, 0, 0]) == -1.0 and float(grid[0, 1, -1, 0]) == 1.0  # y grows downwards
+    cond = teacher.encode_text(["a red circle to the left of a blue square"] * 2)
+    t, noise = torch.tensor([300, 700]), torch.randn_like(z)
+    with torch.no_grad():
+        err = teacher.epsilon_error(z, cond, t, noise)
+        teacher.coord_channels = 0  # same weights, no maps: the first conv sees 12 channels and fails
+        with pytest.raises(RuntimeError):
+            teacher.epsilon_error(z, cond, t, noise)
+        teacher.coord_channels = 2
+    out = save_teacher(teacher, tmp_path / "t")
+    assert latent_shape_of(out) == (12, 16, 16)
+    loaded = load_teacher(out)
+    assert loaded.coord_channels == 2
+    with torch.no_grad():
+        assert torch.allclose(err, loaded.epsilon_error(z, loaded.encode_text(["a red circle to the left of a blue "
+                                                                              "square"] * 2), t, noise))

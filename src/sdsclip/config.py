@@ -116,6 +116,9 @@ class TinyUNetConfig(_Section):
         "clip", description="clip: CLIPTextModel, causal (as Stable Diffusion): a word's state never sees the words "
         "after it; t5: T5EncoderModel, bidirectional with relative positions (as Imagen / DeepFloyd IF), so each "
         "object phrase also reads the relation that follows it. position_embedding_std is clip only")
+    coord_channels: bool = Field(
+        False, description="append two fixed channels (x, y in [-1, 1]) to the UNet input (CoordConv): a tiny "
+        "8x8 conv UNet knows little of where it is, and 'the red circle is LEFT of the blue square' is about where")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="what the UNet learns to predict (its pretraining loss): epsilon (SD 1.x) or v "
         "(SD 2.x). The eps loss weights the high-noise steps, where only the caption can say where each object "

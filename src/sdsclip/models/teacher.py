@@ -45,6 +45,7 @@ class Teacher:
     image_size: int
     vae: Any = None
     unshuffle_factor: int = 2  # pixel_unshuffle latent: image side / latent side
+    coord_channels: int = 0  # fixed x/y channels appended to the UNet input (tiny teacher option, CoordConv)
 
     @property
     def device(self) -> torch.device:
@@ -52,10 +53,11 @@ class Teacher:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """Shape (C, H, W) of the UNet input: what sigma must produce from a CLIP embedding."""
+        """Shape (C, H, W) of the latent the UNet denoises: what sigma must produce from a CLIP embedding
+        (the UNet's output channels: its input may also carry fixed coordinate channels)."""
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
+        return (cfg.out_channels, size, size)
 
     def to(self, device: torch.device | str) -> "Teacher":
         for m in (self.unet, self.text_encoder, self.vae):
@@ -106,7 +108,10 @@ class Teacher:
         # Pooled conditioning (tiny teacher option): the text encoder's last position has attended to the whole
         # caption, in order; it is added to the timestep embedding, so every ResNet block sees it.
         pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
-        return noisy, self.unet(noisy, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
+        unet_in = noisy
+        if self.coord_channels:
+            unet_in = torch.cat([noisy, coordinate_channels(noisy)], dim=1)
+        return noisy, self.unet(unet_in, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
 
     def epsilon_error(
         self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -211,6 +216,15 @@ def build_word_tokenizer(vocabulary: list[str], max_tokens: int) -> PreTrainedTo
     )
 
 
+def coordinate_channels(latents: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) fixed maps x, y in [-1, 1] (CoordConv, Liu et al. 2018), same dtype/device as ``latents``."""
+    b, _, h, w = latents.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=latents.device, dtype=latents.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=latents.device, dtype=latents.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
+    return grid.unsqueeze(0).expand(b, -1, -1, -1)
+
+
 def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
     tiny: TinyUNetConfig = cfg.tiny
     factor = tiny.unshuffle_factor
@@ -267,7 +281,7 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
     groups = min(8, *tiny.block_out_channels)
     unet = UNet2DConditionModel(
         sample_size=cfg.image_size // factor,
-        in_channels=3 * factor * factor,
+        in_channels=3 * factor * factor + (2 if tiny.coord_channels else 0),
         out_channels=3 * factor * factor,
         block_out_channels=tuple(tiny.block_out_channels),
         down_block_types=tuple(down),
@@ -282,7 +296,7 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
     scheduler = DDPMScheduler(num_train_timesteps=tiny.train_timesteps, beta_schedule="squaredcos_cap_v2",
                               prediction_type=tiny.prediction_type)
     return Teacher(unet, text_encoder, tokenizer, scheduler, latent="pixel_unshuffle", image_size=cfg.image_size,
-                   unshuffle_factor=factor)
+                   unshuffle_factor=factor, coord_channels=2 if tiny.coord_channels else 0)
 
 
 def save_teacher(teacher: Teacher, out_dir: Path, meta: dict[str, Any] | None = None) -> Path:
@@ -294,6 +308,8 @@ def save_teacher(teacher: Teacher, out_dir: Path, meta: dict[str, Any] | None = 
     info = {"latent": teacher.latent, "image_size": teacher.image_size, **(meta or {})}
     if teacher.latent == "pixel_unshuffle":
         info["unshuffle_factor"] = teacher.unshuffle_factor
+    if teacher.coord_channels:
+        info["coord_channels"] = teacher.coord_channels
     (out_dir / TEACHER_META).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -331,12 +347,12 @@ def check_teacher_dir(path: str | Path, latent: str | None = None) -> tuple[Path
 
 
 def latent_shape_of(path: str | Path) -> tuple[int, int, int]:
-    """(C, H, W) of a teacher dir's UNet input, read from unet/config.json (no weights loaded):
+    """(C, H, W) of the latent a teacher dir's UNet denoises, read from unet/config.json (no weights loaded):
     (4, 64, 64) for Stable Diffusion 1.x at 512 px."""
     cfg = _read_config(Path(path) / "unet" / "config.json")
     size = cfg.get("sample_size")
     size = size if isinstance(size, int) else size[0]
-    return (int(cfg["in_channels"]), int(size), int(size))
+    return (int(cfg.get("out_channels", cfg["in_channels"])), int(size), int(size))
 
 
 def load_teacher(path: str | Path, latent: str | None = None, image_size: int | None = None,
@@ -367,7 +383,8 @@ def load_teacher(path: str | Path, latent: str | None = None, image_size: int | 
             factor = 2 ** (len(_read_config(path / "vae" / "config.json")["block_out_channels"]) - 1)
         image_size = latent_shape_of(path)[1] * factor
     return Teacher(unet, text_encoder, tokenizer, scheduler, latent=latent, image_size=int(image_size), vae=vae,
-                   unshuffle_factor=int(meta.get("unshuffle_factor", 2)))
+                   unshuffle_factor=int(meta.get("unshuffle_factor", 2)),
+                   coord_channels=int(meta.get("coord_channels", 0)))
 
 
 def teacher_pixels(images: torch.Tensor) -> torch.Tensor:
