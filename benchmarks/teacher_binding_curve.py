@@ -48,14 +48,15 @@ def main() -> None:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from sdsclip.config import params_from_dict
+    from sdsclip.config import apply_profile, params_from_dict
     from sdsclip.diagnose import teacher_binding
     from sdsclip.models.teacher import build_tiny_teacher, caption_vocabulary, save_teacher
     from sdsclip.train import _accepted_captions, _loader, _optimizer, teacher_pretrain_loss, teacher_transform
 
     raw = yaml.safe_load(args.params.read_text()) or {}
-    if args.profile:
-        raw["profile"] = args.profile
+    if args.profile:  # merged here, so --set and --steps win over the profile's own keys
+        raw, _ = apply_profile({**raw, "profile": args.profile})
+        raw.pop("profile", None)
     for item in args.set:
         _set(raw, item)
     _set(raw, f"teacher.pretrain.steps={args.steps}")
@@ -65,7 +66,7 @@ def main() -> None:
     shards, accepted = args.shards / split, args.validated / split / "accepted.csv"
     set_seed(params.seed)
     teacher = build_tiny_teacher(cfg, caption_vocabulary(_accepted_captions(accepted)))
-    modules = torch.nn.ModuleDict({"unet": teacher.unet, "text_encoder": teacher.text_encoder})
+    modules = teacher.trainable_modules()
     optimizer = _optimizer(list(modules.parameters()), opt)
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.steps)
     batches = _loader(params, shards, accepted, teacher_transform(cfg.image_size), opt.batch_size, params.seed,

@@ -159,3 +159,32 @@ def test_coordinate_channels_reach_the_unet_but_not_sigma(tmp_path):
     with torch.no_grad():
         assert torch.allclose(err, loaded.epsilon_error(z, loaded.encode_text(["a red circle to the left of a blue "
                                                                               "square"] * 2), t, noise))
+
+
+def test_caption_map_gives_each_position_its_own_caption_weights(tmp_path):
+    """caption_map_channels: the caption's pooled state becomes k maps beside x_t; it is trained with the teacher
+    (trainable_modules), frozen with it, and survives save/load; a broken caption_map dir is a one-line error."""
+    torch.manual_seed(0)
+    teacher = build_tiny_teacher(_tiny(caption_map_channels=3, pooled_conditioning=True,
+                                       resnet_time_scale_shift="scale_shift"), vocabulary())
+    assert teacher.unet.config.in_channels == 12 + 3 and teacher.latent_shape == (12, 16, 16)
+    assert teacher.unet.config.resnet_time_scale_shift == "scale_shift"
+    assert set(teacher.trainable_modules()) == {"unet", "text_encoder", "caption_map"}
+    caps = ["a red circle to the left of a blue square", "a blue square to the left of a red circle"]
+    maps = teacher.caption_map(teacher.encode_text(caps)[:, -1])
+    assert maps.shape == (2, 3, 16, 16) and not torch.allclose(maps[0], maps[1])
+    z = teacher.encode_images(torch.rand(2, 3, 32, 32) * 2 - 1)
+    t, noise = torch.tensor([200, 800]), torch.randn_like(z)
+    teacher.epsilon_error(z, teacher.encode_text(caps), t, noise).sum().backward()
+    assert teacher.caption_map.net[0].weight.grad.abs().sum() > 0  # the denoising loss trains it
+    teacher.freeze()
+    assert not any(p.requires_grad for p in teacher.caption_map.parameters())
+    with torch.no_grad():
+        err = teacher.epsilon_error(z, teacher.encode_text(caps), t, noise)
+    out = save_teacher(teacher, tmp_path / "t")
+    loaded = load_teacher(out)
+    with torch.no_grad():
+        assert torch.allclose(err, loaded.epsilon_error(z, loaded.encode_text(caps), t, noise))
+    (out / "caption_map" / "model.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match=r"caption_map: unusable caption map .*re-run the teacher's pretraining"):
+        load_teacher(out)

@@ -116,9 +116,17 @@ class TinyUNetConfig(_Section):
         "clip", description="clip: CLIPTextModel, causal (as Stable Diffusion): a word's state never sees the words "
         "after it; t5: T5EncoderModel, bidirectional with relative positions (as Imagen / DeepFloyd IF), so each "
         "object phrase also reads the relation that follows it. position_embedding_std is clip only")
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = Field(
+        "default", description="how the timestep (+ pooled caption) embedding enters each ResNet block (diffusers' "
+        "knob): default adds it (a shift, the same at every position, as SD); scale_shift also multiplies the "
+        "normalised features by it (FiLM, as Imagen / ADM), so the caption can scale position-dependent features")
     coord_channels: bool = Field(
         False, description="append two fixed channels (x, y in [-1, 1]) to the UNet input (CoordConv): a tiny "
         "8x8 conv UNet knows little of where it is, and 'the red circle is LEFT of the blue square' is about where")
+    caption_map_channels: int = Field(
+        0, ge=0, description="k > 0: a small MLP maps the caption's pooled text state to k maps at the latent's "
+        "resolution, fed to the UNet beside x_t: position-specific conditioning, which a conv UNet (weights "
+        "shared across positions) lacks and DiT-style models get from absolute position embeddings; 0 = off (SD)")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="what the UNet learns to predict (its pretraining loss): epsilon (SD 1.x) or v "
         "(SD 2.x). The eps loss weights the high-noise steps, where only the caption can say where each object "

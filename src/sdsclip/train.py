@@ -302,7 +302,7 @@ def pretrain_teacher(
     accelerator = make_accelerator(params)
     teacher = build_tiny_teacher(cfg, caption_vocabulary(_accepted_captions(accepted)))
     opt = cfg.pretrain
-    modules = torch.nn.ModuleDict({"unet": teacher.unet, "text_encoder": teacher.text_encoder})
+    modules = teacher.trainable_modules()
     optimizer = _optimizer(list(modules.parameters()), opt)
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.steps)
     modules, optimizer, lr_sched = accelerator.prepare(modules, optimizer, lr_sched)

@@ -25,6 +25,7 @@ from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrain
 from sdsclip.config import TeacherConfig, TinyUNetConfig
 
 TEACHER_META = "teacher.json"
+CAPTION_MAP_DIR = "caption_map"  # tiny-teacher option: caption -> spatial input channels (CaptionMap)
 SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 #: text encoder classes a teacher dir may hold, by the ``architectures`` entry of text_encoder/config.json
@@ -33,6 +34,46 @@ TEXT_ENCODERS = {"CLIPTextModel": CLIPTextModel, "T5EncoderModel": T5EncoderMode
 
 class TeacherLoadError(ValueError):
     """A teacher directory that cannot be used; the message is one line for the user."""
+
+
+class CaptionMap(torch.nn.Module):
+    """Caption -> ``channels`` maps at the latent's resolution, fed to the UNet beside x_t (tiny teacher option).
+
+    A conv UNet shares its weights across positions, so "the red circle is LEFT of the blue square" has to reach
+    each position through padding effects; this head gives every position its own weights on the caption's
+    pooled state (the job absolute position embeddings do in DiT-style models)."""
+
+    def __init__(self, text_width: int, channels: int, size: int):
+        super().__init__()
+        self.config = {"text_width": int(text_width), "channels": int(channels), "size": int(size)}
+        self.net = torch.nn.Sequential(torch.nn.Linear(text_width, 4 * text_width), torch.nn.SiLU(),
+                                       torch.nn.Linear(4 * text_width, channels * size * size))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        c, n = self.config["channels"], self.config["size"]
+        return self.net(pooled).view(-1, c, n, n)
+
+    def save(self, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out_dir / "model.safetensors"))
+
+    @classmethod
+    def load(cls, path: Path) -> "CaptionMap":
+        from safetensors.torch import load_file
+
+        cfg = _read_config(path / "config.json")
+        try:
+            head = cls(cfg["text_width"], cfg["channels"], cfg["size"])
+            head.load_state_dict(load_file(str(path / "model.safetensors")))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type; any is a bad file
+            if isinstance(err, TeacherLoadError):
+                raise
+            raise TeacherLoadError(f"{path}: unusable caption map ({' '.join(str(err).split())[:200]}); "
+                                   "re-run the teacher's pretraining") from None
+        return head
 
 
 @dataclass
@@ -46,6 +87,7 @@ class Teacher:
     vae: Any = None
     unshuffle_factor: int = 2  # pixel_unshuffle latent: image side / latent side
     coord_channels: int = 0  # fixed x/y channels appended to the UNet input (tiny teacher option, CoordConv)
+    caption_map: CaptionMap | None = None  # caption -> spatial channels appended to the UNet input (tiny option)
 
     @property
     def device(self) -> torch.device:
@@ -59,15 +101,22 @@ class Teacher:
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.out_channels, size, size)
 
+    def trainable_modules(self) -> torch.nn.ModuleDict:
+        """What the teacher's pretraining optimises (the VAE of a real SD teacher is never trained here)."""
+        mods = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.caption_map is not None:
+            mods["caption_map"] = self.caption_map
+        return torch.nn.ModuleDict(mods)
+
     def to(self, device: torch.device | str) -> "Teacher":
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, self.text_encoder, self.vae, self.caption_map):
             if m is not None:
                 m.to(device)
         return self
 
     def freeze(self) -> "Teacher":
         """Frozen teacher: eval mode and no parameter gradients (gradients may still flow *through* it)."""
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, self.text_encoder, self.vae, self.caption_map):
             if m is not None:
                 m.eval()
                 m.requires_grad_(False)
@@ -108,9 +157,12 @@ class Teacher:
         # Pooled conditioning (tiny teacher option): the text encoder's last position has attended to the whole
         # caption, in order; it is added to the timestep embedding, so every ResNet block sees it.
         pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
-        unet_in = noisy
+        extra = []
         if self.coord_channels:
-            unet_in = torch.cat([noisy, coordinate_channels(noisy)], dim=1)
+            extra.append(coordinate_channels(noisy))
+        if self.caption_map is not None:
+            extra.append(self.caption_map(cond[:, -1]).to(noisy.dtype))
+        unet_in = torch.cat([noisy, *extra], dim=1) if extra else noisy
         return noisy, self.unet(unet_in, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
 
     def epsilon_error(
@@ -281,7 +333,7 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
     groups = min(8, *tiny.block_out_channels)
     unet = UNet2DConditionModel(
         sample_size=cfg.image_size // factor,
-        in_channels=3 * factor * factor + (2 if tiny.coord_channels else 0),
+        in_channels=3 * factor * factor + (2 if tiny.coord_channels else 0) + tiny.caption_map_channels,
         out_channels=3 * factor * factor,
         block_out_channels=tuple(tiny.block_out_channels),
         down_block_types=tuple(down),
@@ -292,11 +344,14 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
         class_embed_type="projection" if tiny.pooled_conditioning else None,
         projection_class_embeddings_input_dim=tiny.text_width if tiny.pooled_conditioning else None,
         norm_num_groups=groups,
+        resnet_time_scale_shift=tiny.resnet_time_scale_shift,
     )
     scheduler = DDPMScheduler(num_train_timesteps=tiny.train_timesteps, beta_schedule="squaredcos_cap_v2",
                               prediction_type=tiny.prediction_type)
+    caption_map = (CaptionMap(tiny.text_width, tiny.caption_map_channels, cfg.image_size // factor)
+                   if tiny.caption_map_channels else None)
     return Teacher(unet, text_encoder, tokenizer, scheduler, latent="pixel_unshuffle", image_size=cfg.image_size,
-                   unshuffle_factor=factor, coord_channels=2 if tiny.coord_channels else 0)
+                   unshuffle_factor=factor, coord_channels=2 if tiny.coord_channels else 0, caption_map=caption_map)
 
 
 def save_teacher(teacher: Teacher, out_dir: Path, meta: dict[str, Any] | None = None) -> Path:
@@ -310,6 +365,9 @@ def save_teacher(teacher: Teacher, out_dir: Path, meta: dict[str, Any] | None = 
         info["unshuffle_factor"] = teacher.unshuffle_factor
     if teacher.coord_channels:
         info["coord_channels"] = teacher.coord_channels
+    if teacher.caption_map is not None:
+        teacher.caption_map.save(out_dir / CAPTION_MAP_DIR)
+        info["caption_map_channels"] = teacher.caption_map.config["channels"]
     (out_dir / TEACHER_META).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -384,7 +442,8 @@ def load_teacher(path: str | Path, latent: str | None = None, image_size: int | 
         image_size = latent_shape_of(path)[1] * factor
     return Teacher(unet, text_encoder, tokenizer, scheduler, latent=latent, image_size=int(image_size), vae=vae,
                    unshuffle_factor=int(meta.get("unshuffle_factor", 2)),
-                   coord_channels=int(meta.get("coord_channels", 0)))
+                   coord_channels=int(meta.get("coord_channels", 0)),
+                   caption_map=CaptionMap.load(path / CAPTION_MAP_DIR) if meta.get("caption_map_channels") else None)
 
 
 def teacher_pixels(images: torch.Tensor) -> torch.Tensor:
