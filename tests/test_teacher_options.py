@@ -188,3 +188,38 @@ def test_caption_map_gives_each_position_its_own_caption_weights(tmp_path):
     (out / "caption_map" / "model.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(ValueError, match=r"caption_map: unusable caption map .*re-run the teacher's pretraining"):
         load_teacher(out)
+
+
+def test_high_noise_share_and_hard_negative_selection():
+    """pretrain_high_t_share draws that share of t from the high-noise range; hard_negative_swap=object uses only
+    relational captions' object swaps, and hard_negative_t_min leaves the low-noise rows out of the ranking."""
+    from sdsclip.train import teacher_pretrain_loss
+
+    torch.manual_seed(0)
+    base = _tiny().model_dump()
+    teacher = build_tiny_teacher(_tiny(), vocabulary())
+    seen: list[torch.Tensor] = []
+    denoise = teacher.denoising_loss
+    teacher.denoising_loss = lambda z, c, t, n: seen.append(t) or denoise(z, c, t, n)
+    images, captions = torch.rand(64, 3, 32, 32), ["a red circle"] * 64
+    for share in (0.0, 0.5):
+        cfg = TeacherConfig(**{**base, "pretrain_high_t_share": share, "pretrain_high_t_min": 900})
+        with torch.no_grad():
+            teacher_pretrain_loss(teacher, cfg, images, captions, (0, 1000), torch.Generator().manual_seed(1))
+    uniform, mixed = (float((t >= 900).float().mean()) for t in seen)
+    assert uniform < 0.25 and 0.4 < mixed < 0.75  # expected 0.1 and 0.55
+    with pytest.raises(ConfigError, match=r"pretrain_high_t_min \(1000\) must be in"):
+        params_from_dict({"teacher": {"pretrain_high_t_share": 0.5, "pretrain_high_t_min": 1000}})
+
+    captions = ["a red circle to the left of a blue square", "a green square above a yellow triangle",
+                "a red circle and a blue square", "a red circle"]
+    hard = {**base, "hard_negative_weight": 1.0, "caption_dropout": 0.0}
+    rows = {}
+    for swap, t_min in (("both", 0), ("object", 0), ("object", 1000)):
+        cfg = TeacherConfig(**{**hard, "hard_negative_swap": swap, "hard_negative_t_min": t_min})
+        with torch.no_grad():
+            _, parts = teacher_pretrain_loss(teacher, cfg, images[:4], captions, (0, 1000),
+                                             torch.Generator().manual_seed(0))
+        rows[(swap, t_min)] = parts["hard_negative_rows"]
+    # both: the conjunction has a colour swap too; object: relational captions only; t_min 1000: no row qualifies
+    assert rows == {("both", 0): 3.0, ("object", 0): 2.0, ("object", 1000): 0.0}

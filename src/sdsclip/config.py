@@ -147,6 +147,11 @@ class TeacherConfig(_Section):
     pretrain_t_min: int = Field(0, ge=0, description="smallest timestep sampled while pretraining the tiny teacher")
     pretrain_t_max: int | None = Field(
         None, ge=1, description="largest timestep (exclusive) sampled while pretraining; null = train_timesteps")
+    pretrain_high_t_share: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of each pretraining batch whose timestep is drawn from "
+        "[pretrain_high_t_min, pretrain_t_max) instead: the high-noise steps, where x_t no longer shows the layout "
+        "and only the caption can say where each object is; 0 = uniform, as Stable Diffusion is trained")
+    pretrain_high_t_min: int = Field(700, ge=0, description="lower end of the high-noise range (see pretrain_high_t_share)")
     binding_min_text_score: float = Field(
         0.5, ge=0.0, le=1.0, description="`sdsclip diagnose teacher` passes at this Winoground text score (chance 0.25)")
     binding_each_tag: bool = Field(
@@ -158,12 +163,21 @@ class TeacherConfig(_Section):
         "caption, same (t, eps); 0 = plain denoising, as Stable Diffusion is trained")
     hard_negative_margin: float = Field(
         0.1, ge=0.0, description="the ranking loss stops once error(negative) >= (1 + margin) x error(caption)")
+    hard_negative_swap: Literal["both", "object", "colour"] = Field(
+        "both", description="which hard negatives the ranking loss uses: object swaps (relational captions only), "
+        "colour swaps, or both (half each)")
+    hard_negative_t_min: int = Field(
+        0, ge=0, description="the ranking loss only on rows with t >= this: below it x_t shows where the objects are, "
+        "so both captions denoise alike and the margin cannot be met")
 
     @model_validator(mode="after")
     def _pretrain_t_range(self) -> "TeacherConfig":
         top = min(self.pretrain_t_max or self.tiny.train_timesteps, self.tiny.train_timesteps)
         if self.pretrain_t_min >= top:
             raise ValueError(f"pretrain_t_min ({self.pretrain_t_min}) must be < pretrain_t_max / train_timesteps ({top})")
+        if self.pretrain_high_t_share and not self.pretrain_t_min <= self.pretrain_high_t_min < top:
+            raise ValueError(f"pretrain_high_t_min ({self.pretrain_high_t_min}) must be in [pretrain_t_min "
+                             f"({self.pretrain_t_min}), pretrain_t_max / train_timesteps ({top}))")
         return self
 
 

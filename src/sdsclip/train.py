@@ -264,15 +264,25 @@ def teacher_pretrain_loss(teacher: Teacher, cfg: TeacherConfig, images: torch.Te
     drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     latents = teacher.encode_images(teacher_pixels(images))
-    t = torch.randint(t_range[0], t_range[1], (latents.shape[0],), generator=gen).to(latents.device)
+    t = torch.randint(t_range[0], t_range[1], (latents.shape[0],), generator=gen)
+    if cfg.pretrain_high_t_share > 0:  # extra draws only then: the uniform default keeps its random stream
+        high = torch.rand(len(t), generator=gen) < cfg.pretrain_high_t_share
+        t = torch.where(high, torch.randint(cfg.pretrain_high_t_min, t_range[1], t.shape, generator=gen), t)
+    t = t.to(latents.device)
     noise = torch.randn(latents.shape, generator=gen).to(latents.device)
     errors = teacher.denoising_loss(latents, teacher.encode_text(captions), t, noise)
     loss = errors.mean()
     parts = {"loss_denoise": loss.item()}
     if cfg.hard_negative_weight > 0:
         kinds = (torch.rand(len(captions), generator=gen) < 0.5).tolist()  # object swap or colour swap
-        negatives = [hard_negative_caption(c, k) or hard_negative_caption(c, not k) for c, k in zip(captions, kinds)]
-        idx = [i for i, n in enumerate(negatives) if n]
+        if cfg.hard_negative_swap == "both":
+            negatives = [hard_negative_caption(c, k) or hard_negative_caption(c, not k)
+                         for c, k in zip(captions, kinds)]
+        else:
+            negatives = [hard_negative_caption(c, cfg.hard_negative_swap == "object") for c in captions]
+        eligible = (t >= cfg.hard_negative_t_min).tolist()
+        idx = [i for i, n in enumerate(negatives) if n and eligible[i]]
+        parts["hard_negative_rows"] = float(len(idx))
         if idx:
             pos = errors[idx]
             neg = teacher.denoising_loss(latents[idx], teacher.encode_text([negatives[i] for i in idx]), t[idx],
