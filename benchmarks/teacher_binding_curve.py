@@ -97,7 +97,8 @@ def main() -> None:
                      **{k: d[k] for k in ("text_score", "swap_effect", "swap_effect_sem", "caption_effect",
                                           "swap_to_caption_ratio", "swap_positive_fraction")},
                      "by_tag": {k: {m: v[m] for m in ("swap_effect", "text_score")} for k, v in d["by_tag"].items()},
-                     "by_t": {r["t"]: r["text_score"] for r in d["by_t"]}})
+                     "by_t": {r["t"]: {"text_score": r["text_score"],
+                                       **{tag: v["text_score"] for tag, v in r["by_tag"].items()}} for r in d["by_t"]}})
         print(json.dumps(rows[-1]), flush=True)
         args.out.write_text(json.dumps({"params": args.params.name, "profile": args.profile, "set": args.set,
                                         "rows": rows}, indent=1) + "\n")

@@ -58,6 +58,8 @@ def test_teacher_binding_reports_effects_scores_and_verdict(setup):
     per_draw = [row["swap_effect"] for row in result["by_t"]]
     assert result["swap_effect"] == pytest.approx(sum(per_draw) / len(per_draw), rel=1e-6, abs=1e-12)
     assert all(0.0 <= row["text_score"] <= 1.0 for row in result["by_t"])
+    assert all(set(row["by_tag"]) == set(result["by_tag"]) for row in result["by_t"])
+    assert all(0.0 <= v["text_score"] <= 1.0 for row in result["by_t"] for v in row["by_tag"].values())
 
 
 def test_cli_diagnose_teacher_writes_json_and_strict_exit_code(setup):

@@ -69,9 +69,9 @@ def teacher_binding(params: Params, teacher_ref: Path, winoground_dir: Path, max
     effects = swap_effects(scores)
     metrics = winoground_metrics(examples, scores)
     threshold = params.teacher.binding_min_text_score if threshold is None else threshold
-    by_tag = {}
+    by_tag, tag_rows = {}, {}
     for tag in sorted({e.tag for e in examples}):
-        idx = torch.tensor([i for i, e in enumerate(examples) if e.tag == tag])
+        idx = tag_rows[tag] = torch.tensor([i for i, e in enumerate(examples) if e.tag == tag])
         by_tag[tag] = {"n": len(idx), "swap_effect": float(effects[idx].mean()),
                        "swap_positive_fraction": float((effects[idx] > 0).double().mean()),
                        **{k: v for k, v in _scores(scores[idx]).items()}}
@@ -89,7 +89,9 @@ def teacher_binding(params: Params, teacher_ref: Path, winoground_dir: Path, max
         "group_score": metrics["group_score"], "chance_text_score": CHANCE_TEXT_SCORE,
         "by_tag": by_tag, "threshold_text_score": threshold,
         "by_t": [{"t": int(t), "swap_effect": float(swap_effects(sc).mean()),
-                  "swap_positive_fraction": float((swap_effects(sc) > 0).double().mean()), **_scores(sc)}
+                  "swap_positive_fraction": float((swap_effects(sc) > 0).double().mean()), **_scores(sc),
+                  "by_tag": {tag: {"swap_positive_fraction": float((swap_effects(sc[idx]) > 0).double().mean()),
+                                   "text_score": _scores(sc[idx])["text_score"]} for tag, idx in tag_rows.items()}}
                  for t, sc in zip(scorer.t, per_draw)],
         "each_tag": bool(params.teacher.binding_each_tag),
         "failed_tags": failed_tags,
