@@ -22,6 +22,9 @@ def test_science_profile_sets_an_experiment_and_paper_stays_train_only(tmp_path)
     p = params_from_dict(raw, "params.yaml")
     assert p.student.pretrain.batching == "bag_distinct" and p.train.batching == "bag_distinct"
     assert p.teacher.tiny.unshuffle_factor == 4 and p.teacher.tiny.pooled_conditioning
+    # the teacher that passed the binding diagnostic (README): caption map, high-noise share, object-swap ranking
+    assert p.teacher.tiny.caption_map_channels > 0 and p.teacher.pretrain_high_t_share > 0
+    assert p.teacher.hard_negative_weight > 0 and p.teacher.hard_negative_swap == "object"
     assert p.student.pretrain.lr == _shipped()["student"]["pretrain"]["lr"]  # nested keys merge one by one
     assert len(p.science.seeds) >= 3 and p.science.lambdas
     assert params_from_dict(p.model_dump(mode="json")) == p  # resolved params re-validate to themselves
