@@ -68,3 +68,24 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match=r"p\.yaml: line \d+: not valid YAML"):
         load_params(bad)
+
+
+def test_shipped_params_equal_the_code_defaults():
+    """One source of defaults: params.yaml spells out config.py's defaults, so tests built on Params() run the
+    shipped configuration (where params.yaml is silent the default applies, and the two never disagree)."""
+    import yaml
+
+    from sdsclip.config import Params, params_to_dict
+
+    shipped_raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    defaults = params_to_dict(Params())
+
+    def differences(raw, default, prefix=""):
+        for key, value in raw.items():
+            if isinstance(value, dict) and isinstance(default.get(key), dict):
+                yield from differences(value, default[key], f"{prefix}{key}.")
+            elif default.get(key) != value:
+                yield f"{prefix}{key}: params.yaml {value!r} != config.py {default.get(key)!r}"
+
+    assert not list(differences(shipped_raw, defaults))
+    assert load_params(Path(__file__).resolve().parents[1] / "params.yaml") == Params()

@@ -12,6 +12,7 @@ complete, never a torn file.
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import json
 import os
 import random
@@ -29,7 +30,7 @@ FORMAT = "sdsclip-train-checkpoint/1"
 PATTERN = re.compile(r"^step-(\d{8})\.safetensors$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message is one line for the user."""
 
 

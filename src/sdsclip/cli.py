@@ -37,26 +37,10 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params fil
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from sdsclip.config import ConfigError
-    from sdsclip.evaluate.common import EvalDataError
-    from sdsclip.evaluate.winoground import WinogroundDataError
-    from sdsclip.models.student import StudentLoadError
-    from sdsclip.models.teacher import TeacherLoadError
-    from sdsclip.scoring import ModelRefError
-    from sdsclip.checkpoint import CheckpointError
-    from sdsclip.distributed import LaunchError
-    from sdsclip.train import TrainError
+    """What a stage reports as one line: every module's error derives from sdsclip.errors.UserError."""
+    from sdsclip.errors import UserError
 
-    errors: list[type[BaseException]] = [ConfigError, WinogroundDataError, EvalDataError, StudentLoadError, TeacherLoadError,
-                                         ModelRefError, TrainError, CheckpointError, LaunchError, FileNotFoundError]
-    for module, name in (("sdsclip.ingest", "IngestError"), ("sdsclip.validate", "ValidationFailed"),
-                         ("sdsclip.validate", "SuiteError"), ("sdsclip.data", "DataError"),
-                         ("sdsclip.register", "RegistryError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return (UserError, FileNotFoundError)
 
 
 @contextmanager

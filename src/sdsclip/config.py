@@ -6,6 +6,7 @@ Unknown keys and bad values are rejected with one line naming the offending key,
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params file that cannot be used; the message is one line meant for the user."""
 
 
@@ -32,7 +33,8 @@ class WorldConfig(_Section):
     single_object_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of one-object images in COCO splits")
     winoground_items: int = Field(200, ge=1)
     aro_relation_items: int = Field(200, ge=1)
-    aro_attribution_items: int = Field(200, ge=1)
+    aro_attribution_items: int = Field(
+        400, ge=1, description="~33 per ordered colour pair: ARO's VG-Attribution macro keeps pairs with >= 25")
     coco_order_images: int = Field(100, ge=1)
     zeroshot_per_class: int = Field(20, ge=1)
 
@@ -142,7 +144,7 @@ class TeacherConfig(_Section):
     )
     image_size: int = Field(32, ge=8, description="pixels fed to the latent encoder")
     tiny: TinyUNetConfig = TinyUNetConfig()
-    pretrain: OptimConfig = OptimConfig(steps=800, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_steps=50)
+    pretrain: OptimConfig = OptimConfig(steps=600, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_steps=50)
     caption_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="share of empty captions while pretraining")
     pretrain_t_min: int = Field(0, ge=0, description="smallest timestep sampled while pretraining the tiny teacher")
     pretrain_t_max: int | None = Field(
@@ -189,7 +191,7 @@ class TrainConfig(_Section):
     epochs: int | None = Field(None, ge=1, description="passes over the accepted pairs; only when steps is null")
     batch_size: int = Field(32, ge=2, description="GLOBAL batch: split evenly over the processes of a DDP run")
     lr: float = Field(5e-5, gt=0)
-    sigma_lr: float | None = Field(None, gt=0, description="lr for the fresh sigma map; null = lr")
+    sigma_lr: float | None = Field(1e-3, gt=0, description="lr for the fresh sigma map (it starts from scratch); null = lr")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
     t_min: int = Field(20, ge=0, description="smallest timestep sampled for L_SDS")
@@ -221,7 +223,7 @@ class EvalConfig(_Section):
     teacher_t_min: int = Field(100, ge=0)
     teacher_t_max: int = Field(900, ge=1)
     teacher_max_items: int | None = Field(
-        None, ge=1, description="teacher only: first N items per ARO dataset / SugarCrepe subset / zero-shot set")
+        400, ge=1, description="teacher only: N items per ARO dataset / SugarCrepe subset / zero-shot set (CPU cost)")
     on_missing: Literal["error", "skip"] = Field(
         "error", description="a missing/unreadable image: stop naming file and line, or skip it (counted, reported)")
     aro_pos_tagger: str = Field("textblob", pattern=r"^(textblob|spacy:.+)$",
@@ -238,7 +240,7 @@ class ScienceConfig(_Section):
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
                              description="fine-tuning seeds (data order, (t, eps) draws, sigma init) per arm")
-    lambdas: list[float] = Field(default_factory=lambda: [1.0, 10.0], min_length=1,
+    lambdas: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0], min_length=1,
                                  description="lambda_sds values of the SDS arms; the control (0) always runs")
     workdir: str = Field("science", description="world, shards, models, metrics and report of the experiment")
     diagnose_items: int | None = Field(200, ge=1, description="Winoground items of the teacher diagnostic; null = all")

@@ -24,6 +24,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import csv
 import json
 import random
@@ -37,7 +38,7 @@ from typing import Any
 SHARD_GLOB = "shard-*.tar"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Training data that cannot be used; the message is one line naming the file or directory."""
 
 

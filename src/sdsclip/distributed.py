@@ -14,11 +14,12 @@
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import os
 from collections.abc import MutableMapping
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """A multi-process environment that cannot be used; the message is one line for the user."""
 
 

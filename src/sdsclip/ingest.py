@@ -44,6 +44,7 @@ image replaced in place by one of exactly the same size is not detected: delete 
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import csv
 import hashlib
 import io
@@ -109,7 +110,7 @@ _UPRIGHT = (None, 0, 1)  # EXIF orientation values that need no rotation
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")  # JPEG PNG GIF BMP TIFF WEBP
 
 
-class IngestError(Exception):
+class IngestError(UserError):
     """The input cannot be ingested at all; the message is one line naming the file, the problem and the fix."""
 
 

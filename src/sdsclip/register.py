@@ -11,6 +11,7 @@ server, while params.yaml is shared with laptops and CI whose default is a local
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import contextlib
 import json
 import os
@@ -27,7 +28,7 @@ _URI_PASSWORD = re.compile(r"//([^/:@\s]+):[^/@\s]+@")
 _CONNECT_ERROR = re.compile(r"\[Errno -?\d+\] [^\"')]+")  # the socket error inside urllib3's retry message
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """Registration cannot proceed (bad metrics file, unreachable or refusing MLflow); one line for the user."""
 
 

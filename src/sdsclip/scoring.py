@@ -6,6 +6,7 @@ pair, higher = better match, so each benchmark's metric is written once for any 
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -25,7 +26,7 @@ class Scorer(Protocol):
     ) -> torch.Tensor: ...
 
 
-class ModelRefError(ValueError):
+class ModelRefError(UserError, ValueError):
     """--model points at something that is neither a student nor a teacher."""
 
 

@@ -13,6 +13,7 @@ compute (params, data, teacher layout, student weights, checkpoint compatibility
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import hashlib
 import json
 import shutil
@@ -49,7 +50,7 @@ from sdsclip.models.teacher import (
 from sdsclip.sds import LatentProjection, StudentWithSigma, sds_clip_objective, select_trainable
 
 
-class TrainError(ValueError):
+class TrainError(UserError, ValueError):
     """A training request that cannot run; the message is one line for the user."""
 
 

@@ -26,6 +26,7 @@ artifact). :class:`ValidationFailed` is raised after all files are written when 
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import html
 import json
 import logging
@@ -46,11 +47,11 @@ SUITE_PATH = Path(__file__).resolve().parent / "expectations" / "manifest_suite.
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(UserError):
     """The manifest failed validation; the message is one line naming the numbers and the report file."""
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError, ValueError):
     """The expectation-suite file is unusable (bad JSON, unknown placeholder, unknown expectation)."""
 
 

@@ -8,6 +8,7 @@ counted, listed in the metrics JSON under ``skipped`` and announced on stderr (`
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import json
 import sys
 from collections import Counter
@@ -21,7 +22,7 @@ from PIL import Image
 ON_MISSING = ("error", "skip")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """Bad benchmark data; the message names the file and line (or record) and says what to fix."""
 
 

@@ -10,6 +10,7 @@ A saved student is a directory holding ``model.safetensors`` (the full CLIP stat
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ STUDENT_WEIGHTS = "model.safetensors"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-class StudentLoadError(ValueError):
+class StudentLoadError(UserError, ValueError):
     """A student reference that cannot be loaded; the message is one line for the user."""
 
 

@@ -9,6 +9,7 @@ directory layout (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) 
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import json
 import re
 from collections import OrderedDict
@@ -32,7 +33,7 @@ PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 TEXT_ENCODERS = {"CLIPTextModel": CLIPTextModel, "T5EncoderModel": T5EncoderModel}
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(UserError, ValueError):
     """A teacher directory that cannot be used; the message is one line for the user."""
 
 
