@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv pipeline clean
+.PHONY: demo test venv pipeline clean realshape
 
 # torch 2.14.1 / torchvision 0.29.1 and friends resolve from the machine's local wheel indexes
 # (pip.conf extra-index-url); requirements.lock pins the whole set that was tested together.
@@ -24,6 +24,12 @@ demo: venv
 ## the test suite (what CI runs)
 test: venv
 	$(PY) -m pytest -q
+
+## the real path end to end at the real shapes: random-init ViT-B-32-quickgelu (OpenAI .pt) + SD-1.5-shaped dir,
+## 64 COCO-format JPEGs, every stage from ingest to register, a few steps on the CPU (~10 min, peak RSS ~10 GiB;
+## CI runs it after `make test`). Wall time + peak RSS per stage: realshape/summary.json (fixtures cached there).
+realshape: venv
+	sdsclip realshape --workdir realshape
 
 ## after editing params.yaml, components/ or the pipeline: recompile the committed Kubeflow pipeline YAML and
 ## refresh the params ConfigMap source of k8s/ (tests fail while either is stale)

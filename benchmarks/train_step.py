@@ -11,6 +11,12 @@ Reported: median step times, a/b (target <= 1.05: SDS adds nothing beyond its tw
 cache saves), conditioning alone (encode vs cache lookup), and peak memory per variant (CUDA:
 max_memory_allocated; CPU: peak RSS of a child process that runs only that variant).
 
+Text-conditioning cache arm (train.text_cache_size): the SDS step with a 4096-entry cache vs none, side by
+side on a caption STREAM, as training sees it: (t) random batches of the toy world's train captions (the
+embedded demo; a few hundred distinct captions) and (c) COCO-like captions, all distinct (COCO: 590k
+captions, each seen once per epoch, so an LRU of 4096 never hits). Reported: median step time per arm, their
+ratio, the cache's hit rate, and the device memory the full cache would hold.
+
     python benchmarks/train_step.py                       # tiny embedded models, CPU, < 3 min on 2 cores
     python benchmarks/train_step.py --size real --device cuda --bf16 [--grad-checkpointing] [--batch 32]
         # ViT-B-32 + an SD-1.x-shaped UNet (4x64x64 latents, 77x768 conditioning), random weights: no download
@@ -155,6 +161,84 @@ def make_steps(b: Bench, lambda_sds: float = 1.0, t_range: tuple[int, int] = (20
             "text_cache_lookup": lookup_only}
 
 
+def toy_world_caption_pool(seed: int = 0) -> list[str]:
+    """The toy world's train captions (the COCO-style captions sdsclip.synth writes for world.train_images
+    two-object scenes; the pixels are not rendered): what the embedded demo's fine-tuning batches draw from."""
+    from sdsclip.config import Params
+    from sdsclip.synth import _coco_style_captions, _random_two_object_scene, _rng
+
+    world = Params().world
+    rng = _rng(seed, "coco/train")
+    return [c for _ in range(world.train_images)
+            for c in _coco_style_captions(rng, _random_two_object_scene(rng, world), world.captions_per_image)]
+
+
+def caption_stream(kind: str, batch: int, n_batches: int, seed: int = 0) -> list[list[str]]:
+    """``n_batches`` caption batches: ``toy`` = random batches of the toy world's pool; ``coco`` = every
+    caption distinct (a COCO epoch: no caption comes back within 4096 entries)."""
+    if kind == "toy":
+        pool = toy_world_caption_pool(seed)
+        gen = torch.Generator().manual_seed(seed)
+        return [[pool[i] for i in torch.randint(0, len(pool), (batch,), generator=gen).tolist()]
+                for _ in range(n_batches)]
+    words = [w for c in captions(64) for w in c.split()]
+    return [[f"{' '.join(words[(k * 7 + j) % len(words)] for j in range(9))} number {k}"
+             for k in range(i * batch, (i + 1) * batch)] for i in range(n_batches)]
+
+
+def text_cache_arm(b: Bench, steps: int, warmup: int, entries: int = 4096) -> dict[str, dict]:
+    """SDS step time with a warm-from-empty ``entries`` cache vs encoding every step, interleaved step by step
+    on the same caption stream, for the toy world's captions and for all-distinct (COCO-like) captions."""
+    from open_clip.loss import ClipLoss
+
+    from sdsclip.models.teacher import TextConditioningCache
+    from sdsclip.sds import sds_clip_objective
+
+    contrastive = ClipLoss()
+    logit_scale = b.module.clip.logit_scale.detach().exp()
+
+    def step(cond_of, caps):
+        tokens = b.student.tokenizer(caps).to(b.device)
+        cond = cond_of(caps)
+        with b.autocast():
+            image_emb, text_emb, z = b.module(b.images, tokens, True)
+            terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, b.teacher, cond, 1.0, 20, 980, 1,
+                                       b.generator, contrastive)
+        terms.total.backward()
+        b.optimizer.step()
+        b.optimizer.zero_grad(set_to_none=True)
+
+    out = {}
+    for kind, label in (("toy", "toy_world"), ("coco", "coco_like_all_distinct")):
+        stream = caption_stream(kind, len(b.captions), warmup + steps)
+        arms = {"cache_on": TextConditioningCache(b.teacher, entries), "cache_off": TextConditioningCache(b.teacher, 0)}
+        times: dict[str, list[float]] = {k: [] for k in arms}
+        encoded_before_timing = 0
+        for i, caps in enumerate(stream):
+            if i == warmup:
+                encoded_before_timing = arms["cache_on"].encoded
+            for name in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
+                _sync(b.device)
+                t0 = time.perf_counter()
+                step(arms[name], caps)
+                _sync(b.device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+        cache = arms["cache_on"]
+        timed = steps * len(b.captions)
+        with torch.no_grad():
+            row = b.teacher.encode_text(stream[0][:1])[0]
+        median = {k: statistics.median(v) for k, v in times.items()}
+        out[label] = {
+            "median_s": median, "ratio_off_over_on": median["cache_off"] / median["cache_on"],
+            "hit_rate_timed_steps": 1 - (cache.encoded - encoded_before_timing) / timed,
+            "distinct_captions_in_stream": len({c for caps in stream for c in caps}),
+            "cache_entries_at_end": len(cache),
+            "full_cache_mib": entries * row.numel() * row.element_size() / 2**20,
+        }
+    return out
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -252,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (train.mixed_precision: bf16)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="UNet gradient checkpointing")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-cache-arm", action="store_true", help="skip the text-cache stream measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -262,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     b = build(args.size, args.batch, args.device, args.bf16, args.grad_checkpointing)
     t = time_variants(b, args.steps, args.warmup)
+    cache_arm = None if args.no_cache_arm else text_cache_arm(b, args.steps, args.warmup)
     del b
     result = {
         "machine": machine(args.device), "size": args.size, "device": args.device, "batch": args.batch,
@@ -271,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_cached_text_step": t["c_sds_step_per_step_text"] / t["a_sds_step"],
         "speedup_cached_text_conditioning_alone": t["text_encode"] / t["text_cache_lookup"],
     }
+    if cache_arm is not None:
+        result["text_cache_4096"] = cache_arm
     if not args.no_memory:
         result["peak_memory_mib"] = {v: peak_memory(args, v) for v in
                                      ("a_sds_step", "b_contrastive_plus_unet", "c_sds_step_per_step_text")}
@@ -290,6 +378,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  (c) / (a)  per-step vs cached text conditioning   : {result['speedup_cached_text_step']:.3f}x step")
     print(f"  encode / lookup, conditioning alone              : "
           f"{result['speedup_cached_text_conditioning_alone']:.1f}x")
+    for label, arm in (cache_arm or {}).items():
+        m = arm["median_s"]
+        print(f"  text cache 4096 vs off, {label:<23}: step {m['cache_on'] * 1000:8.2f} ms vs {m['cache_off'] * 1000:8.2f}"
+              f" ms (off/on {arm['ratio_off_over_on']:.3f}), hit rate {arm['hit_rate_timed_steps']:.1%}, "
+              f"{arm['distinct_captions_in_stream']} distinct captions, full cache {arm['full_cache_mib']:.1f} MiB")
     if "peak_memory_mib" in result:
         print(f"  peak memory ({result['memory_kind']}):")
         for k, v in result["peak_memory_mib"].items():

@@ -469,6 +469,34 @@ def science(
            "object_swap_group": {a: v["subsets"].get("Wino group: object swap") for a, v in summary["arms"].items()}})
 
 
+@app.command()
+def realshape(
+    workdir: Path = typer.Option(Path("realshape"), help="fixtures (cached), chain outputs and summary.json"),
+    scale: str = typer.Option("real", help="real: ViT-B/32 + SD-1.5 shapes; tiny: the same formats, shrunken"),
+    student_format: str = typer.Option("openai", help="student checkpoint file: openai (TorchScript .pt) | "
+                                       "safetensors (open_clip state dict)"),
+    in_process: bool = typer.Option(False, "--in-process", help="all stages in this process (no per-stage RSS)"),
+    profile: str = typer.Option("realshape", help="profile applied over --params ('-' keeps the file's own)"),
+    params: Path = ParamsOpt,
+):
+    """The real path end to end at real shapes on random-init stand-ins (src/sdsclip/realshape.py): COCO-format
+    JPEGs, an OpenAI-format ViT-B-32-quickgelu, an SD-1.5-shaped dir -> ingest ... register. Writes wall time
+    and peak RSS per stage to WORKDIR/summary.json; the fixtures are written once and reused."""
+    from sdsclip.realshape import RealshapeError, run_realshape
+    from sdsclip.science import load_science_params
+
+    try:
+        with _stage("realshape"):
+            p = load_science_params(params, None if profile == "-" else profile)
+            summary = run_realshape(p, workdir, scale, not in_process, student_format,
+                                    log=lambda line: err_console.print(line, highlight=False))
+    except RealshapeError as err:
+        err_console.print(f"[red]sdsclip realshape: error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    _done({k: summary[k] for k in ("scale", "seconds", "chain_seconds", "peak_rss_mb", "peak_rss_stage", "shapes")}
+          | {"summary": str(workdir / "summary.json")})
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -90,7 +90,9 @@ class StudentConfig(_Section):
     """open_clip model. Embedded default: a tiny config registered with open_clip; real: e.g. ViT-B-32 + a local file."""
 
     arch: str = "sdsclip-tiny-vit"
-    checkpoint: str | None = Field(None, description="local open_clip checkpoint for the real path; null = pretrain")
+    checkpoint: str | None = Field(
+        None, description="real path, a local: open_clip state dict (.pt/.bin/.safetensors), OpenAI TorchScript .pt "
+        "(needs a -quickgelu arch) or Hugging Face CLIPModel dir (config.json + model.safetensors); null = pretrain")
     pretrain: OptimConfig = OptimConfig()
 
 
@@ -199,14 +201,28 @@ class TrainConfig(_Section):
     noise_draws: int = Field(1, ge=1, description="(t, eps) draws per sample per step")
     batching: Literal["random", "bag_distinct"] = Field(
         "random", description="fine-tuning batches: random, or bag_distinct (no word-order hard negatives)")
+    captions: Literal["all", "one_per_image"] = Field(
+        "all", description="what an epoch is: all (every accepted caption is its own pair) or one_per_image (each "
+        "image once, with one of its accepted captions drawn per (seed, epoch)); steps from epochs follow it")
+    loader_workers: int = Field(
+        0, ge=0, description="DataLoader processes decoding JPEGs for the training loaders (fine-tuning and "
+        "pretraining); the same batches for any value; 0 = in the main process")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast of the step (accelerate)")
     gradient_checkpointing: bool = Field(False, description="recompute the frozen UNet's activations in backward")
+    memory_check: Literal["error", "warn", "off"] = Field(
+        "error", description="before the first step, compare the estimated peak memory of a step (sdsclip.memory) "
+        "with the device's free memory: error stops the run with the knobs that help, warn logs it, off skips")
     text_cache_size: int = Field(
-        4096, ge=0, description="LRU entries of teacher text conditioning kept on its device; 0 = encode every step"
+        0, ge=0, description="LRU entries of teacher text conditioning kept on its device; 0 = encode every step "
+        "(default: on COCO captions never repeat within 4096 entries, see benchmarks/train_step.py)"
     )
     checkpoint_every: int = Field(50, ge=0, description="write a resumable checkpoint every N steps; 0 = never")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
     log_mlflow: bool = Field(True, description="also log per-step losses to MLflow (registry.tracking_uri)")
+    trainable: Literal["image_layernorms", "image_norms", "image_tower"] = Field(
+        "image_layernorms", description="CLIP parameters that train: image_layernorms (the paper), image_norms (every "
+        "normalization layer's affine params of the image tower, incl. BatchNorm/GroupNorm: for ResNets such as "
+        "RN50, which have no LayerNorms there) or image_tower (all image-tower params)")
 
     @model_validator(mode="after")
     def _t_range(self) -> "TrainConfig":
@@ -223,14 +239,23 @@ class EvalConfig(_Section):
     teacher_t_min: int = Field(100, ge=0)
     teacher_t_max: int = Field(900, ge=1)
     teacher_max_items: int | None = Field(
-        400, ge=1, description="teacher only: N items per ARO dataset / SugarCrepe subset / zero-shot set (CPU cost)")
+        400, ge=1, description="teacher only: a seeded (seed) random subset of N items per ARO dataset / SugarCrepe "
+        "subset / zero-shot set, stratified by the macro average's group (CPU cost); null = all")
+    teacher_image_uncond_correction: bool = Field(
+        True, description="teacher, Winoground: score(i, c) = -(err(i, c) - err(i, '')) (Diffusion-ITM) where "
+        "images compete for one caption; caption comparisons of one image are unchanged")
+    vae_batch_size: int = Field(8, ge=1, description="teacher: images per VAE encode call (memory at 512 px)")
+    vae_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="teacher VAE encode under autocast: auto = bf16 (else fp16) on CUDA, fp32 on CPU")
     on_missing: Literal["error", "skip"] = Field(
         "error", description="a missing/unreadable image: stop naming file and line, or skip it (counted, reported)")
     aro_pos_tagger: str = Field("textblob", pattern=r"^(textblob|spacy:.+)$",
                                 description="POS tagger for the ARO order perturbations: textblob | spacy:MODEL")
     aro_attribution_min_count: int = Field(25, ge=1, description="VG-Attribution macro: pairs with >= N items (ARO: 25)")
     zeroshot_prompts_file: str | None = Field(None, description="class names + templates JSON; null = packaged file")
-    zeroshot_prompt_set: str | None = Field(None, description="entry of that file; null = the detected format")
+    zeroshot_prompt_set: str | None = Field(
+        None, description="entry of that file; null = follow the data (CIFAR -> cifar10/100, ImageFolder -> the "
+        "entry whose classnames match its folders); a set not covering the classes is an error")
     sugarcrepe_world_items: int | None = Field(
         100, ge=1, description="items per subset of the SugarCrepe-format set derived from the world")
 

@@ -112,19 +112,50 @@ class StudentScorer:
         return self.pair_scores(self.embed_images(images), self.embed_texts(captions), pairs)
 
 
+VAE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def vae_autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of the teacher's VAE encode (None = fp32): ``auto`` = bf16 on a CUDA card that has it,
+    else fp16; fp32 on a CPU (CPU autocast is slower than fp32 there and memory is not the limit) unless asked."""
+    if precision not in VAE_PRECISIONS:
+        raise ValueError(f"vae_precision must be one of {VAE_PRECISIONS} (got {precision!r})")
+    device = torch.device(device)
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 class TeacherScorer:
     """Diffusion-classifier score: negative denoising error averaged over a FIXED, shared set of (t, eps).
 
     Sharing the draws across every image and caption makes the comparison between captions paired, so
     differences come from the conditioning, not from the noise.
+
+    Images go through the VAE ``vae_batch_size`` at a time (SD at 512 px: activations of ~1 GB per image in
+    fp32), under autocast in ``vae_precision`` (``vae_autocast_dtype``); a chunk that comes out non-finite in
+    fp16 is encoded again in fp32. The UNet batches are ``batch_size`` (pair, draw) jobs.
+
+    ``image_uncond_correction`` (read by benchmarks where IMAGES compete for one caption, Winoground's image
+    score): there the raw error is confounded by how hard each image is to denoise at all, so Diffusion-ITM
+    (Krojer et al., 2023) scores ``-(err(i, c) - err(i, ""))``, the empty caption's error over the same (t, eps)
+    draws (``score_with_uncond``). It subtracts a per-image constant, so it leaves every comparison of captions
+    for one image (Winoground's text score, ARO, SugarCrepe, zero-shot) unchanged; ``score`` stays the raw
+    ``-err(i, c)``.
     """
 
     name = "teacher"
 
     def __init__(self, teacher: Teacher, draws: int, t_min: int, t_max: int, seed: int = 0,
-                 batch_size: int = 128, device: str = "cpu"):
+                 batch_size: int = 128, device: str = "cpu", vae_batch_size: int = 8, vae_precision: str = "auto",
+                 image_uncond_correction: bool = True):
         self.teacher = teacher.freeze().to(device)
         self.batch_size, self.device = batch_size, torch.device(device)
+        self.vae_batch_size = max(int(vae_batch_size), 1)
+        self.vae_dtype = vae_autocast_dtype(vae_precision, self.device)
+        self.image_uncond_correction = bool(image_uncond_correction)
         gen = torch.Generator().manual_seed(seed)
         steps = torch.linspace(t_min, t_max, draws).round().long()  # spread over the range, not random
         self.t = steps
@@ -148,11 +179,21 @@ class TeacherScorer:
 
         size = self.teacher.image_size
         out = []
-        for chunk in _batches(list(images), self.batch_size):
+        for chunk in _batches(list(images), self.vae_batch_size):
             x = torch.stack([center_crop(resize(to_tensor(im.convert("RGB")), size, antialias=True), size)
                              for im in chunk])
-            out.append(self.teacher.encode_images(teacher_pixels(x)).cpu())
-        return torch.cat(out)
+            out.append(self._encode(teacher_pixels(x)).cpu())
+        return torch.cat(out) if out else torch.empty(0, *self.teacher.latent_shape)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        dtype = self.vae_dtype if getattr(self.teacher, "latent", None) == "vae" else None
+        if dtype is None:
+            return self.teacher.encode_images(pixels).float()
+        with torch.autocast(self.device.type, dtype=dtype):
+            z = self.teacher.encode_images(pixels).float()
+        if dtype == torch.float16 and not torch.isfinite(z).all():  # fp16 overflow: this chunk in fp32
+            z = self.teacher.encode_images(pixels).float()
+        return z
 
     @torch.no_grad()
     def text_conditioning(self, captions: Sequence[str]) -> torch.Tensor:
@@ -160,7 +201,20 @@ class TeacherScorer:
 
     @torch.no_grad()
     def score(self, images, captions, pairs) -> torch.Tensor:
-        z, cond = self.latents(images), self.text_conditioning(captions)
+        """-err(i, c) per (image index, caption index) pair, err = mean over the shared draws."""
+        return -self._errors(self.latents(images), self.text_conditioning(captions), pairs)
+
+    @torch.no_grad()
+    def score_with_uncond(self, images, captions, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``score``'s -err(i, c) per pair, err(i, "") per image): one VAE pass, the empty caption's errors over
+        the same (t, eps) draws and batched with the pairs. The corrected score is ``raw + uncond[image]``."""
+        captions = list(captions)
+        z, cond = self.latents(images), self.text_conditioning([*captions, ""])
+        empty = len(captions)
+        errors = self._errors(z, cond, [*pairs, *((i, empty) for i in range(len(images)))])
+        return -errors[: len(pairs)], errors[len(pairs) :]
+
+    def _errors(self, z: torch.Tensor, cond: torch.Tensor, pairs) -> torch.Tensor:
         draws = self.t.shape[0]
         # Every (pair, draw) combination, flattened and batched through the UNet.
         jobs = [(p, k) for p in range(len(pairs)) for k in range(draws)]
@@ -174,7 +228,7 @@ class TeacherScorer:
                 self.noise[k].to(self.device),
             ).cpu()
             errors[torch.tensor([j for j, _ in chunk]), k] = err
-        return -errors.mean(1)
+        return errors.mean(1)
 
 
 def resolve_device(requested: str) -> str:
@@ -185,7 +239,8 @@ def resolve_device(requested: str) -> str:
 
 def load_scorer(ref: str | Path, params) -> Scorer:
     """A student directory -> StudentScorer; a teacher directory -> TeacherScorer (params.eval knobs)."""
-    from sdsclip.train import resolve_teacher
+    from sdsclip.models.teacher import check_t_range, check_teacher_dir
+    from sdsclip.train import _teacher_source, resolve_teacher
 
     ref = Path(ref)
     device = resolve_device(params.device)
@@ -193,8 +248,14 @@ def load_scorer(ref: str | Path, params) -> Scorer:
         return StudentScorer(load_student(ref), params.eval.batch_size, device)
     if is_teacher_dir(ref):
         ev = params.eval
+        # Before any weights load: a t beyond the scheduler's steps would be an IndexError mid-benchmark.
+        root, latent, _ = _teacher_source(ref)
+        check_t_range(check_teacher_dir(root, latent)[0], ev.teacher_t_min, ev.teacher_t_max, "eval.teacher_t_min",
+                      "eval.teacher_t_max")
         return TeacherScorer(resolve_teacher(ref), ev.teacher_draws, ev.teacher_t_min, ev.teacher_t_max,
-                             seed=params.seed, batch_size=ev.batch_size, device=device)
+                             seed=params.seed, batch_size=ev.batch_size, device=device,
+                             vae_batch_size=ev.vae_batch_size, vae_precision=ev.vae_precision,
+                             image_uncond_correction=ev.teacher_image_uncond_correction)
     raise ModelRefError(
         f"{ref}: --model must be a student directory (student.json) or a teacher directory "
         "(teacher.json or a Stable Diffusion model_index.json)"

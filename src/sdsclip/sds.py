@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from sdsclip.models.student import image_tower_layernorms
+from sdsclip.models.student import trainable_clip_parameters
 from sdsclip.models.teacher import Teacher
 
 
@@ -51,20 +51,21 @@ class LossTerms:
         return {"loss": self.total.item(), "loss_clip": self.clip.item(), "loss_sds": self.sds.item()}
 
 
-def select_trainable(clip_model: nn.Module, sigma: nn.Module) -> list[nn.Parameter]:
-    """Freeze everything in CLIP except the image tower's LayerNorms; sigma trains fully."""
+def select_trainable(clip_model: nn.Module, sigma: nn.Module,
+                     trainable: str = "image_layernorms") -> list[nn.Parameter]:
+    """Freeze everything in CLIP except ``trainable`` (train.trainable; default the image tower's LayerNorms,
+    the paper); sigma trains fully. Returns the CLIP parameters first, then sigma's."""
     clip_model.requires_grad_(False)
-    params: list[nn.Parameter] = []
-    for ln in image_tower_layernorms(clip_model):
-        ln.requires_grad_(True)
-        params.extend(ln.parameters())
+    params = trainable_clip_parameters(clip_model, trainable)
+    for p in params:
+        p.requires_grad_(True)
     sigma.requires_grad_(True)
     return params + list(sigma.parameters())
 
 
 class StudentWithSigma(nn.Module):
     """f_theta (the CLIP model) and sigma as one module: ``forward`` returns (f_theta(x) unnormalised, text
-    embedding, z = sigma(f_theta(x)) or None)."""
+    embedding, z = sigma(f_theta(x)) or None). sigma runs in fp32 under autocast: z feeds the fp32 noising."""
 
     def __init__(self, clip_model: nn.Module, sigma: LatentProjection):
         super().__init__()
@@ -74,7 +75,10 @@ class StudentWithSigma(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, project: bool = True):
         image_emb = self.clip.encode_image(images)
         text_emb = self.clip.encode_text(tokens)
-        z = self.sigma(image_emb.float()) if project else None
+        z = None
+        if project:
+            with torch.autocast(image_emb.device.type, enabled=False):
+                z = self.sigma(image_emb.float())
         return image_emb, text_emb, z
 
 
@@ -102,12 +106,14 @@ def sds_loss(
 ) -> torch.Tensor:
     """L_SDS for latents z (B, C, H, W) with ``noise_draws`` (t, eps) draws per sample.
 
-    ``shard = (rank, world)``: z is slice ``rank`` of a global batch split over ``world`` processes."""
+    ``shard = (rank, world)``: z is slice ``rank`` of a global batch split over ``world`` processes.
+    z and eps are fp32 whatever the ambient autocast; the teacher runs only its UNet in low precision."""
+    z = z.float()
     if noise_draws > 1:
         z = z.repeat_interleave(noise_draws, dim=0)
         text_cond = text_cond.repeat_interleave(noise_draws, dim=0)
     t, noise = draw_t_and_noise(z.shape[0], tuple(z.shape[1:]), t_min, t_max, generator, shard)
-    return teacher.epsilon_error(z, text_cond.to(z.device), t.to(z.device), noise.to(z.device, z.dtype)).mean()
+    return teacher.epsilon_error(z, text_cond.to(z.device), t.to(z.device), noise.to(z.device)).mean()
 
 
 def sds_clip_objective(

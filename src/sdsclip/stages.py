@@ -117,7 +117,9 @@ def evaluate_winoground(
 
 
 def _scorer_and_cap(params: Params, model: Path):
-    """The model's scorer and the item cap that applies to it (eval.teacher_max_items for the teacher)."""
+    """The model's scorer and the item cap that applies to it (eval.teacher_max_items for the teacher: each
+    benchmark draws a seeded (params.seed) random subset of that size, stratified where its metric is a macro
+    average, and records n / total / seed under ``subset``)."""
     from sdsclip.scoring import TeacherScorer, load_scorer
 
     scorer = load_scorer(model, params)
@@ -138,13 +140,15 @@ def evaluate_aro(
 
 def evaluate_zeroshot(params: Params, model: Path, data_dir: Path, out: Path,
                       prompt_set: str | None = None) -> dict[str, Any]:
+    from sdsclip.evaluate.zeroshot import check_prompt_set
     from sdsclip.evaluate.zeroshot import evaluate_zeroshot as run
 
-    scorer, cap = _scorer_and_cap(params, model)
     ev = params.eval
     prompts = Path(ev.zeroshot_prompts_file) if ev.zeroshot_prompts_file else None
+    check_prompt_set(Path(data_dir), prompt_set or ev.zeroshot_prompt_set, prompts)  # before the model loads
+    scorer, cap = _scorer_and_cap(params, model)
     return run(scorer, Path(data_dir), Path(out), prompt_set=prompt_set or ev.zeroshot_prompt_set,
-               prompts_file=prompts, on_missing=ev.on_missing, max_items=cap)
+               prompts_file=prompts, on_missing=ev.on_missing, max_items=cap, seed=params.seed)
 
 
 def evaluate_sugarcrepe(
@@ -155,7 +159,7 @@ def evaluate_sugarcrepe(
 
     scorer, cap = _scorer_and_cap(params, model)
     return run(scorer, Path(data_dir), Path(out), images_dir=images_dir, on_missing=params.eval.on_missing,
-               max_items=cap, scores_out=scores)
+               max_items=cap, scores_out=scores, seed=params.seed)
 
 
 def derive_sugarcrepe(params: Params, winoground_dir: Path, out_dir: Path) -> dict[str, Any]:

@@ -32,19 +32,30 @@ from tqdm.auto import tqdm
 
 from sdsclip import checkpoint as ckpt
 from sdsclip.config import OptimConfig, Params, TeacherConfig, params_to_dict
-from sdsclip.data import DataError, count_pairs, pair_loader
+from sdsclip.data import DataError, check_batchable, count_dataset, pair_loader
 from sdsclip.distributed import normalize_dist_env
-from sdsclip.models.student import STUDENT_WEIGHTS, Student, build_student, load_student, save_student
+from sdsclip.hashing import file_sha256, files_digest, tree_sha256  # noqa: F401 - importers use train.*
+from sdsclip.models.student import (
+    STUDENT_WEIGHTS,
+    Student,
+    build_student,
+    load_student,
+    save_student,
+    trainable_clip_parameters,
+)
 from sdsclip.models.teacher import (
     TEACHER_META,
     Teacher,
     TextConditioningCache,
     build_tiny_teacher,
     caption_vocabulary,
+    check_t_range,
     check_teacher_dir,
+    check_teacher_weights,
     latent_shape_of,
     load_teacher,
     save_teacher,
+    teacher_files,
     teacher_pixels,
 )
 from sdsclip.sds import LatentProjection, StudentWithSigma, sds_clip_objective, select_trainable
@@ -65,23 +76,6 @@ def make_accelerator(params: Params, mixed_precision: str = "no") -> Accelerator
     # Buffers (open_clip's attention masks) are constants: no need to re-broadcast them every forward.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(cpu=params.device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[ddp])
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tree_sha256(root: Path) -> str:
-    """Hash of every file under root (relative paths + contents), order-independent of the filesystem."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(file_sha256(path).encode())
-    return digest.hexdigest()
 
 
 class LossLog:
@@ -178,7 +172,7 @@ def _cycle(loader) -> Iterator:
 def _loader(params: Params, shards: Path, accepted: Path, transform: Callable, batch_size: int, seed: int,
             batching: str = "random"):
     return iter(_cycle(pair_loader(shards, accepted, transform, batch_size=batch_size, seed=seed,
-                                   batching=batching)))
+                                   batching=batching, num_workers=params.train.loader_workers)))
 
 
 def student_transform(student: Student) -> Callable:
@@ -203,8 +197,9 @@ def pretrain_student(
     cfg = params.student
     if cfg.checkpoint:
         student = build_student(cfg.arch, cfg.checkpoint)
-        meta = {"source": "checkpoint", "checkpoint": str(Path(cfg.checkpoint).resolve()),
-                "sha256": file_sha256(Path(cfg.checkpoint))}
+        ckpt_path = Path(cfg.checkpoint)  # a file, or a Hugging Face CLIPModel directory
+        meta = {"source": "checkpoint", "checkpoint": str(ckpt_path.resolve()),
+                "sha256": tree_sha256(ckpt_path) if ckpt_path.is_dir() else file_sha256(ckpt_path)}
         save_student(student, out_dir, meta)
         return meta
 
@@ -302,8 +297,13 @@ def pretrain_teacher(
     cfg = params.teacher
     if cfg.pretrained_dir:
         teacher = load_teacher(cfg.pretrained_dir, latent=cfg.latent, image_size=cfg.image_size)
+        # Only the files load_teacher read (not fp16/.bin/.ckpt siblings, safety_checker, ...), each weight
+        # file hashed once per (path, size, mtime) thanks to the cache in sdsclip.hashing.
+        loaded = teacher_files(cfg.pretrained_dir, cfg.latent, with_vae=True)
+        digest = files_digest(Path(cfg.pretrained_dir), loaded.all)
         meta = {"source": "pretrained_dir", "pretrained_dir": str(Path(cfg.pretrained_dir).resolve()),
-                "sha256": tree_sha256(Path(cfg.pretrained_dir)), "latent_shape": list(teacher.latent_shape)}
+                "sha256": digest["sha256"], "hashed_files": digest["files"],
+                "latent_shape": list(teacher.latent_shape)}
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "teacher.json").write_text(json.dumps({**meta, "latent": teacher.latent,
                                                           "image_size": teacher.image_size}, indent=2) + "\n")
@@ -379,7 +379,8 @@ def _teacher_identity(root: Path) -> str:
 # --------------------------------------------------------------------------- SDS-CLIP fine-tuning
 
 # Knobs that do not change the trained weights: a checkpoint stays valid when only these differ.
-_RESUME_NEUTRAL = ("checkpoint_every", "keep_checkpoints", "log_mlflow", "text_cache_size", "gradient_checkpointing")
+_RESUME_NEUTRAL = ("checkpoint_every", "keep_checkpoints", "log_mlflow", "text_cache_size", "gradient_checkpointing",
+                   "loader_workers", "memory_check")  # loader_workers: the same batches for any value
 
 
 @dataclass
@@ -420,17 +421,26 @@ def _preflight(params: Params, student_ref: Path, teacher_ref: Path, shards: Pat
     lambda_sds = 0.0 if control else cfg.lambda_sds
     if not lambda_sds >= 0:
         raise TrainError(f"train.lambda_sds must be >= 0 (got {lambda_sds})")
-    n_pairs = count_pairs(shards, accepted)  # DataError: missing accepted.csv / shards
+    counts = count_dataset(shards, accepted)  # DataError: missing accepted.csv / shards
+    n_pairs = counts.per_epoch(cfg.captions)  # pairs per epoch: all captions, or one per image
     if n_pairs == 0:
         raise DataError(f"{shards}: no accepted image-caption pairs (empty dataset; {accepted} accepts none)")
-    if n_pairs < cfg.batch_size:
-        raise DataError(f"{shards}: only {n_pairs} accepted image-caption pairs, fewer than one batch of "
-                        f"{cfg.batch_size} (train.batch_size; partial batches are dropped)")
+    check_batchable(counts, cfg.captions, cfg.batch_size, shards, "train.batch_size")
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * (n_pairs // cfg.batch_size)
     teacher_root, latent, image_size = _teacher_source(teacher_ref)
     teacher_root, _, latent = check_teacher_dir(teacher_root, latent)  # TeacherLoadError: layout
+    check_t_range(teacher_root, cfg.t_min, cfg.t_max, "train.t_min", "train.t_max")  # both arms: same params
+    if lambda_sds > 0:  # exactly the files finetune will load (no VAE); the control loads no teacher weights
+        check_teacher_weights(teacher_root, latent, with_vae=False)  # WeightFileError: truncated/corrupt file
     latent_shape = latent_shape_of(teacher_root)
-    student = load_student(student_ref)  # StudentLoadError: weights that do not fit the architecture
+    student = load_student(student_ref)  # WeightFileError: corrupt file; StudentLoadError: does not fit the arch
+    if not trainable_clip_parameters(student.model, cfg.trainable):  # e.g. RN50: BatchNorms, no LayerNorms
+        lacks = {"image_layernorms": "image-tower LayerNorms (a ResNet has BatchNorms)",
+                 "image_norms": "image-tower normalization layers with affine parameters"}.get(cfg.trainable,
+                                                                                            "image-tower parameters")
+        raise TrainError(f"train.trainable: {cfg.trainable}: student architecture {student.arch!r} has no {lacks}, so "
+                         "only sigma would train and CLIP would never change; set train.trainable: image_norms or "
+                         "image_tower")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (Path(out_dir) / "checkpoints")
     plan = _Plan(name, lambda_sds, total_steps, n_pairs, teacher_root, latent, image_size, latent_shape, student,
                  ckpt_dir if (cfg.checkpoint_every or resume) else None)
@@ -475,6 +485,11 @@ def finetune(
     main = accelerator.is_main_process
     if cfg.batch_size % world:
         raise TrainError(f"train.batch_size {cfg.batch_size} does not split evenly over {world} processes")
+    from sdsclip.memory import check_step_memory
+
+    # Before the teacher is loaded: a step that cannot fit the device stops here, with the knobs that shrink it.
+    check_step_memory(cfg, student.arch, plan.teacher_root if lambda_sds > 0 else None, plan.teacher_latent,
+                      plan.teacher_image_size, plan.latent_shape, plan.n_pairs, world, accelerator.device)
     set_seed(params.seed)
     model = student.model
     teacher = None
@@ -485,7 +500,7 @@ def finetune(
             teacher.enable_gradient_checkpointing()
     # sigma exists in both arms so that the control differs from SDS-CLIP in lambda alone.
     sigma = LatentProjection(student.embed_dim, plan.latent_shape)
-    trainable = select_trainable(model, sigma)
+    trainable = select_trainable(model, sigma, cfg.trainable)
     if teacher is None:
         sigma.requires_grad_(False)  # unused by the control's loss (and so left out of DDP's gradient sync)
     n_sigma = len(list(sigma.parameters()))
@@ -523,7 +538,8 @@ def finetune(
     text_cond_of = TextConditioningCache(teacher, cfg.text_cache_size) if teacher is not None else None
     contrastive = ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world)
     loader = pair_loader(shards, accepted, student.preprocess, cfg.batch_size, params.seed, rank=rank,
-                         world_size=world, batching=cfg.batching)
+                         world_size=world, batching=cfg.batching, captions=cfg.captions,
+                         num_workers=cfg.loader_workers, pin_memory=accelerator.device.type == "cuda")
     stream = loader.batches(*position)
 
     log = mlflow_log = None
@@ -587,7 +603,7 @@ def finetune(
     steps_run = plan.total_steps - start_step
     meta = {
         "source": plan.name, "lambda_sds": lambda_sds, "steps": plan.total_steps, "epochs": cfg.epochs,
-        "pairs": plan.n_pairs, "batch_size": cfg.batch_size, "processes": world,
+        "pairs": plan.n_pairs, "captions": cfg.captions, "batch_size": cfg.batch_size, "processes": world,
         "resumed_from_step": start_step if plan.resume_from is not None else None,
         "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps_run), 4),
         "latent_shape": list(plan.latent_shape), "profile": params.profile,

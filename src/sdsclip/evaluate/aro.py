@@ -34,6 +34,7 @@ Random permutations come from ``numpy.random.default_rng(seed)`` so the options 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +47,7 @@ from sdsclip.evaluate.common import (
     EvalDataError,
     OptionItem,
     SkipLog,
+    capped_subset,
     check_on_missing,
     mean_or_none,
     missing_image,
@@ -299,12 +301,17 @@ def vg_relation_metrics(scores: torch.Tensor, relations: Sequence[str]) -> dict[
     }
 
 
-def vg_attribution_metrics(scores: torch.Tensor, pairs: Sequence[str],
-                           min_count: int = ATTRIBUTION_MIN_COUNT) -> dict[str, Any]:
+def vg_attribution_metrics(scores: torch.Tensor, pairs: Sequence[str], min_count: int = ATTRIBUTION_MIN_COUNT,
+                           full_counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """``full_counts`` (a capped subset): each pair's count in the whole file, so the pairs in the macro
+    average are the benchmark's (>= min_count in the file), not those a small subset happens to fill."""
     correct = vg_correct(scores)
     by_pair = _by_group(correct, pairs)
-    kept = [p for p, rec in by_pair.items() if rec["count"] >= min_count]
+    count = {p: (full_counts or {}).get(p, rec["count"]) for p, rec in by_pair.items()}
+    kept = [p for p in by_pair if count[p] >= min_count]
+    extra = {"min_count_on": "file counts"} if full_counts is not None else {}
     return {
+        **extra,
         "macro_accuracy": mean_or_none([by_pair[p]["accuracy"] for p in kept]),
         "accuracy": float(correct.double().mean()) if len(correct) else None,
         "n": len(pairs),
@@ -346,7 +353,11 @@ def evaluate_aro(
     """Every requested (default: every present) ARO dataset -> one metrics JSON at ``out``.
 
     ``order_dirs`` maps coco_order / flickr30k_order to their roots (default: ``data_dir``). ``max_items``
-    keeps only the first N items (test cases) of each dataset (used to bound the teacher's cost).
+    (bounding the teacher's cost) keeps a seeded random subset (``seed``) of N items (test cases) per dataset,
+    stratified for the VG macro averages by relation (non-symmetric relations first) / attribute pair (pairs
+    with >= ``min_count`` items in the file first; the macro keeps the pairs with >= ``min_count`` items in the
+    FILE); the order datasets (Precision@1 over all cases) are sampled plainly. Each dataset's ``subset``
+    records n, total and seed.
     """
     check_on_missing(on_missing)
     data_dir, order_dirs = Path(data_dir), {k: Path(v) for k, v in (order_dirs or {}).items()}
@@ -367,11 +378,20 @@ def evaluate_aro(
     tagger = None
     for name in datasets:
         if name in VG_FILES:
-            vg = load_vg(data_dir, name, on_missing, skipped)[:max_items]
+            vg = load_vg(data_dir, name, on_missing, skipped)
+            all_groups = [v.group for v in vg]
+            if name == "vg_relation":
+                eligible, by = (lambda g: g not in SYMMETRIC_RELATIONS), "relation"
+            else:
+                file_counts = dict(Counter(all_groups))
+                eligible, by = (lambda g, c=file_counts: c[g] >= min_count), "attribute pair"
+            keep, subset = capped_subset(len(vg), max_items, seed, all_groups, eligible, by)
+            vg = [vg[i] for i in keep]
             scores = score_options(scorer, [v.item for v in vg])
             groups = [v.group for v in vg]
             result[name] = (vg_relation_metrics(scores, groups) if name == "vg_relation"
-                            else vg_attribution_metrics(scores, groups, min_count))
+                            else vg_attribution_metrics(scores, groups, min_count,
+                                                        file_counts if subset is not None else None))
         else:
             if tagger is None:
                 tagger = tagger_factory(pos_tagger)
@@ -379,8 +399,11 @@ def evaluate_aro(
             shuffler = TextShuffler(tagger, seed)  # a fresh stream per dataset: same options whatever else runs
             path = order_file(order_dirs.get(name, data_dir), name)
             items, n_images = load_order(path, shuffler, on_missing, skipped)
-            items = items[:max_items]
+            keep, subset = capped_subset(len(items), max_items, seed)
+            items = [items[i] for i in keep]
             result[name] = {**order_metrics(score_options(scorer, items)), "n_images": n_images}
+        if subset is not None:
+            result[name]["subset"] = subset
     result["skipped"] = skipped.summary()
     skipped.announce("aro")
     write_json(Path(out), result)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -166,3 +167,49 @@ def score_options(scorer, items: Sequence[OptionItem], chunk_items: int = 2048) 
         scores = score_pairs(scorer, loaders, list(cap_index), unique).double()
         out.append(scores[torch.tensor([where[p] for p in pairs], dtype=torch.long)].reshape(len(chunk), k))
     return torch.cat(out)
+
+
+def capped_subset(n_items: int, max_items: int | None, seed: int, groups: Sequence[Hashable] | None = None,
+                  eligible: Callable[[Hashable], bool] | None = None, stratified_by: str | None = None,
+                  ) -> tuple[list[int], dict[str, Any] | None]:
+    """Indices (ascending, so file order is kept) of a seeded random subset of at most ``max_items`` items,
+    and its description for the metrics JSON (None when no cap applies).
+
+    The first N items of a real benchmark file are not a sample: VG-Relation / VG-Attribution and CIFAR's
+    test batch are ordered, so a prefix covers a few relations / classes only. With ``groups`` (the group of
+    each item: relation, attribute pair, class, i.e. what a macro average is over) the subset is stratified:
+    each group's items are shuffled, then the groups are visited round-robin in a shuffled order, one item per
+    visit, so every group gets ``max_items // n_groups`` items or all of its own (at most one more than the
+    others), and every group is covered when ``max_items >= n_groups``. ``eligible`` (a group -> bool, e.g.
+    "not a symmetric relation") serves the groups that enter the macro average first; the other groups get
+    what budget is left. Without ``groups``: a plain seeded random sample.
+    """
+    if max_items is None:
+        return list(range(n_items)), None
+    rng = np.random.default_rng(seed)
+    info: dict[str, Any] = {"n": min(max_items, n_items), "total": n_items, "seed": seed, "max_items": max_items,
+                            "stratified_by": stratified_by if groups is not None else None}
+    if max_items >= n_items:
+        return list(range(n_items)), info
+    if groups is None:
+        return sorted(int(i) for i in rng.choice(n_items, size=max_items, replace=False)), info
+    members: dict[Hashable, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    names = list(members)
+    order = [names[k] for k in rng.permutation(len(names))]
+    queues = {g: [members[g][k] for k in rng.permutation(len(members[g]))] for g in order}
+    tiers = [[g for g in order if eligible is None or eligible(g)], [g for g in order if eligible and not eligible(g)]]
+    chosen: list[int] = []
+    for tier in tiers:
+        depth = 0
+        while len(chosen) < max_items and any(depth < len(queues[g]) for g in tier):
+            for g in tier:
+                if depth < len(queues[g]) and len(chosen) < max_items:
+                    chosen.append(queues[g][depth])
+            depth += 1
+    picked = {groups[i] for i in chosen}
+    info.update(groups_total=len(names), groups_covered=len(picked))
+    if eligible is not None:
+        info.update(eligible_groups_total=len(tiers[0]), eligible_groups_covered=len(picked & set(tiers[0])))
+    return sorted(chosen), info

@@ -27,6 +27,7 @@ from sdsclip.evaluate.common import (
     EvalDataError,
     OptionItem,
     SkipLog,
+    capped_subset,
     check_on_missing,
     mean_or_none,
     missing_image,
@@ -88,7 +89,10 @@ def subset_metrics(scores: torch.Tensor) -> dict[str, Any]:
 
 def evaluate_sugarcrepe(scorer, data_dir: Path, out: Path, *, images_dir: Path | None = None,
                         subsets: Sequence[str] | None = None, on_missing: str = "error",
-                        max_items: int | None = None, scores_out: Path | None = None) -> dict[str, Any]:
+                        max_items: int | None = None, scores_out: Path | None = None, seed: int = 0
+                        ) -> dict[str, Any]:
+    """Accuracy per subset -> metrics JSON ``out``. ``max_items`` (bounding the teacher's cost) keeps a seeded
+    random sample (``seed``) of N items per subset, in file order, recorded under ``subset`` (per subset)."""
     check_on_missing(on_missing)
     data_dir = Path(data_dir)
     images_dir = Path(images_dir) if images_dir else data_dir / "val2017"
@@ -102,10 +106,11 @@ def evaluate_sugarcrepe(scorer, data_dir: Path, out: Path, *, images_dir: Path |
         raise SugarCrepeDataError(f"{data_dir}: no subset file for {', '.join(absent)} (expected {{subset}}.json)")
     skipped = SkipLog()
     result: dict[str, Any] = {"subsets": {}}
-    loaded = {}
+    loaded, caps = {}, {}
     for name in subsets:
         ids, items = load_subset(subset_file(data_dir, name), images_dir, on_missing, skipped)
-        loaded[name] = (ids[:max_items], items[:max_items])
+        keep, caps[name] = capped_subset(len(items), max_items, seed)
+        loaded[name] = ([ids[i] for i in keep], [items[i] for i in keep])
     # One scoring pass over every subset: an (image, caption) pair shared by subsets (the positive caption of
     # an image appears in several) is scored once, which matters for the teacher's cost.
     all_scores = score_options(scorer, [it for _, items in loaded.values() for it in items])
@@ -119,6 +124,8 @@ def evaluate_sugarcrepe(scorer, data_dir: Path, out: Path, *, images_dir: Path |
     result["categories"] = {c: mean_or_none([acc[s] for s in members if s in acc]) for c, members in CATEGORIES.items()}
     result["mean_accuracy"] = mean_or_none(list(acc.values()))
     result["missing_subsets"] = [s for s in SUBSETS if s not in subsets]
+    if max_items is not None:
+        result["subset"] = caps
     result["skipped"] = skipped.summary()
     skipped.announce("sugarcrepe")
     write_json(Path(out), result)

@@ -13,6 +13,13 @@ For example k with captions c0, c1 and images i0, i1 and a similarity s (higher 
   group score : both
 Comparisons are strict, as in the official code: a tie counts as wrong.
 
+The diffusion teacher's image score (two images competing for one caption) uses Diffusion-ITM's correction when
+its ``image_uncond_correction`` is on (eval.teacher_image_uncond_correction): s(c, i) = -(err(i, c) - err(i, "")),
+which removes how hard each image is to denoise at all; the text score is unchanged by it (a per-image constant).
+The metrics then also carry the uncorrected scores (``uncorrected``), and the score file's ``score`` is the
+corrected similarity (so the official statistics script reproduces the reported numbers) with the raw
+``-err(i, c)`` as ``raw_score`` (comparable with a run without the correction and with the other benchmarks).
+
 Subsets are filtered exactly as the official statistics script (``filter_examples``) does, by equality of one
 field: ``collapsed_tag`` (Object / Relation / Both), ``num_main_preds`` (1 / 2) and ``secondary_tag`` (the whole
 string, so an item tagged ``"Symbolic, Series"`` is in neither the Symbolic nor the Series subset).
@@ -257,14 +264,32 @@ def winoground_metrics(examples: list[Example], scores: torch.Tensor) -> dict:
     return result
 
 
+def uses_uncond_correction(scorer) -> bool:
+    """Whether ``scorer`` (the teacher, with eval.teacher_image_uncond_correction) scores image competition
+    with its unconditional error subtracted."""
+    return bool(getattr(scorer, "image_uncond_correction", False)) and callable(
+        getattr(scorer, "score_with_uncond", None))
+
+
 def score_examples(scorer, data: WinogroundData | Path, examples: list[Example] | None = None,
                    chunk_examples: int = 512) -> torch.Tensor:
     """Similarities [n, caption, image] for every example: batched ``scorer.score`` calls over chunks of
     examples (each chunk: its unique images and captions in one call), so memory stays bounded."""
+    return _score_chunks(scorer, data, examples, chunk_examples, uncond=False)[0]
+
+
+def score_examples_with_uncond(scorer, data: WinogroundData | Path, examples: list[Example] | None = None,
+                               chunk_examples: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw similarities [n, caption, image], the unconditional error err(image, "") [n, image]) through the
+    scorer's ``score_with_uncond``; the corrected similarity is ``raw + uncond[:, None, :]``."""
+    return _score_chunks(scorer, data, examples, chunk_examples, uncond=True)
+
+
+def _score_chunks(scorer, data, examples, chunk_examples: int, uncond: bool):
     if not isinstance(data, WinogroundData):
         data = load_data(Path(data))
     examples = data.examples if examples is None else examples
-    out = []
+    out, offsets = [], []
     for start in range(0, len(examples), chunk_examples):
         chunk = examples[start : start + chunk_examples]
         image_names = list(dict.fromkeys(n for e in chunk for n in (e.image_0, e.image_1)))
@@ -276,16 +301,33 @@ def score_examples(scorer, data: WinogroundData | Path, examples: list[Example] 
             (img_index[getattr(e, f"image_{i}")], cap_index[getattr(e, f"caption_{c}")])
             for e in chunk for c in (0, 1) for i in (0, 1)
         ]
-        out.append(score_pairs(scorer, loaders, captions, pairs).reshape(len(chunk), 2, 2).double())
-    return torch.cat(out) if out else torch.empty(0, 2, 2, dtype=torch.float64)
+        if uncond:
+            raw, err_empty = scorer.score_with_uncond([load() for load in loaders], captions, pairs)
+            out.append(raw.reshape(len(chunk), 2, 2).double())
+            offsets.append(torch.stack([err_empty[[img_index[getattr(e, f"image_{i}")] for e in chunk]]
+                                        for i in (0, 1)], dim=1).double())
+        else:
+            out.append(score_pairs(scorer, loaders, captions, pairs).reshape(len(chunk), 2, 2).double())
+    scores = torch.cat(out) if out else torch.empty(0, 2, 2, dtype=torch.float64)
+    if not uncond:
+        return scores, None
+    return scores, (torch.cat(offsets) if offsets else torch.empty(0, 2, dtype=torch.float64))
 
 
-def score_lines(examples: Iterable[Example], scores: torch.Tensor) -> list[str]:
-    """The official score-file form: one {"label": "{id}_c{c}_i{i}", "score": x} per similarity."""
+def score_lines(examples: Iterable[Example], scores: torch.Tensor, raw: torch.Tensor | None = None) -> list[str]:
+    """The official score-file form: one {"label": "{id}_c{c}_i{i}", "score": x} per similarity, plus
+    ``raw_score`` (the teacher's uncorrected -err) when ``scores`` carry the unconditional correction."""
     values = torch.as_tensor(scores, dtype=torch.float64).tolist()
+    raws = torch.as_tensor(raw, dtype=torch.float64).tolist() if raw is not None else None
     # json.dumps writes a float as repr(float); formatting the line directly is the same text, 10x faster
+    if raws is None:
+        return [
+            f'{{"label": "{e.id}_c{c}_i{i}", "score": {json.dumps(values[n][c][i])}}}'
+            for n, e in enumerate(examples) for c in (0, 1) for i in (0, 1)
+        ]
     return [
-        f'{{"label": "{e.id}_c{c}_i{i}", "score": {json.dumps(values[n][c][i])}}}'
+        f'{{"label": "{e.id}_c{c}_i{i}", "score": {json.dumps(values[n][c][i])}, '
+        f'"raw_score": {json.dumps(raws[n][c][i])}}}'
         for n, e in enumerate(examples) for c in (0, 1) for i in (0, 1)
     ]
 
@@ -293,13 +335,24 @@ def score_lines(examples: Iterable[Example], scores: torch.Tensor) -> list[str]:
 def evaluate_winoground(scorer, data_dir: Path, out: Path, scores_out: Path | None = None,
                         on_missing: str = "error") -> dict:
     data = load_data(Path(data_dir), on_missing)
-    scores = score_examples(scorer, data)
+    raw = None
+    if uses_uncond_correction(scorer):
+        raw, err_empty = score_examples_with_uncond(scorer, data)
+        # -(err(i, c) - err(i, "")) = raw + err(i, ""): in float64, exact for float32 errors, so a comparison
+        # of two captions for one image (the text score) is the same as on the raw scores
+        scores = raw + err_empty[:, None, :]
+    else:
+        scores = score_examples(scorer, data)
     result = winoground_metrics(data.examples, scores)
+    if hasattr(scorer, "image_uncond_correction"):
+        result["image_uncond_correction"] = raw is not None
+    if raw is not None:
+        result["uncorrected"] = metrics_from_scores(raw)
     result["layout"] = data.layout
     result["skipped"] = data.skipped.summary()
     data.skipped.announce("winoground")
     write_json(Path(out), result)
     if scores_out is not None:
         Path(scores_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(scores_out).write_text("\n".join(score_lines(data.examples, scores)) + "\n")
+        Path(scores_out).write_text("\n".join(score_lines(data.examples, scores, raw)) + "\n")
     return result

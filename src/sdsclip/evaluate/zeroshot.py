@@ -9,7 +9,11 @@ Data (``--data DIR``, auto-detected):
 
 Class names and prompt templates come from a prompt file (default: the packaged
 ``sdsclip/evaluate/data/zeroshot_prompts.json``), one entry per prompt set (``cifar10``, ``cifar100``,
-``imagefolder``, ``toyworld``...). A student scores with CLIP's prompt ensembling: the class embedding is the
+``imagefolder``, ``toyworld``...). The set follows the data unless one is named: CIFAR-10 / CIFAR-100 -> the
+entry of that name (CLIP's 18-template ensemble); an ImageFolder -> the entry whose ``classnames`` mapping has
+exactly the folder classes (e.g. ``toyworld`` for the synthetic world), else the generic ``imagefolder`` entry. A named
+set whose class names do not cover the dataset's classes (``toyworld`` on CIFAR-10) is an error, not a run
+with the wrong prompts; an entry without ``classnames`` is generic (the dataset's own names). A student scores with CLIP's prompt ensembling: the class embedding is the
 renormalised mean of its normalised template embeddings, logits = cosine similarity. Any other scorer (the
 diffusion teacher) scores every (image, prompt) pair and averages over templates.
 
@@ -30,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from sdsclip.evaluate.common import EvalDataError, SkipLog, check_on_missing, missing_image, write_json
+from sdsclip.evaluate.common import (
+    EvalDataError,
+    SkipLog,
+    capped_subset,
+    check_on_missing,
+    missing_image,
+    write_json,
+)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -55,7 +66,7 @@ def detect_format(data_dir: Path) -> str:
     return "imagefolder"
 
 
-def load_prompt_set(prompt_set: str, prompts_file: Path | None = None) -> dict[str, Any]:
+def _prompt_file(prompts_file: Path | None) -> tuple[Path, dict[str, Any]]:
     path = Path(prompts_file) if prompts_file else default_prompts_file()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -63,6 +74,13 @@ def load_prompt_set(prompt_set: str, prompts_file: Path | None = None) -> dict[s
         raise ZeroShotDataError(f"{path}: prompt file not found") from None
     except json.JSONDecodeError as err:
         raise ZeroShotDataError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise ZeroShotDataError(f"{path}: expected an object {{prompt set: {{templates, classnames}}}}")
+    return path, data
+
+
+def load_prompt_set(prompt_set: str, prompts_file: Path | None = None) -> dict[str, Any]:
+    path, data = _prompt_file(prompts_file)
     if prompt_set not in data or not isinstance(data[prompt_set], dict):
         known = ", ".join(k for k in data if not k.startswith("_"))
         raise ZeroShotDataError(f"{path}: no prompt set {prompt_set!r} (known: {known})")
@@ -71,6 +89,55 @@ def load_prompt_set(prompt_set: str, prompts_file: Path | None = None) -> dict[s
     if not templates or not all(isinstance(t, str) and "{c}" in t for t in templates):
         raise ZeroShotDataError(f"{path}: {prompt_set}.templates must be a non-empty list of strings with '{{c}}'")
     return entry
+
+
+def uncovered_classes(raw: Sequence[str], entry: dict[str, Any]) -> list[str]:
+    """The dataset classes an entry has no class name for ([] = it fits): a ``classnames`` mapping must have
+    every class, a list one name per class; an entry without ``classnames`` is generic and fits any dataset."""
+    names = entry.get("classnames")
+    if names is None:
+        return []
+    if isinstance(names, list):
+        return [] if len(names) == len(raw) else list(raw)
+    return [c for c in raw if c not in names]
+
+
+def resolve_prompt_set(requested: str | None, fmt: str, raw: Sequence[str], prompts_file: Path | None = None,
+                       where: str = "") -> tuple[str, dict[str, Any], str]:
+    """(prompt set name, its entry, "requested" | "detected") for a dataset of format ``fmt`` with classes ``raw``.
+
+    Requested: that entry, which must cover the classes. Detected: CIFAR -> the entry named like the format;
+    ImageFolder -> the first entry whose ``classnames`` mapping has exactly the folder classes, else the generic
+    ``imagefolder`` entry."""
+    path, data = _prompt_file(prompts_file)
+    if requested is not None:
+        entry = load_prompt_set(requested, prompts_file)
+        missing = uncovered_classes(raw, entry)
+        if missing:
+            try:
+                hint = f" (detected: {resolve_prompt_set(None, fmt, raw, prompts_file)[0]!r})"
+            except ZeroShotDataError:
+                hint = ""
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ZeroShotDataError(
+                f"{path}: prompt set {requested!r} has no class name for {len(missing)} of the {len(raw)} classes "
+                f"of the {fmt} data{where} ({shown}); set eval.zeroshot_prompt_set: null to follow the data{hint}, "
+                "or name a prompt set whose classnames cover them")
+        return requested, entry, "requested"
+    if fmt != "imagefolder":
+        entry = load_prompt_set(fmt, prompts_file)
+        missing = uncovered_classes(raw, entry)
+        if missing:
+            raise ZeroShotDataError(
+                f"{path}: prompt set {fmt!r} has no class name for {len(missing)} of the {len(raw)} {fmt} classes"
+                f"{where} ({', '.join(missing[:5])}); a re-labelled batch needs its own prompt set "
+                "(eval.zeroshot_prompt_set)")
+        return fmt, entry, "detected"
+    sets = {k: v for k, v in data.items() if not k.startswith("_") and isinstance(v, dict)}
+    # the same classes, not a superset: a cat/dog folder is not CIFAR-10 (an ImageFolder export of it is)
+    exact = [k for k, v in sets.items() if isinstance(v.get("classnames"), dict) and set(v["classnames"]) == set(raw)]
+    name = (exact or ["imagefolder"])[0]
+    return name, load_prompt_set(name, prompts_file), "detected"
 
 
 class _Images:
@@ -83,6 +150,11 @@ class _Images:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def subset(self, idx: Sequence[int]) -> "_Images":
+        return _Images(self.raw_classes, [self.targets[i] for i in idx],
+                       paths=[self.paths[i] for i in idx] if self.paths is not None else None,
+                       arrays=self.arrays[list(idx)] if self.arrays is not None else None, info=self.info)
 
     def load(self, i: int) -> Image.Image:
         if self.arrays is not None:
@@ -139,6 +211,34 @@ def read_cifar(root: Path, kind: str) -> _Images:
     md5_ok = all(check_integrity(str(folder / n), md5) for n, md5 in base.test_list) and check_integrity(
         str(folder / base.meta["filename"]), base.meta["md5"])
     return _Images(list(ds.classes), [int(t) for t in ds.targets], arrays=ds.data, info={"official_md5": md5_ok})
+
+
+def dataset_classes(data_dir: Path) -> tuple[str, list[str]]:
+    """(format, class names as the reader will see them), reading only folder names or the CIFAR meta file, so
+    a prompt-set mismatch is found before any model loads."""
+    data_dir = Path(data_dir)
+    fmt = detect_format(data_dir)
+    if fmt == "imagefolder":
+        if not data_dir.is_dir():
+            raise ZeroShotDataError(f"{data_dir}: not a directory (ImageFolder root with one folder per class)")
+        return fmt, sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    base = CIFAR10 if fmt == "cifar10" else CIFAR100
+    meta = data_dir / base.base_folder / base.meta["filename"]
+    try:
+        with open(meta, "rb") as f:
+            return fmt, list(pickle.load(f, encoding="latin1")[base.meta["key"]])
+    except FileNotFoundError:
+        raise ZeroShotDataError(f"{meta}: missing (torchvision's {fmt} layout)") from None
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as err:
+        raise ZeroShotDataError(f"{meta}: not a readable {fmt} meta file ({type(err).__name__}: {err})") from None
+
+
+def check_prompt_set(data_dir: Path, prompt_set: str | None = None, prompts_file: Path | None = None) -> str:
+    """The prompt set ``evaluate_zeroshot`` will use on ``data_dir``; raises ZeroShotDataError on a mismatch."""
+    fmt, raw = dataset_classes(data_dir)
+    return resolve_prompt_set(prompt_set, fmt, raw, prompts_file, f" in {data_dir}")[0]
 
 
 def class_names(raw: list[str], entry: dict[str, Any], where: str) -> list[str]:
@@ -210,24 +310,27 @@ def zeroshot_logits(scorer, data: _Images, names: list[str], templates: list[str
 
 def evaluate_zeroshot(scorer, data_dir: Path, out: Path, *, prompt_set: str | None = None,
                       prompts_file: Path | None = None, on_missing: str = "error",
-                      max_items: int | None = None) -> dict[str, Any]:
+                      max_items: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Zero-shot acc@1 / acc@5 / mean per-class recall of ``scorer`` on ``data_dir`` -> metrics JSON ``out``.
 
-    ``prompt_set`` (default: the detected format's name) selects the prompt file entry; ``max_items`` keeps
-    the first N images (bounding the teacher's cost)."""
+    ``prompt_set`` (default: follow the data, see ``resolve_prompt_set``) selects the prompt file entry;
+    ``max_items`` (bounding the teacher's cost) keeps a seeded (``seed``) random subset of N images stratified
+    by class (every class covered when N >= the number of classes), recorded under ``subset``."""
     check_on_missing(on_missing)
     fmt = detect_format(Path(data_dir))
-    prompt_set = prompt_set or fmt
-    entry = load_prompt_set(prompt_set, prompts_file)
     data = read_imagefolder(Path(data_dir)) if fmt == "imagefolder" else read_cifar(Path(data_dir), fmt)
-    if max_items is not None and max_items < len(data):
-        data.targets = data.targets[:max_items]
+    prompt_set, entry, source = resolve_prompt_set(prompt_set, fmt, data.raw_classes, prompts_file,
+                                                   f" in {data_dir}")
     names = class_names(data.raw_classes, entry, f"{prompts_file or default_prompts_file()}: {prompt_set}")
+    keep, subset = capped_subset(len(data), max_items, seed, data.targets, stratified_by="class")
+    if subset is not None:
+        data = data.subset(keep)
     skipped = SkipLog()
     logits, kept = zeroshot_logits(scorer, data, names, list(entry["templates"]), on_missing, skipped)
     targets = torch.tensor([data.targets[i] for i in kept], dtype=torch.long)
-    result = {"format": fmt, "prompt_set": prompt_set, "templates": len(entry["templates"]),
-              **zeroshot_metrics(logits, targets, names), **data.info, "skipped": skipped.summary()}
+    result = {"format": fmt, "prompt_set": prompt_set, "prompt_set_source": source,
+              "templates": len(entry["templates"]), **zeroshot_metrics(logits, targets, names), **data.info,
+              "skipped": skipped.summary(), **({"subset": subset} if subset is not None else {})}
     skipped.announce("zeroshot")
     write_json(Path(out), result)
     return result

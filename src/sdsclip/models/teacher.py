@@ -153,8 +153,12 @@ class Teacher:
 
     def _predict(self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, the UNet's raw prediction at x_t) for latents noised with ``noise`` to timestep ``t``."""
-        noisy = self.scheduler.add_noise(latents, noise, t)
+        """(x_t, the UNet's raw prediction at x_t, as fp32) for latents noised with ``noise`` to timestep ``t``.
+
+        Under mixed precision (accelerate's autocast wraps the whole step) only the UNet runs in bf16/fp16:
+        z, eps, alpha_bar and x_t stay fp32 (sqrt(1 - alpha_bar) at t = 20 is 2.3 % off in bf16)."""
+        with torch.autocast(latents.device.type, enabled=False):
+            noisy = self.scheduler.add_noise(latents.float(), noise.float(), t)
         # Pooled conditioning (tiny teacher option): the text encoder's last position has attended to the whole
         # caption, in order; it is added to the timestep embedding, so every ResNet block sees it.
         pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
@@ -175,15 +179,16 @@ class Teacher:
         so the loss is the same quantity whatever the checkpoint's ``prediction_type``."""
         noisy, pred = self._predict(latents, cond, t, noise)
         kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        if kind != "epsilon":
-            abar = self.scheduler.alphas_cumprod.to(pred.device)[t.to(pred.device)].view(-1, 1, 1, 1)
-            if kind == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
-                pred = abar.sqrt() * pred + (1 - abar).sqrt() * noisy.float()
-            elif kind == "sample":  # eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
-                pred = (noisy.float() - abar.sqrt() * pred) / (1 - abar).sqrt()
-            else:
-                raise TeacherLoadError(f"scheduler prediction_type {kind!r} is not supported")
-        return (pred - noise.float()).pow(2).flatten(1).mean(1)
+        with torch.autocast(pred.device.type, enabled=False):  # the error in fp32 (pred is fp32 already)
+            if kind != "epsilon":
+                abar = self.scheduler.alphas_cumprod.to(pred.device)[t.to(pred.device)].view(-1, 1, 1, 1).float()
+                if kind == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+                    pred = abar.sqrt() * pred + (1 - abar).sqrt() * noisy.float()
+                elif kind == "sample":  # eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+                    pred = (noisy.float() - abar.sqrt() * pred) / (1 - abar).sqrt()
+                else:
+                    raise TeacherLoadError(f"scheduler prediction_type {kind!r} is not supported")
+            return (pred - noise.float()).pow(2).flatten(1).mean(1)
 
     def denoising_loss(
         self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -197,15 +202,19 @@ class Teacher:
         if kind != "v_prediction":
             raise TeacherLoadError(f"pretraining with prediction_type {kind!r} is not supported")
         _, pred = self._predict(latents, cond, t, noise)
-        target = self.scheduler.get_velocity(latents, noise, t).float()
-        return (pred - target).pow(2).flatten(1).mean(1)
+        with torch.autocast(pred.device.type, enabled=False):
+            target = self.scheduler.get_velocity(latents.float(), noise.float(), t)
+            return (pred - target).pow(2).flatten(1).mean(1)
 
 
 class TextConditioningCache:
     """The frozen teacher's text conditioning c_text, computed once per distinct caption.
 
     An LRU of at most ``max_entries`` captions, kept on the teacher's device (SD-1.x: 77 x 768 floats =
-    236 kB per caption). ``max_entries = 0`` encodes every call (the per-step baseline)."""
+    236 kB per caption, ~1 GB for 4096). ``max_entries = 0`` encodes every call (the per-step baseline).
+    It pays only when captions repeat within ``max_entries`` steps' worth of batches: COCO's 590k distinct
+    captions never hit (benchmarks/train_step.py measures both), hence train.text_cache_size 0 by default.
+    Each entry is a copy of its row: a view would keep the whole batch's encoder output alive."""
 
     def __init__(self, teacher: Teacher, max_entries: int):
         self.teacher, self.max_entries = teacher, int(max_entries)
@@ -224,7 +233,7 @@ class TextConditioningCache:
         missing = list(dict.fromkeys(c for c in captions if c not in self._rows))
         fresh: dict[str, torch.Tensor] = {}
         if missing:
-            fresh = dict(zip(missing, self.teacher.encode_text(missing)))
+            fresh = {c: row.clone() for c, row in zip(missing, self.teacher.encode_text(missing))}
             self.encoded += len(missing)
         out = []
         for c in captions:
@@ -385,15 +394,115 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise TeacherLoadError(f"{path}: unreadable model config ({' '.join(str(err).split())})") from None
 
 
+# What diffusers / transformers ``from_pretrained`` read from a local folder, in their order of preference
+# (diffusers 0.3x-0.4x, transformers 4.x-5.x, no ``variant``): a sharded safetensors index, else the single
+# safetensors file, else the pickled .bin. fp16 variants, .ckpt files and unlisted subfolders are never read.
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+                      "diffusion_pytorch_model.bin")
+_TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                         "pytorch_model.bin.index.json")
+#: tokenizer files AutoTokenizer may read (whichever of them the folder has)
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+@dataclass
+class TeacherFiles:
+    """The files of a teacher dir that load_teacher reads, relative to the dir: small configs and weights."""
+
+    configs: list[str]
+    weights: list[str]
+
+    @property
+    def all(self) -> list[str]:
+        return sorted(set(self.configs) | set(self.weights))
+
+
+def _weight_files(path: Path, sub: str, names: tuple[str, ...], explicit: str | None = None) -> tuple[list[str], list[str]]:
+    """(index files, weight files) that from_pretrained reads in ``path/sub``: the first of ``names`` present;
+    an ``*.index.json`` brings the shards its weight_map lists."""
+    folder = path / sub
+    for name in ((explicit,) if explicit else names):
+        if not (folder / name).is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [], [f"{sub}/{name}"]
+        try:
+            shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise TeacherLoadError(f"{folder / name}: unreadable shard index ({' '.join(str(err).split())[:160]}); "
+                                   "re-download the model") from None
+        return [f"{sub}/{name}"], [f"{sub}/{shard}" for shard in shards]
+    raise TeacherLoadError(f"{folder}: no weight file ({' or '.join(((explicit,) if explicit else names)[:2])}); "
+                           "not a save_pretrained dir")
+
+
+def teacher_files(path: str | Path, latent: str | None = None, with_vae: bool = True) -> TeacherFiles:
+    """Exactly what ``load_teacher(path, latent, with_vae=with_vae)`` reads (no weights opened): the configs of
+    unet, text_encoder, scheduler, tokenizer (and vae), model_index.json / teacher.json, and the one weight
+    file (or shard set) per component that diffusers / transformers pick."""
+    path, meta, latent = check_teacher_dir(path, latent)
+    configs = [name for name in ("model_index.json", TEACHER_META) if (path / name).is_file()]
+    configs += ["unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"]
+    configs += [f"tokenizer/{name}" for name in TOKENIZER_FILES if (path / "tokenizer" / name).is_file()]
+    weights: list[str] = []
+    text_cfg = _read_config(path / "text_encoder" / "config.json")
+    parts = [("unet", _DIFFUSERS_WEIGHTS, None), ("text_encoder", _TRANSFORMERS_WEIGHTS,
+                                                   text_cfg.get("transformers_weights"))]
+    if latent == "vae" and with_vae:
+        configs.append("vae/config.json")
+        parts.append(("vae", _DIFFUSERS_WEIGHTS, None))
+    for sub, names, explicit in parts:
+        index, files = _weight_files(path, sub, names, explicit)
+        configs += index
+        weights += files
+    if meta.get("caption_map_channels"):
+        configs.append(f"{CAPTION_MAP_DIR}/config.json")
+        weights.append(f"{CAPTION_MAP_DIR}/model.safetensors")
+    return TeacherFiles(configs, weights)
+
+
+def check_teacher_weights(path: str | Path, latent: str | None = None, with_vae: bool = True) -> TeacherFiles:
+    """check_teacher_dir plus every weight file load_teacher will read: a missing, truncated or corrupt one
+    raises sdsclip.weights.WeightFileError naming it (safetensors headers only: milliseconds per file)."""
+    from sdsclip.weights import check_weight_files
+
+    path = Path(path)
+    files = teacher_files(path, latent, with_vae)
+    fix = ("re-run the teacher's pretraining (dvc repro pretrain_teacher)" if (path / TEACHER_META).is_file()
+           else "re-download this Stable Diffusion directory (teacher.pretrained_dir)")
+    check_weight_files([path / w for w in files.weights], fix)
+    return files
+
+
+def scheduler_timesteps(path: str | Path) -> int:
+    """num_train_timesteps of a teacher dir's scheduler (scheduler/scheduler_config.json; no weights): the
+    UNet knows t in [0, num_train_timesteps - 1]. diffusers' default 1000 when the key is absent."""
+    cfg = _read_config(Path(path) / "scheduler" / "scheduler_config.json")
+    return int(cfg.get("num_train_timesteps", 1000))
+
+
+def check_t_range(path: str | Path, t_min: int, t_max: int, min_key: str, max_key: str) -> int:
+    """Raise TeacherLoadError (one line: key, value, the teacher's limit) unless every t in [t_min, t_max]
+    (both drawn: torch.randint(t_min, t_max + 1) / linspace) is a timestep of the teacher's scheduler."""
+    n = scheduler_timesteps(path)
+    for key, value in ((max_key, t_max), (min_key, t_min)):
+        if not 0 <= value <= n - 1:
+            raise TeacherLoadError(f"{key} = {value} is outside the teacher's timesteps 0..{n - 1} "
+                                   f"({Path(path) / 'scheduler' / 'scheduler_config.json'}: num_train_timesteps "
+                                   f"{n}); set {key} <= {n - 1}")
+    return n
+
+
 def check_teacher_dir(path: str | Path, latent: str | None = None) -> tuple[Path, dict[str, Any], str]:
     """Check a teacher directory without loading any weights: (path, teacher.json meta, latent kind).
 
     Raises TeacherLoadError naming what is missing (the directory, a Stable Diffusion subfolder, or the
-    UNet's config), so a bad teacher stops a run before any compute is spent."""
+    UNet's / scheduler's config), so a bad teacher stops a run before any compute is spent."""
     path = Path(path)
     if not path.is_dir():
         raise TeacherLoadError(f"{path}: teacher directory not found (teacher.pretrained_dir must be a local dir)")
-    meta = json.loads((path / TEACHER_META).read_text()) if (path / TEACHER_META).is_file() else {}
+    meta = _read_config(path / TEACHER_META) if (path / TEACHER_META).is_file() else {}
     latent = meta.get("latent", latent or "vae")
     needed = SD_SUBFOLDERS + (("vae",) if latent == "vae" else ())
     missing = [s for s in needed if not (path / s).is_dir()]
@@ -402,6 +511,8 @@ def check_teacher_dir(path: str | Path, latent: str | None = None) -> tuple[Path
     for sub in ("unet",) + (("vae",) if latent == "vae" else ()):
         if not (path / sub / "config.json").is_file():
             raise TeacherLoadError(f"{path}: {sub}/config.json missing (not a diffusers save_pretrained dir)")
+    if not (path / "scheduler" / "scheduler_config.json").is_file():
+        raise TeacherLoadError(f"{path}: scheduler/scheduler_config.json missing (not a diffusers save_pretrained dir)")
     return path, meta, latent
 
 
@@ -421,6 +532,7 @@ def load_teacher(path: str | Path, latent: str | None = None, image_size: int | 
     ``with_vae=False`` skips the VAE: SDS needs only the UNet, the text encoder and the scheduler (its
     latents come from sigma, not from images); scoring images needs the VAE."""
     path, meta, latent = check_teacher_dir(path, latent)
+    check_teacher_weights(path, latent, with_vae)  # WeightFileError naming a truncated file, before reading any
     unet = UNet2DConditionModel.from_pretrained(path / "unet")
     arch = (_read_config(path / "text_encoder" / "config.json").get("architectures") or ["CLIPTextModel"])[0]
     if arch not in TEXT_ENCODERS:
