@@ -11,7 +11,7 @@ the frozen weights that conv/linear keep for their input gradient).
 Then ``sdsclip.memory`` estimates the same counts on fake tensors (no compute) and the peak of a step at
 batch 32 for each setting, the figures the `paper-*gb` profiles were chosen from.
 
-    flock /tmp/sdsclip-heavy.lock python benchmarks/sds_memory.py          # ~10 min on 2 cores, ~12 GB RAM
+    flock /tmp/sdsclip-heavy.lock python benchmarks/sds_memory.py          # ~3 min on 2 cores, ~12 GB RAM
     python benchmarks/sds_memory.py --reuse      # estimates only, against the committed measurement
 """
 

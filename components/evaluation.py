@@ -35,6 +35,9 @@ def evaluate_winoground(
         metrics.log_metric(key, result[key])
     for tag, m in result.get("by_collapsed_tag", {}).items():
         metrics.log_metric(f"group_score.{tag}", m["group_score"])
+    for key, value in result.get("uncorrected", {}).items():  # the teacher without Diffusion-ITM's correction
+        if key != "n":
+            metrics.log_metric(f"{key}.uncorrected", value)
 
 
 def evaluate_aro(

@@ -102,13 +102,14 @@ def test_one_per_image_epoch_holds_each_image_once_with_a_drawn_accepted_caption
     assert [(e, i) for e, i, _ in stream] == [(e, i) for e in range(6) for i in range(6)]
     draws = []
     for epoch in range(6):
-        caps = [c for _, _, (imgs, cs) in stream[epoch * 6:(epoch + 1) * 6] for c in cs]
+        caps = [c for _, _, (_, cs) in stream[epoch * 6:(epoch + 1) * 6] for c in cs]
         for _, _, (imgs, cs) in stream[epoch * 6:(epoch + 1) * 6]:
             _check_pairing(imgs, cs)
         ids = [_image_of(c) for c in caps]
         assert len(ids) == len(set(ids)) == 36 and NO_CAPTION not in ids  # each image at most once (3 dropped)
         assert set(caps) <= coco["captions"]  # only accepted captions; image 39 only ever its one
         draws.append({_image_of(c): c for c in caps})
+        assert all(c == "image 39 caption 2" for c in caps if _image_of(c) == ONE_CAPTION)
     # the caption of an image is drawn afresh each epoch: some image shows several of its captions
     per_image = {i: {d[i] for d in draws if i in d} for i in range(1, 39)}
     assert max(len(c) for c in per_image.values()) >= 3

@@ -247,6 +247,10 @@ def test_hf_dir_errors_are_one_line(tmp_path):
     (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:3000])
     with pytest.raises(WeightFileError, match="model.safetensors: corrupt or truncated"):
         build_student("x", broken)
+    # A registered open_clip name must describe the converted model; the fixture's is another one.
+    with pytest.raises(StudentLoadError, match=r"student\.arch 'fx-vit' is a registered open_clip architecture "
+                                               r"that is not this CLIPModel \(embed_dim 32 vs 24"):
+        build_student("fx-vit", broken)
     (tmp_path / "empty").mkdir()
     with pytest.raises(StudentLoadError, match="not a Hugging Face CLIPModel"):
         build_student("x", tmp_path / "empty")
@@ -303,7 +307,8 @@ def test_resnet_student_is_refused_unless_another_trainable_set_is_chosen(train_
     params = write_params(tmp_path / "q.yaml", train_params(tmp_path, steps=2, batch_size=4, trainable="image_norms"))
     result = _train(w, w["rn"], tmp_path / "out", params, "--control")
     assert result.exit_code == 0, result.output
-    before, after = load_file(str(w["rn"] / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    before = load_file(str(w["rn"] / "model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     model = build_student("fx-rn").model
     bn = {f"visual.{n}.{p}" for n, m in model.visual.named_modules() if isinstance(m, torch.nn.BatchNorm2d)

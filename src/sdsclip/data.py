@@ -34,6 +34,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import csv
 import json
 import random
@@ -53,7 +54,7 @@ CAPTIONS = ("all", "one_per_image")
 BATCHINGS = ("random", "bag_distinct")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Training data that cannot be used; the message is one line naming the file or directory."""
 
 

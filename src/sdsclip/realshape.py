@@ -28,6 +28,7 @@ runs in its own process by default (as DVC runs them), so its wall time and peak
 
 from __future__ import annotations
 
+from sdsclip.errors import UserError
 import gzip
 import hashlib
 import json
@@ -121,7 +122,7 @@ SCALES: dict[str, Scale] = {
 }
 
 
-class RealshapeError(ValueError):
+class RealshapeError(UserError, ValueError):
     """The realshape run cannot go on; one line for the user."""
 
 

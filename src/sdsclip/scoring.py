@@ -117,7 +117,9 @@ VAE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def vae_autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of the teacher's VAE encode (None = fp32): ``auto`` = bf16 on a CUDA card that has it,
-    else fp16; fp32 on a CPU (CPU autocast is slower than fp32 there and memory is not the limit) unless asked."""
+    else fp16; fp32 on a CPU unless asked (memory is not the limit there, and CPU runs stay comparable with
+    earlier ones). benchmarks/teacher_vae.py: SD-1.5's VAE at 512 px needs ~0.6 GiB per image in fp32, ~0.4 in
+    bf16 (so ~80 GiB for 128 images in one call, ~5 GiB for 8), bf16 latents within ~1.2 % (relative L2)."""
     if precision not in VAE_PRECISIONS:
         raise ValueError(f"vae_precision must be one of {VAE_PRECISIONS} (got {precision!r})")
     device = torch.device(device)
@@ -134,8 +136,8 @@ class TeacherScorer:
     Sharing the draws across every image and caption makes the comparison between captions paired, so
     differences come from the conditioning, not from the noise.
 
-    Images go through the VAE ``vae_batch_size`` at a time (SD at 512 px: activations of ~1 GB per image in
-    fp32), under autocast in ``vae_precision`` (``vae_autocast_dtype``); a chunk that comes out non-finite in
+    Images go through the VAE ``vae_batch_size`` at a time (SD-1.5 at 512 px: ~0.6 GiB of activations per
+    image in fp32), under autocast in ``vae_precision`` (``vae_autocast_dtype``); a chunk that comes out non-finite in
     fp16 is encoded again in fp32. The UNet batches are ``batch_size`` (pair, draw) jobs.
 
     ``image_uncond_correction`` (read by benchmarks where IMAGES compete for one caption, Winoground's image

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sdsclip.errors import UserError
 from sdsclip.weights import check_safetensors
 
 HF_CONFIG = "config.json"
@@ -26,7 +27,7 @@ OPEN_CLIP_VOCAB = 49408  # open_clip's default SimpleTokenizer (OpenAI's BPE)
 _ACTIVATIONS = {"quick_gelu": True, "gelu": False}  # HF hidden_act -> open_clip quick_gelu
 
 
-class HFCLIPError(ValueError):
+class HFCLIPError(UserError, ValueError):
     """An HF directory that cannot become an open_clip student; the message is one line."""
 
 

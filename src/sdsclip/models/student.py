@@ -11,9 +11,11 @@ architectures such as ViT-B-32. ``student.checkpoint`` (``build_student``) may b
   architecture must be a QuickGELU one: with e.g. ``student.arch: ViT-B-32`` loading is REFUSED with one line
   naming ``ViT-B-32-quickgelu`` (refused rather than switched, so params.yaml always names what runs);
 * a Hugging Face ``CLIPModel`` directory (``config.json`` + ``model.safetensors``): converted into an open_clip
-  CLIP by ``sdsclip.models.hf_clip`` (the architecture comes from its config.json; ``student.arch`` is then
-  only checked to be a name). Its tokenizer, if the directory has one, is used through open_clip's
-  ``HFTokenizer``; otherwise open_clip's default tokenizer.
+  CLIP by ``sdsclip.models.hf_clip``. The architecture comes from its config.json; ``student.arch`` names it:
+  a registered open_clip name must describe the same model (``ViT-B-32-quickgelu`` for
+  openai/clip-vit-base-patch32; refused otherwise, naming a matching one), any other name is free. Its
+  tokenizer, if the directory has one, is used through open_clip's ``HFTokenizer``; otherwise open_clip's
+  default tokenizer.
 
 A saved student is a directory in open_clip's own ``local-dir:`` layout: ``model.safetensors`` (the full
 CLIP state dict), ``open_clip_config.json`` (model config, QuickGELU included, + preprocessing), the tokenizer
@@ -35,6 +37,7 @@ import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdsclip.errors import UserError
 from sdsclip.weights import WeightFileError, check_safetensors
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -51,7 +54,7 @@ _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-class StudentLoadError(ValueError):
+class StudentLoadError(UserError, ValueError):
     """A student reference that cannot be loaded; the message is one line for the user."""
 
 
@@ -242,12 +245,47 @@ def _from_model_cfg(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any]):
     return model, image_transform_v2(PreprocessCfg(**pp), is_train=False)
 
 
+# The parts of an open_clip config that decide the weights' shapes and the activation, with their defaults.
+_SHAPE_KEYS = {"vision_cfg": {"image_size": 224, "patch_size": 16, "layers": 12, "width": 768, "head_width": 64,
+                              "mlp_ratio": 4.0},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+                            "mlp_ratio": 4.0}}
+
+
+def _shape_signature(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """What two configs must share to describe the same model; None for timm / HF-text towers."""
+    if "timm_model_name" in cfg.get("vision_cfg", {}) or "hf_model_name" in cfg.get("text_cfg", {}):
+        return None
+    sig = {"embed_dim": cfg.get("embed_dim"), "quick_gelu": bool(cfg.get("quick_gelu", False))}
+    for tower, defaults in _SHAPE_KEYS.items():
+        for key, default in defaults.items():
+            value = cfg.get(tower, {}).get(key, default)
+            sig[f"{tower}.{key}"] = float(value) if key == "mlp_ratio" else value
+    return sig
+
+
+def _check_hf_arch_name(arch: str, path: Path, model_cfg: dict[str, Any]) -> None:
+    """student.arch names the converted model: a registered open_clip name must describe the same model
+    (else the saved student.json would name an architecture it is not); a new name is free."""
+    if arch not in open_clip.list_models():
+        return
+    want, have = _shape_signature(model_cfg), _shape_signature(open_clip.get_model_config(arch))
+    if want == have:
+        return
+    diff = [f"{k} {have.get(k)} vs {v}" for k, v in want.items() if have is None or have.get(k) != v][:3]
+    matches = [m for m in open_clip.list_models() if _shape_signature(open_clip.get_model_config(m) or {}) == want]
+    hint = f"set student.arch: {matches[0]}" if matches else "set student.arch to a new name for this model"
+    raise StudentLoadError(f"{path}: student.arch {arch!r} is a registered open_clip architecture that is not this "
+                           f"CLIPModel ({', '.join(diff)}); {hint}")
+
+
 def _build_from_hf(arch: str, path: Path) -> Student:
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
-    from sdsclip.models.hf_clip import HFCLIPError, has_hf_tokenizer, load_hf_clip
+    from sdsclip.models.hf_clip import HFCLIPError, has_hf_tokenizer, load_hf_clip, open_clip_config
 
     try:
+        _check_hf_arch_name(arch, path, open_clip_config(path)[0])  # before the weights are read
         model_cfg, preprocess_cfg, state = load_hf_clip(path)
     except HFCLIPError as err:
         raise StudentLoadError(str(err)) from None
