@@ -178,8 +178,9 @@ def _registered_config(arch: str) -> dict[str, Any]:
 
 
 def _fit_error(path: Path, arch: str, err: BaseException) -> StudentLoadError:
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return StudentLoadError(f"{path}: does not fit architecture {arch!r}: {first}")
+    # torch's message is "Error(s) in loading state_dict for CLIP:" + one line per key: keep the first key's.
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+    return StudentLoadError(f"{path}: does not fit architecture {arch!r}: {' '.join(lines[:2])[:240]}")
 
 
 def _load_open_clip_file(arch: str, path: Path):
