@@ -122,7 +122,7 @@ def stage_code_files(cmd: str) -> set[Path]:
     dispatch = function_imports("sdsclip.cli", cli_function(argv[1:]))
     modules = {m for m in dispatch if m not in DISPATCHERS}
     files = {module_file(m) for m in module_closure(modules)}
-    files |= {module_file(m) for m in dispatch if m in DISPATCHERS and m != "sdsclip.cli"}
+    files |= {module_file(m) for m in dispatch if m in DISPATCHERS}  # cli.py too: it passes the stage its args
     return {f for f in files if f is not None}
 
 

@@ -95,7 +95,7 @@ def test_whole_chain_runs_on_the_real_formats(tiny_run):
     assert summary["shapes"]["sigma_latent_shape"] == tiny.latent_shape
     assert summary["shapes"]["student_source"] == "checkpoint" and summary["shapes"]["text_tokens"] == 77
     student = json.loads((work / "run" / "models" / "student_pretrained" / "student.json").read_text())
-    assert student.get("converted_from", "openai_torchscript") == "openai_torchscript"
+    assert student["converted_from"] == "openai_torchscript"
     assert summary["train"]["sds"]["lambda_sds"] > 0 and summary["train"]["baseline"]["lambda_sds"] == 0
     assert summary["registration"]["version"] == 1
     assert (work / "run" / "mlflow.db").is_file() and any((work / "run" / "mlartifacts").rglob("model.safetensors"))

@@ -346,3 +346,41 @@ def test_broken_student_weight_file_is_one_line_exit_2(broken, train_world, tmp_
         assert result.exit_code == 2 and len(lines) == 1, (name, result.output)
         assert f"{student / broken}: corrupt or truncated safetensors file" in lines[0], (name, lines[0])
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_dir_hashes_what_is_loaded_and_a_broken_shard_index_is_one_line(tmp_path):
+    """pretrain_student records the hash of what load_hf_clip reads (not a hub snapshot's TF / Flax siblings);
+    a sharded save reads its index, and a broken index is a one-line error, not a JSONDecodeError."""
+    from transformers import CLIPModel
+
+    from sdsclip.models.hf_clip import loaded_files
+
+    hf_dir = _hf_clip_dir(tmp_path, eos_token_id=2, tokenizer=True)
+    (hf_dir / "tf_model.h5").write_bytes(b"\0" * 4096)
+    (hf_dir / "flax_model.msgpack").write_bytes(b"\0" * 4096)
+    files = loaded_files(hf_dir)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert "tf_model.h5" not in files and "flax_model.msgpack" not in files
+
+    sharded = tmp_path / "sharded"
+    CLIPModel.from_pretrained(hf_dir).save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and loaded_files(sharded) == ["config.json", "model.safetensors.index.json", *shards]
+    build_student("my-hf-clip", sharded)
+    (sharded / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(StudentLoadError, match=r"model\.safetensors\.index\.json: unreadable shard index"):
+        build_student("my-hf-clip", sharded)
+
+
+def test_memory_estimate_works_for_a_converted_student_without_a_registered_name(tmp_path):
+    """finetune hands the memory preflight the student's own model config: an HF-converted student (free arch
+    name) is estimated like any other instead of skipping the check."""
+    from sdsclip.config import Params
+    from sdsclip.memory import estimate_step
+
+    student = build_student("my-hf-clip", _hf_clip_dir(tmp_path, eos_token_id=2))
+    cfg = Params().train
+    est = estimate_step(cfg, student.model_cfg, None, 1, "cpu", 100, (4, 8, 8))
+    assert est.activations > 0 and est.weights > 0
+    with pytest.raises(StudentLoadError, match="unknown open_clip architecture"):
+        estimate_step(cfg, "my-hf-clip", None, 1, "cpu", 100, (4, 8, 8))

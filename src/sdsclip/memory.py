@@ -13,6 +13,7 @@ compute, no memory) to estimate a step's peak before the first step:
 from __future__ import annotations
 
 import logging
+from copy import deepcopy
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -277,7 +278,8 @@ def _clip_model(arch: str) -> torch.nn.Module:
     ``model.to(device)`` cannot move fake parameters)."""
     import open_clip
 
-    cfg = open_clip.get_model_config(arch)
+    # A dict: the model config a converted student carries (a Hugging Face CLIPModel dir has no registered name).
+    cfg = deepcopy(arch) if isinstance(arch, dict) else open_clip.get_model_config(arch)
     if cfg is None:
         from sdsclip.models.student import StudentLoadError
 

@@ -498,14 +498,14 @@ def _run_in_child(name: str, target: str, params_file: Path, kwargs: dict[str, A
 
 def _child_main(spec_path: str) -> int:
     """Entry point of one isolated stage: ``python -m sdsclip.realshape SPEC.json``."""
-    from sdsclip.cli import _user_errors
     from sdsclip.config import load_params
+    from sdsclip.errors import UserError
 
     spec = json.loads(Path(spec_path).read_text())
     try:
         params = load_params(spec["params"])
         result = _resolve(spec["target"])(params, **spec["kwargs"])
-    except _user_errors() as err:
+    except (UserError, FileNotFoundError) as err:
         print(f"sdsclip realshape: {spec['name']}: error: {err}", file=sys.stderr)
         return 2
     Path(spec["result"]).write_text(json.dumps(result, indent=2, default=str) + "\n")

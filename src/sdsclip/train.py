@@ -198,8 +198,14 @@ def pretrain_student(
     if cfg.checkpoint:
         student = build_student(cfg.arch, cfg.checkpoint)
         ckpt_path = Path(cfg.checkpoint)  # a file, or a Hugging Face CLIPModel directory
-        meta = {"source": "checkpoint", "checkpoint": str(ckpt_path.resolve()),
-                "sha256": tree_sha256(ckpt_path) if ckpt_path.is_dir() else file_sha256(ckpt_path)}
+        meta = {"source": "checkpoint", "checkpoint": str(ckpt_path.resolve())}
+        if ckpt_path.is_dir():  # hash what was loaded, not the TF / Flax siblings of a hub snapshot
+            from sdsclip.models.hf_clip import loaded_files
+
+            digest = files_digest(ckpt_path, loaded_files(ckpt_path))
+            meta.update(sha256=digest["sha256"], hashed_files=digest["files"])
+        else:
+            meta["sha256"] = file_sha256(ckpt_path)
         save_student(student, out_dir, meta)
         return meta
 
@@ -488,7 +494,7 @@ def finetune(
     from sdsclip.memory import check_step_memory
 
     # Before the teacher is loaded: a step that cannot fit the device stops here, with the knobs that shrink it.
-    check_step_memory(cfg, student.arch, plan.teacher_root if lambda_sds > 0 else None, plan.teacher_latent,
+    check_step_memory(cfg, student.model_cfg or student.arch, plan.teacher_root if lambda_sds > 0 else None, plan.teacher_latent,
                       plan.teacher_image_size, plan.latent_shape, plan.n_pairs, world, accelerator.device)
     set_seed(params.seed)
     model = student.model

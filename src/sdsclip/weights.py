@@ -33,13 +33,38 @@ def check_safetensors(path: str | Path, fix: str = "re-download or re-export it"
     return path
 
 
+def check_torch_zip(path: str | Path, fix: str = "re-download or re-export it") -> Path:
+    """Raise WeightFileError unless ``path`` (a ``torch.save`` file: ``.bin`` / ``.pt``) is a zip archive whose
+    central directory reads and which holds a ``data.pkl`` (a truncated file loses the directory at its end).
+    Reads the directory only; the legacy pre-1.6 format (not a zip) is let through to torch."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"{path}: weight file not found; {fix}")
+    with open(path, "rb") as fh:
+        legacy = fh.read(8) == bytes.fromhex("80028a0a6cfc9c46")  # torch.save before 1.6: a raw pickle
+    if legacy:
+        return path
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in zf.namelist()):
+                raise WeightFileError(f"{path}: not a torch.save archive (no data.pkl); {fix}")
+    except zipfile.BadZipFile as err:
+        raise WeightFileError(f"{path}: corrupt or truncated torch.save file ({err}); {fix}") from None
+    return path
+
+
 def check_weight_files(paths: list[str | Path], fix: str = "re-download or re-export it") -> list[Path]:
-    """``check_safetensors`` on each ``.safetensors`` path; other files only need to exist."""
+    """``check_safetensors`` on each ``.safetensors`` path, ``check_torch_zip`` on ``.bin`` / ``.pt`` / ``.pth``;
+    other files only need to exist."""
     checked = []
     for p in paths:
         p = Path(p)
         if p.suffix == ".safetensors":
             checked.append(check_safetensors(p, fix))
+        elif p.suffix in (".bin", ".pt", ".pth"):
+            checked.append(check_torch_zip(p, fix))
         elif not p.is_file():
             raise WeightFileError(f"{p}: weight file not found; {fix}")
         else:

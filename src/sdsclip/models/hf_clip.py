@@ -39,6 +39,30 @@ def has_hf_tokenizer(path: str | Path) -> bool:
     return any((Path(path) / name).is_file() for name in HF_TOKENIZER_FILES)
 
 
+# Tokenizer / preprocessing files save_pretrained writes beside the weights (hashed when present).
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+               "preprocessor_config.json")
+
+
+def loaded_files(path: str | Path) -> list[str]:
+    """Relative paths of what ``load_hf_clip`` reads from an HF dir: its config, the one weight source it
+    loads (model.safetensors, else the sharded index + shards, else pytorch_model.bin) and the tokenizer
+    files; not the TF / Flax / other-format siblings a hub snapshot may also hold."""
+    path = Path(path)
+    files = [HF_CONFIG] + [n for n in _SIDE_FILES if (path / n).is_file()]
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        files.append("model.safetensors")
+    elif index.is_file():
+        try:
+            files += [index.name, *sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            files.append(index.name)  # load_hf_clip names the broken index
+    elif (path / "pytorch_model.bin").is_file():
+        files.append("pytorch_model.bin")
+    return [f for f in files if (path / f).is_file()]
+
+
 def _read_config(path: Path):
     from transformers import CLIPConfig
 
@@ -106,7 +130,11 @@ def _hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return load_file(str(check_safetensors(single, fix)))
     if index.is_file():  # sharded save_pretrained
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise HFCLIPError(f"{index}: unreadable shard index ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:120]}); {fix}") from None
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state.update(load_file(str(check_safetensors(path / shard, fix))))
