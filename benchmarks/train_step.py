@@ -17,7 +17,14 @@ embedded demo; a few hundred distinct captions) and (c) COCO-like captions, all 
 captions, each seen once per epoch, so an LRU of 4096 never hits). Reported: median step time per arm, their
 ratio, the cache's hit rate, and the device memory the full cache would hold.
 
+Jacobian-free arm (``--jacobian-free``; train.sds_gradient): jacobian_free / full SDS step time side by side
+(tiny models on CPU, and at real shapes with ``--real-steps N``), bytes saved for backward per sample at
+SD-1.5 + ViT-B-32 shapes (sdsclip.memory's fake-tensor count of the production step, so no compute) for full,
+full + checkpointing and jacobian_free in fp32 and bf16, and the largest batch whose estimated peak fits an
+80 GB card, per mode. Figures: benchmarks/results/jacobian_free/.
+
     python benchmarks/train_step.py                       # tiny embedded models, CPU, < 3 min on 2 cores
+    python benchmarks/train_step.py --jacobian-free [--real-steps 1]
     python benchmarks/train_step.py --size real --device cuda --bf16 [--grad-checkpointing] [--batch 32]
         # ViT-B-32 + an SD-1.x-shaped UNet (4x64x64 latents, 77x768 conditioning), random weights: no download
 """
@@ -313,6 +320,129 @@ def memory_child(args) -> None:
                       "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def _mode_step(b: Bench, gradient: str):
+    """One production SDS step (cached text conditioning) with train.sds_gradient = ``gradient``."""
+    from open_clip.loss import ClipLoss
+
+    from sdsclip.models.teacher import TextConditioningCache
+    from sdsclip.sds import sds_clip_objective
+
+    contrastive, cache = ClipLoss(), TextConditioningCache(b.teacher, 4096)
+    logit_scale = b.module.clip.logit_scale.detach().exp()
+    cache(b.captions)
+
+    def step():
+        cond = cache(b.captions)
+        with b.autocast():
+            image_emb, text_emb, z = b.module(b.images, b.tokens, True)
+            terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, b.teacher, cond, 1.0, 20, 980, 1,
+                                       b.generator, contrastive, gradient=gradient)
+        terms.total.backward()
+        b.optimizer.step()
+        b.optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_modes(b: Bench, steps: int, warmup: int) -> dict[str, float]:
+    """Median step time of full and jacobian_free on the same models and batch, interleaved step by step."""
+    fns = {g: _mode_step(b, g) for g in ("full", "jacobian_free")}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + steps):
+        for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+            _sync(b.device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(b.device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+#: (label, train.sds_gradient, gradient checkpointing) of the memory comparison
+JF_MODES = (("full", "full", False), ("full+ckpt", "full", True), ("jacobian_free", "jacobian_free", False))
+
+
+def jacobian_free_memory(card: str = "80gb") -> dict:
+    """Saved-for-backward bytes per sample (batch 2 - batch 1, fake CUDA tensors) and the largest local batch whose
+    estimated peak (sdsclip.memory.estimate_step: weights + saved activations + recompute + grads/AdamW + 10 %
+    margin + 1 GiB CUDA reserve) fits ``card``'s usable bytes (sdsclip.memory.CARDS), per mode, at SD-1.5 +
+    ViT-B-32. The estimate is affine in the batch: fitted from batch 8 and 16, then checked at the answer."""
+    from sdsclip.config import TrainConfig
+    from sdsclip.memory import CARDS, GIB, TeacherSpec, count_step, estimate_step
+
+    spec, arch, limit = TeacherSpec.sd15(), "ViT-B-32", CARDS[card]
+    out: dict = {"card": card, "usable_gib": limit / GIB, "per_sample": {}, "largest_batch": {}}
+    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        for label, gradient, ckpt in JF_MODES:
+            c1, c2 = (count_step(arch, spec, n, dtype, ckpt, "cuda", sds_gradient=gradient) for n in (1, 2))
+            key = f"{label}/{precision}"
+            out["per_sample"][key] = {
+                "saved_bytes": (c2.student_saved + c2.unet_saved) - (c1.student_saved + c1.unet_saved),
+                "unet_saved_bytes": c2.unet_saved - c1.unet_saved,
+                "student_saved_bytes": c2.student_saved - c1.student_saved}
+
+            def peak(n: int) -> int:
+                cfg = TrainConfig(batch_size=max(n, 2), sds_gradient=gradient, gradient_checkpointing=ckpt,
+                                  mixed_precision="no" if dtype is None else "bf16")
+                return estimate_step(cfg, arch, spec, 1, "cuda").peak
+
+            p8, p16 = peak(8), peak(16)
+            slope = (p16 - p8) / 8
+            best = int((limit - (p8 - 8 * slope)) // slope)
+            while best > 2 and peak(best) > limit:  # the affine fit is checked on the real estimate
+                best = int(best * 0.97)
+            out["largest_batch"][key] = {"batch": best, "peak_gib_at_batch": peak(best) / GIB,
+                                         "fixed_gib": (p8 - 8 * slope) / GIB, "gib_per_sample": slope / GIB}
+    return out
+
+
+def jacobian_free_arm(args) -> dict:
+    """The ``--jacobian-free`` run: step-time ratios and memory per mode, side by side (see the docstring)."""
+    started = time.time()
+    result: dict = {"machine": machine("cpu")}
+    b = build("tiny", args.batch, "cpu", False, False)
+    tiny = time_modes(b, args.steps, args.warmup)
+    del b
+    result["tiny_cpu"] = {"batch": args.batch, "steps": args.steps, "median_s": tiny,
+                          "ratio_jacobian_free_over_full": tiny["jacobian_free"] / tiny["full"]}
+    if args.real_steps:
+        b = build("real", 1, "cpu", False, False)
+        real = time_modes(b, args.real_steps, 1)
+        del b
+        result["real_shapes_cpu"] = {"batch": 1, "steps": args.real_steps, "warmup": 1, "median_s": real,
+                                     "ratio_jacobian_free_over_full": real["jacobian_free"] / real["full"]}
+    result["memory_sd15_vitb32"] = jacobian_free_memory()
+    result["wall_s"] = round(time.time() - started, 1)
+
+    print(f"\nJacobian-free vs full SDS  [{result['machine']}]")
+    for label, r in (("tiny models, CPU", result["tiny_cpu"]), ("SD-1.5 + ViT-B-32, CPU", result.get("real_shapes_cpu"))):
+        if r:
+            m = r["median_s"]
+            print(f"  step time, {label}, batch {r['batch']}: full {m['full'] * 1000:.1f} ms, jacobian_free "
+                  f"{m['jacobian_free'] * 1000:.1f} ms -> ratio {r['ratio_jacobian_free_over_full']:.3f} (target <= 0.6)")
+    mem = result["memory_sd15_vitb32"]
+    print(f"  SD-1.5 + ViT-B-32, fake CUDA tensors; largest batch: estimated peak <= {mem['usable_gib']:.0f} GiB "
+          f"usable of an {mem['card']} card")
+    print(f"    {'mode':<24} {'saved MiB/sample':>17} {'UNet MiB/sample':>16} {'largest batch':>14}")
+    for key, ps in mem["per_sample"].items():
+        lb = mem["largest_batch"][key]
+        print(f"    {key:<24} {ps['saved_bytes'] / 2**20:17.2f} {ps['unet_saved_bytes'] / 2**20:16.2f} "
+              f"{lb['batch']:14d}")
+    for precision in ("fp32", "bf16"):
+        full, jf = mem["per_sample"][f"full/{precision}"], mem["per_sample"][f"jacobian_free/{precision}"]
+        fb, jb = mem["largest_batch"][f"full/{precision}"]["batch"], mem["largest_batch"][f"jacobian_free/{precision}"]["batch"]
+        cb = mem["largest_batch"][f"full+ckpt/{precision}"]["batch"]
+        print(f"  {precision}: saved bytes/sample jacobian_free / full = {jf['saved_bytes'] / full['saved_bytes']:.4f} "
+              f"(target <= 0.1); batch per card {jb} vs full {fb} ({jb / max(fb, 1):.1f}x, target >= 4x), "
+              f"vs full+ckpt {cb} ({jb / max(cb, 1):.1f}x)")
+    print(f"  wall {result['wall_s']} s (MiB, GiB: 2^20, 2^30 bytes)")
+    out = args.json or (Path(__file__).resolve().parent / "results" / "jacobian_free" / "jacobian_free.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def machine(device: str) -> str:
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, " \
           f"torch threads {torch.get_num_threads()}"
@@ -339,10 +469,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-cache-arm", action="store_true", help="skip the text-cache stream measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--jacobian-free", action="store_true",
+                        help="only the train.sds_gradient comparison (writes benchmarks/results/jacobian_free/)")
+    parser.add_argument("--real-steps", type=int, default=0,
+                        help="--jacobian-free: also time N steps per mode at SD-1.5 + ViT-B-32 shapes, batch 1 (CPU)")
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args)
         return {}
+    if args.jacobian_free:
+        return jacobian_free_arm(args)
 
     started = time.time()
     b = build(args.size, args.batch, args.device, args.bf16, args.grad_checkpointing)

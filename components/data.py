@@ -31,6 +31,7 @@ def resolve_params(
     train_batch_size: int,
     train_lr: float,
     mixed_precision: str,
+    sds_gradient: str,
     eval_teacher_draws: int,
     tracking_uri: str,
     model_name: str,

@@ -9,7 +9,7 @@
 (``sdsclip.kubeflow.FORM_FIELDS``): seed, device, profile; data.coco_root, data.train_split, ingest.splits,
 data.winoground_dir / aro_dir / zeroshot_dir / sugarcrepe_dir; student.arch, student.checkpoint;
 teacher.pretrained_dir, teacher.latent, teacher.image_size; train.lambda_sds, train.steps, train.epochs,
-train.batch_size (train_batch_size), train.lr (train_lr), train.mixed_precision; eval.teacher_draws;
+train.batch_size (train_batch_size), train.lr (train_lr), train.mixed_precision, train.sds_gradient; eval.teacher_draws;
 registry.tracking_uri, registry.model_name. A field overrides params_yaml only when the run changed it from
 its default; '' (text) or 0 (steps, epochs) means null. Cluster-only: ``gpu_type`` (the GPU tasks'
 accelerator resource name, e.g. nvidia.com/gpu, amd.com/gpu), ``gpu_count`` (GPUs per GPU task; a string,
@@ -163,6 +163,7 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
         train_batch_size: int = d["train_batch_size"],
         train_lr: float = d["train_lr"],
         mixed_precision: str = d["mixed_precision"],
+        sds_gradient: str = d["sds_gradient"],
         eval_teacher_draws: int = d["eval_teacher_draws"],
         tracking_uri: str = d["tracking_uri"],
         model_name: str = d["model_name"],

@@ -199,6 +199,13 @@ class TrainConfig(_Section):
     t_min: int = Field(20, ge=0, description="smallest timestep sampled for L_SDS")
     t_max: int = Field(980, ge=1, description="largest timestep sampled for L_SDS")
     noise_draws: int = Field(1, ge=1, description="(t, eps) draws per sample per step")
+    sds_gradient: Literal["full", "jacobian_free"] = Field(
+        "full", description="full = the paper's L_SDS, back-propagated through the frozen UNet; jacobian_free = "
+        "the same logged loss, gradient w(t) (eps_hat - eps) on z with the UNet run without autograd (no UNet "
+        "activations kept: cheaper steps, far bigger batches; see sdsclip.sds.SDS_WEIGHTS)")
+    sds_weighting: Literal["constant", "one_minus_alpha_bar"] = Field(
+        "constant", description="w(t) of the jacobian_free gradient: constant (1) or one_minus_alpha_bar "
+        "(DreamFusion's); unused by full")
     batching: Literal["random", "bag_distinct"] = Field(
         "random", description="fine-tuning batches: random, or bag_distinct (no word-order hard negatives)")
     captions: Literal["all", "one_per_image"] = Field(
@@ -267,6 +274,10 @@ class ScienceConfig(_Section):
                              description="fine-tuning seeds (data order, (t, eps) draws, sigma init) per arm")
     lambdas: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0], min_length=1,
                                  description="lambda_sds values of the SDS arms; the control (0) always runs")
+    sds_gradients: list[Literal["full", "jacobian_free"]] = Field(
+        default_factory=lambda: ["full"], min_length=1,
+        description="train.sds_gradient of the SDS arms: each lambda runs once per entry (jacobian_free arms are "
+        "named sds_lambda_<l>_jacobian_free)")
     workdir: str = Field("science", description="world, shards, models, metrics and report of the experiment")
     diagnose_items: int | None = Field(200, ge=1, description="Winoground items of the teacher diagnostic; null = all")
 

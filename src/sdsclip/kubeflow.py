@@ -50,6 +50,7 @@ FORM_FIELDS: dict[str, str] = {
     "train_batch_size": "train.batch_size",
     "train_lr": "train.lr",
     "mixed_precision": "train.mixed_precision",
+    "sds_gradient": "train.sds_gradient",
     "eval_teacher_draws": "eval.teacher_draws",
     "tracking_uri": "registry.tracking_uri",
     "model_name": "registry.model_name",

@@ -8,6 +8,11 @@ compute, no memory) to estimate a step's peak before the first step:
 
     peak ~ weights + saved activations (local batch) + grads and AdamW state of the trainable params
            + text-conditioning cache + largest recomputed segment (gradient checkpointing) + margin
+
+With ``train.sds_gradient: jacobian_free`` the UNet runs without autograd: it saves nothing for backward (the
+count is the production step's: ``unet_saved`` is then only the surrogate's fp32 gradient for z, one latent
+per sample) and checkpointing is a no-op for it; its transient forward working set is bounded by the
+``recompute`` term, the largest checkpoint segment's activations.
 """
 
 from __future__ import annotations
@@ -291,10 +296,15 @@ def _clip_model(arch: str) -> torch.nn.Module:
 
 def count_step(student_arch: str, teacher: TeacherSpec | None, batch: int, autocast: torch.dtype | None,
                checkpointing: bool, device_type: str = "cuda", noise_draws: int = 1, latent_shape: tuple[int, int, int] | None = None,
-               trainable: str = "image_layernorms") -> StepCount:
+               trainable: str = "image_layernorms", sds_gradient: str = "full") -> StepCount:
     """Run the production step (``sdsclip.sds``) on fake tensors and count what it saves for backward.
 
-    ``teacher=None``: the control (lambda = 0), whose step never runs the teacher (sigma unused)."""
+    ``teacher=None``: the control (lambda = 0), whose step never runs the teacher (sigma unused).
+    ``sds_gradient="jacobian_free"``: the UNet saves nothing (checkpointing ignored); ``recompute`` is then the
+    largest checkpoint segment's saved bytes, counted on one extra fake forward: a bound on the live activations
+    of the no-grad UNet forward."""
+    jacobian_free = sds_gradient == "jacobian_free"
+    checkpointing = checkpointing or (jacobian_free and teacher is not None)
     from open_clip.loss import ClipLoss
 
     from sdsclip.models import student as _student  # noqa: F401 - registers the tiny open_clip configs
@@ -339,8 +349,12 @@ def count_step(student_arch: str, teacher: TeacherSpec | None, batch: int, autoc
             terms = sds_clip_objective(image_emb, text_emb, z, clip.logit_scale.exp(), None, None, 0.0, 20, 980,
                                        contrastive=ClipLoss())
             student_saved = counter.bytes
-            loss_sds = sds_loss(t, z, cond, 20, 980, noise_draws, None) if t is not None else None
+            loss_sds = sds_loss(t, z, cond, 20, 980, noise_draws, None, gradient=sds_gradient
+                                ) if t is not None else None
         unet_saved = counter.bytes - student_saved
+        if jacobian_free and t is not None:  # only for the segments' count: the production step saved none
+            with _autocast(device_type, autocast), SavedTensorCounter.excluding(*weights)():
+                sds_loss(t, z.detach().requires_grad_(True), cond, 20, 980, noise_draws, None)
         del terms, loss_sds
         return StepCount(
             batch=batch, student_saved=student_saved, unet_saved=unet_saved,
@@ -399,12 +413,14 @@ def estimate_step(cfg, student_arch: str, teacher: TeacherSpec | None, world: in
     ``teacher=None`` is the control (lambda = 0): no teacher on the device, no UNet activations."""
     local = max(1, cfg.batch_size // max(1, world))
     autocast = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
-    ckpt = bool(cfg.gradient_checkpointing) and teacher is not None
+    gradient = getattr(cfg, "sds_gradient", "full")
+    ckpt = bool(cfg.gradient_checkpointing) and teacher is not None and gradient == "full"
     c = count_step(student_arch, teacher, local, autocast, ckpt, device_type, cfg.noise_draws, latent_shape,
-                   getattr(cfg, "trainable", "image_layernorms"))
+                   getattr(cfg, "trainable", "image_layernorms"), gradient)
     captions = cfg.text_cache_size if n_pairs is None else min(cfg.text_cache_size, n_pairs)
     state = c.trainable_params * (3 + (1 if world > 1 else 0))
-    est = StepEstimate(device_type, setting_of(cfg.mixed_precision, ckpt), local,
+    setting = setting_of(cfg.mixed_precision, ckpt) + ("+jacobian_free" if gradient == "jacobian_free" else "")
+    est = StepEstimate(device_type, setting, local,
                        weights=c.student_weights + c.teacher_weights, activations=c.student_saved + c.unet_saved,
                        recompute=c.recompute, trainable_state=state, text_cache=c.cond_row * captions, margin=0,
                        unet_saved=c.unet_saved, student_saved=c.student_saved)
@@ -463,8 +479,10 @@ def check_step_memory(cfg, student_arch: str, teacher_root=None, teacher_latent:
     knobs = []
     if cfg.mixed_precision == "no":
         knobs.append("train.mixed_precision: bf16")
-    if not cfg.gradient_checkpointing and teacher is not None:
-        knobs.append("train.gradient_checkpointing: true")
+    if teacher is not None and getattr(cfg, "sds_gradient", "full") == "full":
+        if not cfg.gradient_checkpointing:
+            knobs.append("train.gradient_checkpointing: true")
+        knobs.append("train.sds_gradient: jacobian_free (no UNet backprop; not the paper's gradient)")
     knobs.append(f"a smaller train.batch_size or more processes (local batch {est.local_batch})")
     if teacher is not None and cfg.text_cache_size and est.text_cache >= 0.05 * GIB:
         knobs.append("a smaller train.text_cache_size")

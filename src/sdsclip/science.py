@@ -89,8 +89,10 @@ def experiment_params(params: Params, workdir: Path) -> Params:
     return params.model_copy(update={"data": data})
 
 
-def arm_name(lam: float) -> str:
-    return "control" if lam == 0 else f"sds_lambda_{lam:g}"
+def arm_name(lam: float, gradient: str = "full") -> str:
+    if lam == 0:
+        return "control"
+    return f"sds_lambda_{lam:g}" + ("" if gradient == "full" else f"_{gradient}")
 
 
 def evaluate_student(params: Params, model: Path, out: Path) -> dict[str, dict[str, Any]]:
@@ -141,10 +143,12 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
                          lambda: evaluate_student(params, student_dir, pre_dir), log)
     runs: list[dict[str, Any]] = []
     for seed in sci.seeds:
-        for lam in [0.0, *sci.lambdas]:
-            name = f"{arm_name(lam)}_seed{seed}"
+        arms = [(0.0, "full")] + [(lam, g) for lam in sci.lambdas for g in sci.sds_gradients]
+        for lam, gradient in arms:
+            name = f"{arm_name(lam, gradient)}_seed{seed}"
             run_params = params.model_copy(update={
-                "seed": seed, "train": params.train.model_copy(update={"lambda_sds": lam})})
+                "seed": seed, "train": params.train.model_copy(update={"lambda_sds": lam,
+                                                                       "sds_gradient": gradient})})
             model_dir, metrics_dir = work / "runs" / name, work / "metrics" / name
 
             def fit_and_score(p=run_params, model_dir=model_dir, metrics_dir=metrics_dir, lam=lam):
@@ -154,8 +158,10 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
                                                            "loss_sds")},
                         "rows": evaluate_student(p, model_dir, metrics_dir)}
 
-            result = _cached(metrics_dir, [models_key, full["train"], full["eval"], seed, lam], fit_and_score, log)
-            runs.append({"arm": arm_name(lam), "lambda": lam, "seed": seed, **result})
+            key = [models_key, full["train"], full["eval"], seed, lam] + ([gradient] if gradient != "full" else [])
+            result = _cached(metrics_dir, key, fit_and_score, log)
+            runs.append({"arm": arm_name(lam, gradient), "lambda": lam, "seed": seed, "sds_gradient": gradient,
+                         **result})
     summary = summarize(runs, pretrained, diagnostic, params)
     write_report(summary, work / "report")
     return summary

@@ -14,6 +14,10 @@ trainable parameter). Each of W processes holds a contiguous 1/W slice of the gl
 computed against the features gathered from every process (with gradients) and L_SDS draws the (t, eps)
 of the WHOLE global batch from a generator seeded alike on every process and keeps its slice, so after
 DDP's gradient averaging W processes take the same step as one process over the global batch.
+
+``train.sds_gradient: jacobian_free`` (the paper's stated limitation, its suggested future work) keeps L_SDS's
+value but drops the UNet Jacobian from its gradient, as DreamFusion's SDS does: the UNet runs without autograd
+and a surrogate gives z the gradient w(t) (eps_hat - eps) (``SDS_WEIGHTS`` says how it relates to the full one).
 """
 
 from __future__ import annotations
@@ -94,6 +98,43 @@ def draw_t_and_noise(
     return t[rank * n : (rank + 1) * n], noise[rank * n : (rank + 1) * n]
 
 
+#: train.sds_weighting: w(t) of the Jacobian-free gradient, as a function of alpha_bar_t. How it relates to the
+#: full loss (the one place this is stated). With N = samples x draws, D = latent elements per sample and
+#: x_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, the full loss mean_i mean_d (eps_hat(x_t) - eps)^2 gives
+#:     dL_full/dz_i = 2/(N D) * sqrt(abar_t) * (d eps_hat / d x_t)^T (eps_hat - eps)
+#: and the Jacobian-free surrogate (``jacobian_free_sds_loss``) gives, on the same 2/(N D) scale (so lambda_sds
+#: weighs both alike),
+#:     dL_jf/dz_i   = 2/(N D) * w(t) * (eps_hat - eps)
+#: i.e. w(t) stands in for sqrt(abar_t) J^T: for an identity Jacobian the full gradient is the Jacobian-free one
+#: times sqrt(abar_t) / w(t). ``constant`` (w = 1) thus weighs noisy t relatively more than the full loss does
+#: (sqrt(abar) is 0.07 at SD-1.5's t = 980); ``one_minus_alpha_bar`` is DreamFusion's w(t) = sigma_t^2.
+SDS_WEIGHTS = {
+    "constant": lambda abar: torch.ones_like(abar),
+    "one_minus_alpha_bar": lambda abar: 1 - abar,
+}
+
+
+def jacobian_free_sds_loss(teacher: Teacher, z: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
+                           noise: torch.Tensor, weighting: str = "constant") -> torch.Tensor:
+    """L_SDS whose VALUE is the real denoising error (as ``full``: curves compare) and whose gradient on z is
+    2/(N D) w(t) (eps_hat - eps), the UNet Jacobian dropped (``SDS_WEIGHTS``).
+
+    The UNet runs under ``torch.no_grad``: none of its activations are kept for backward, its parameters never
+    see a gradient, and UNet gradient checkpointing has nothing to recompute (a no-op in this mode)."""
+    with torch.no_grad():
+        eps_hat = teacher.epsilon_prediction(z.detach(), cond, t, noise)
+    with torch.autocast(z.device.type, enabled=False):
+        residual = eps_hat - noise.float()
+        error = residual.pow(2).flatten(1).mean(1).mean()
+        abar = teacher.scheduler.alphas_cumprod.to(z.device)[t].float().view(-1, *[1] * (z.dim() - 1))
+        n, d = z.shape[0], z[0].numel()
+        grad = (2.0 / (n * d)) * SDS_WEIGHTS[weighting](abar) * residual
+        # A linear surrogate: d/dz sum(z * grad) = grad exactly (no rounding from z - (z - g)); its value is
+        # swapped for the real error (x - x.detach() is exactly 0 and keeps x's gradient).
+        surrogate = (z * grad.detach()).sum()
+        return surrogate - surrogate.detach() + error.detach()
+
+
 def sds_loss(
     teacher: Teacher,
     z: torch.Tensor,
@@ -103,17 +144,27 @@ def sds_loss(
     noise_draws: int = 1,
     generator: torch.Generator | None = None,
     shard: tuple[int, int] = (0, 1),
+    gradient: str = "full",
+    weighting: str = "constant",
 ) -> torch.Tensor:
     """L_SDS for latents z (B, C, H, W) with ``noise_draws`` (t, eps) draws per sample.
 
     ``shard = (rank, world)``: z is slice ``rank`` of a global batch split over ``world`` processes.
-    z and eps are fp32 whatever the ambient autocast; the teacher runs only its UNet in low precision."""
+    z and eps are fp32 whatever the ambient autocast; the teacher runs only its UNet in low precision.
+    ``gradient`` (train.sds_gradient): ``full`` = the paper's loss, back-propagated through the frozen UNet;
+    ``jacobian_free`` = the same value, gradient w(t) (eps_hat - eps) (``jacobian_free_sds_loss``); ``weighting``
+    (train.sds_weighting) chooses w(t) and is used by ``jacobian_free`` only."""
     z = z.float()
     if noise_draws > 1:
         z = z.repeat_interleave(noise_draws, dim=0)
         text_cond = text_cond.repeat_interleave(noise_draws, dim=0)
     t, noise = draw_t_and_noise(z.shape[0], tuple(z.shape[1:]), t_min, t_max, generator, shard)
-    return teacher.epsilon_error(z, text_cond.to(z.device), t.to(z.device), noise.to(z.device)).mean()
+    cond, t, noise = text_cond.to(z.device), t.to(z.device), noise.to(z.device)
+    if gradient == "jacobian_free":
+        return jacobian_free_sds_loss(teacher, z, cond, t, noise, weighting)
+    if gradient != "full":
+        raise ValueError(f"train.sds_gradient must be full or jacobian_free (got {gradient!r})")
+    return teacher.epsilon_error(z, cond, t, noise).mean()
 
 
 def sds_clip_objective(
@@ -130,8 +181,11 @@ def sds_clip_objective(
     generator: torch.Generator | None = None,
     contrastive: ClipLoss | None = None,
     shard: tuple[int, int] = (0, 1),
+    gradient: str = "full",
+    weighting: str = "constant",
 ) -> LossTerms:
-    """L_CLIP + lambda * L_SDS from the student's outputs (see ``StudentWithSigma``).
+    """L_CLIP + lambda * L_SDS from the student's outputs (see ``StudentWithSigma``; ``gradient`` and
+    ``weighting``: train.sds_gradient / train.sds_weighting, see ``sds_loss``).
 
     With lambda == 0 the teacher is never run (the control). In a W-process run ``contrastive`` must be a
     ``ClipLoss(local_loss=True, gather_with_grad=True, rank, world_size)``; every term is then this
@@ -141,7 +195,7 @@ def sds_clip_objective(
     if lambda_sds == 0 or teacher is None:
         zero = loss_clip.new_zeros(())
         return LossTerms(total=loss_clip, clip=loss_clip, sds=zero)
-    loss_sds = sds_loss(teacher, z, text_cond, t_min, t_max, noise_draws, generator, shard)
+    loss_sds = sds_loss(teacher, z, text_cond, t_min, t_max, noise_draws, generator, shard, gradient, weighting)
     return LossTerms(total=loss_clip + lambda_sds * loss_sds, clip=loss_clip, sds=loss_sds)
 
 

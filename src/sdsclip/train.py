@@ -16,6 +16,7 @@ from __future__ import annotations
 from sdsclip.errors import UserError
 import hashlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ from sdsclip.models.teacher import (
     teacher_pixels,
 )
 from sdsclip.sds import LatentProjection, StudentWithSigma, sds_clip_objective, select_trainable
+
+
+log = logging.getLogger(__name__)
 
 
 class TrainError(UserError, ValueError):
@@ -502,7 +506,10 @@ def finetune(
     if lambda_sds > 0:  # the control never loads the teacher; SDS never needs its VAE
         teacher = load_teacher(plan.teacher_root, plan.teacher_latent, plan.teacher_image_size, with_vae=False)
         teacher.freeze()
-        if cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing and cfg.sds_gradient == "jacobian_free":
+            log.info("train.gradient_checkpointing: a no-op for the UNet with train.sds_gradient: jacobian_free "
+                     "(its forward runs without autograd, nothing is kept to recompute)")
+        elif cfg.gradient_checkpointing:
             teacher.enable_gradient_checkpointing()
     # sigma exists in both arms so that the control differs from SDS-CLIP in lambda alone.
     sigma = LatentProjection(student.embed_dim, plan.latent_shape)
@@ -583,7 +590,8 @@ def finetune(
         with accelerator.autocast():
             image_emb, text_emb, z = module(images, tokens, project)
             terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, teacher, text_cond, lambda_sds,
-                                       cfg.t_min, cfg.t_max, cfg.noise_draws, gen, contrastive, (rank, world))
+                                       cfg.t_min, cfg.t_max, cfg.noise_draws, gen, contrastive, (rank, world),
+                                       cfg.sds_gradient, cfg.sds_weighting)
         accelerator.backward(terms.total)
         optimizer.step()
         if not optimizer.step_was_skipped:  # fp16 overflow: the schedule waits too

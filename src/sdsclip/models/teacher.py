@@ -170,16 +170,14 @@ class Teacher:
         unet_in = torch.cat([noisy, *extra], dim=1) if extra else noisy
         return noisy, self.unet(unet_in, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
 
-    def epsilon_error(
+    def epsilon_prediction(
         self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
-        """Per-sample ||eps_phi(sqrt(a_t) z + sqrt(1-a_t) eps, t, c) - eps||^2 (mean over latent dims).
-
-        UNets trained to predict v (SD 2.x 768-v) or x0 are converted to their epsilon prediction first,
-        so the loss is the same quantity whatever the checkpoint's ``prediction_type``."""
+        """eps_phi(sqrt(a_t) z + sqrt(1-a_t) eps, t, c) in fp32, whatever the checkpoint's ``prediction_type``:
+        UNets trained to predict v (SD 2.x 768-v) or x0 are converted to their epsilon prediction."""
         noisy, pred = self._predict(latents, cond, t, noise)
         kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        with torch.autocast(pred.device.type, enabled=False):  # the error in fp32 (pred is fp32 already)
+        with torch.autocast(pred.device.type, enabled=False):  # fp32 (pred is fp32 already)
             if kind != "epsilon":
                 abar = self.scheduler.alphas_cumprod.to(pred.device)[t.to(pred.device)].view(-1, 1, 1, 1).float()
                 if kind == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
@@ -188,6 +186,15 @@ class Teacher:
                     pred = (noisy.float() - abar.sqrt() * pred) / (1 - abar).sqrt()
                 else:
                     raise TeacherLoadError(f"scheduler prediction_type {kind!r} is not supported")
+            return pred
+
+    def epsilon_error(
+        self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sample ||eps_phi(sqrt(a_t) z + sqrt(1-a_t) eps, t, c) - eps||^2 (mean over latent dims), on the
+        epsilon prediction (``epsilon_prediction``)."""
+        pred = self.epsilon_prediction(latents, cond, t, noise)
+        with torch.autocast(pred.device.type, enabled=False):  # the error in fp32
             return (pred - noise.float()).pow(2).flatten(1).mean(1)
 
     def denoising_loss(
