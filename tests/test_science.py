@@ -12,8 +12,12 @@ from sdsclip.config import ConfigError, params_from_dict
 from tiny_params import ROOT
 
 
-def _shipped() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+def _shipped(arms_only: bool = True) -> dict:
+    """params.yaml; ``arms_only``: the control and the SDS sweep alone (no probes, no oracle ladder)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if arms_only:
+        raw["science"] = {**raw["science"], "probes": [], "ladder": [], "sds_gradients": ["full"]}
+    return raw
 
 
 def test_science_profile_sets_an_experiment_and_paper_stays_train_only(tmp_path):
@@ -72,14 +76,23 @@ def fake_stages(monkeypatch):
         return {"seconds": 1.0, "seconds_per_step": 0.5 if control else 2.0, "steps": 2, "loss_clip": 1.0,
                 "loss_sds": 0.0}
 
-    def evaluate(params, model, out):
+    def evaluate(params, model, out, holdout=None, oracle_train=None):
         calls.append(f"eval:{model.name}")
         rows = json.loads(json.dumps(ROWS))
         lam = float((model / "lam").read_text()) if (model / "lam").is_file() else 0.0
         rows["winoground"]["collapsed_tag.Object.group_score"] += 0.01 * lam + 0.001 * params.seed
         return rows
 
+    def oracle(student, train_dir, out, rung, steps, batch_items, lr, seed, warmup_steps=10):
+        calls.append(f"oracle:{seed}:{rung}:{student.name}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "lam").write_text("30")  # the ceiling: +0.3 on object swaps
+        return {"seconds": 1.0, "seconds_per_step": 0.25, "steps": steps, "loss_clip": 0.5}
+
+    from sdsclip import headroom
+
     monkeypatch.setattr(stages, "train", train)
+    monkeypatch.setattr(headroom, "oracle_finetune", oracle)
     monkeypatch.setattr(science, "evaluate_student", evaluate)
     def binding(params, ref, data, items=None, threshold=None):
         calls.append("diagnose")
@@ -106,7 +119,11 @@ def test_runner_runs_every_seed_and_arm_then_resumes_from_its_outputs(tmp_path, 
     assert summary["arms"]["sds_lambda_1"]["seconds_per_step"]["mean"] == 2.0
     report = tmp_path / "sci" / "report"
     md = (report / "science.md").read_text()
-    assert "| Wino group: object swap | 0.100 | 0.101 ± 0.001 |" in md and "+0.100 ± 0.000" in md
+    header = next(line for line in md.splitlines() if line.startswith("| arm | "))
+    col = header.split(" | ").index("Wino group: object swap")
+    row = {line.split(" | ")[0]: line.split(" | ") for line in md.splitlines() if line.startswith("| ")}
+    assert row["| pretrained"][col] == "0.100" and row["| control"][col] == "0.101 ± 0.001"
+    assert "+0.100 ± 0.000" in md  # paired difference (no per-item results here: mean ± std over seeds)
     assert (report / "science.png").stat().st_size > 1000 and json.loads((report / "science.json").read_text())
     # Re-run: everything is reused. A new lambda adds only its own runs.
     fake_stages.clear()
@@ -147,3 +164,76 @@ def test_cli_science_applies_the_profile_and_reports_bad_params_in_one_line(tmp_
     params_file.write_text(yaml.safe_dump(raw))
     bad = CliRunner().invoke(app, ["science", "--params", str(params_file), "--workdir", str(tmp_path / "w")])
     assert bad.exit_code == 2 and "science: " in bad.output and "lambdas must be > 0" in bad.output
+
+
+def test_full_experiment_runs_probes_the_ladder_and_the_plain_students_premise(tmp_path, fake_stages, monkeypatch):
+    from sdsclip import stages
+
+    seen, inner = [], stages.train
+
+    def train(params, *args, **kw):
+        t = params.train
+        seen.append((params.seed, t.lambda_sds, t.trainable, t.sigma_first_steps, t.t_min, t.t_max))
+        return inner(params, *args, **kw)
+
+    monkeypatch.setattr(stages, "train", train)
+    raw = _shipped(arms_only=False)
+    raw["student"]["text_order_weight"] = 0.5
+    raw["science"] = {**raw["science"], "seeds": [0, 1], "lambdas": [1.0], "sds_gradients": ["full"],
+                      "probe_lambda": 2.0}
+    logged = []
+    summary = science.run_science(params_from_dict(raw), tmp_path / "sci", log=logged.append)
+    steps = raw["train"]["steps"]
+    d = raw["train"]
+    assert sorted(seen) == sorted(
+        [(s, 0.0, "image_layernorms", 0, d["t_min"], d["t_max"]) for s in (0, 1)] * 2  # the control, both students
+        + [(s, 1.0, "image_layernorms", 0, d["t_min"], d["t_max"]) for s in (0, 1)]
+        + [(s, 2.0, "sigma_only", 0, d["t_min"], d["t_max"]) for s in (0, 1)]
+        + [(s, 2.0, "image_layernorms", steps // 4, d["t_min"], d["t_max"]) for s in (0, 1)]
+        + [(s, 2.0, "image_tower", 0, d["t_min"], d["t_max"]) for s in (0, 1)])
+    assert any("probe best_t skipped" in line for line in logged)  # the fake diagnostic has no per-t rows
+    oracles = sorted(c for c in fake_stages if c.startswith("oracle:"))
+    assert oracles == sorted(f"oracle:{s}:{r}:{d}" for s in (0, 1) for r in ("image_layernorms", "image_tower",
+                                                                              "both_towers")
+                             for d in ("student_pretrained", "student_pretrained_text_order_0.5"))
+    assert set(summary["arms"]) == {"control", "sds_lambda_1", "probe_sigma_only_lambda_2",
+                                    "probe_sigma_first_lambda_2", "probe_image_tower_lambda_2",
+                                    "oracle_a_image_layernorms", "oracle_b_image_tower", "negclip_c_both_towers"}
+    obj = "Wino group: object swap"
+    assert summary["arms"]["oracle_a_image_layernorms"]["subsets"][obj]["mean"] == pytest.approx(0.1 + 0.3 + 0.0005)
+    assert set(summary["plain_student"]["arms"]) == {"control", "oracle_a_image_layernorms", "oracle_b_image_tower",
+                                                     "negclip_c_both_towers"}
+    md = (tmp_path / "sci" / "report" / "science.md").read_text()
+    assert "## The plain student" in md and "| probe_sigma_only_lambda_2 (λ=2, trainable=sigma_only) |" in md
+    # every run is cached by arm and student: a rerun trains nothing
+    fake_stages.clear()
+    science.run_science(params_from_dict(raw), tmp_path / "sci", log=lambda line: None)
+    assert not [c for c in fake_stages if c.startswith(("train:", "oracle:", "pretrain"))]
+
+
+def test_best_t_window_is_where_the_teacher_binds_object_order_best():
+    rows = [{"t": t, "swap_effect": 0.0, "by_tag": {"Object-Swap": {"text_score": s}}}
+            for t, s in ((100, 0.5), (300, 0.9), (500, 0.8), (700, 0.85), (900, 0.2))]
+    assert science.best_binding_t_window({"by_t": rows}) == {"t_min": 300, "t_max": 701}
+    assert science.best_binding_t_window({}) is None
+
+
+def test_paired_bootstrap_interval_covers_the_effect_and_excludes_zero_only_when_it_should():
+    n = 60
+    tags = ["Object-Swap", "Attribute-Color"] * (n // 2)
+    ctrl = {"tag": tags, "text": [0] * n, "image": [0] * n, "group": [0] * n}
+    wins = [1 if (i % 2 == 0 and i < 24) else 0 for i in range(n)]  # 12 of 30 object swaps
+    arm = {"tag": tags, "text": wins, "image": [0] * n, "group": wins}
+    out = science.paired_bootstrap({0: {"world": arm}, 1: {"world": arm}}, {0: {"world": ctrl}, 1: {"world": ctrl}},
+                                   samples=500)
+    row = out["object swap group"]
+    assert row["mean"] == pytest.approx(0.4) and 0 < row["lo"] < 0.4 < row["hi"] and row["items"] == 30
+    assert out["object swap image"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "items": 30, "seeds": 2}
+    assert "held-out object swap group" not in out  # no held-out items given
+
+
+def test_oracle_and_holdout_seeds_must_differ_from_the_worlds(tmp_path, fake_stages):
+    raw = _shipped()
+    raw["science"] = {**raw["science"], "holdout_seed": raw["seed"]}
+    with pytest.raises(ConfigError, match="must differ"):
+        science.run_science(params_from_dict(raw), tmp_path / "sci", log=lambda line: None)

@@ -450,6 +450,28 @@ def diagnose_teacher(
         raise typer.Exit(1)
 
 
+@diagnose_app.command("student")
+def diagnose_student(
+    model: Path = typer.Option(..., help="student dir (pretrain-student / train output)"),
+    data: Path = typer.Option(..., help="Winoground-format dir (examples.jsonl + images/)"),
+    out: Optional[Path] = typer.Option(None, help="also write the diagnostic as JSON"),
+    items: Optional[int] = typer.Option(None, min=1, help="first N items only (default all)"),
+    params: Path = ParamsOpt,
+):
+    """Can an image-side fine-tune win the swaps at all? Per Winoground tag: how far the text tower separates
+    the two swapped captions and the image tower the two swapped images (cosine distance), and the share of
+    items whose two captions prefer different images (and whose two images prefer different captions)."""
+    from sdsclip.diagnose import student_separation, student_verdict_line
+
+    with _stage("diagnose student"):
+        result = student_separation(_params(params), model, data, items)
+        if out is not None:
+            from sdsclip.evaluate.common import write_json
+
+            write_json(out, result)
+    console.print(student_verdict_line(result), highlight=False, soft_wrap=True)
+
+
 @app.command()
 def science(
     workdir: Optional[Path] = typer.Option(None, help="experiment dir (default science.workdir)"),

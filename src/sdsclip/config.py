@@ -94,6 +94,10 @@ class StudentConfig(_Section):
         None, description="real path, a local: open_clip state dict (.pt/.bin/.safetensors), OpenAI TorchScript .pt "
         "(needs a -quickgelu arch) or Hugging Face CLIPModel dir (config.json + model.safetensors); null = pretrain")
     pretrain: OptimConfig = OptimConfig()
+    text_order_weight: float = Field(
+        0.0, ge=0, description="from-scratch pretraining only: weight of an auxiliary text-only loss that reads the "
+        "scene a relational caption describes, in canonical order, from its text embedding (sdsclip.headroom."
+        "TextOrderHead): a text tower that separates object swaps while the image tower stays bag-of-words; 0 = off")
 
 
 class TinyUNetConfig(_Section):
@@ -226,10 +230,18 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, ge=0, description="write a resumable checkpoint every N steps; 0 = never")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
     log_mlflow: bool = Field(True, description="also log per-step losses to MLflow (registry.tracking_uri)")
-    trainable: Literal["image_layernorms", "image_norms", "image_tower"] = Field(
+    trainable: Literal["image_layernorms", "image_norms", "image_tower", "sigma_only"] = Field(
         "image_layernorms", description="CLIP parameters that train: image_layernorms (the paper), image_norms (every "
         "normalization layer's affine params of the image tower, incl. BatchNorm/GroupNorm: for ResNets such as "
-        "RN50, which have no LayerNorms there) or image_tower (all image-tower params)")
+        "RN50, which have no LayerNorms there), image_tower (all image-tower params; a deviation from the paper) or "
+        "sigma_only (CLIP frozen, only sigma trains: a diagnostic of how much of L_SDS's fall sigma absorbs)")
+    sigma_first_steps: int = Field(
+        0, ge=0, description="the first N steps train sigma only (CLIP's lr held at 0), so the LayerNorms start "
+        "from a fitted sigma rather than a random one; 0 = both from step 0 (the paper)")
+    grad_norm_every: int = Field(
+        0, ge=0, description="every N steps log the gradient norm that L_CLIP and lambda * L_SDS each put on the "
+        "trainable CLIP parameters and on sigma (two extra backward passes on those steps; single-process runs "
+        "only); 0 = never. z's mean / std are logged every step of an SDS run regardless")
 
     @model_validator(mode="after")
     def _t_range(self) -> "TrainConfig":
@@ -237,6 +249,9 @@ class TrainConfig(_Section):
             raise ValueError(f"t_min ({self.t_min}) must be < t_max ({self.t_max})")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(f"set exactly one of steps ({self.steps}) and epochs ({self.epochs}); the other null")
+        if self.steps is not None and self.sigma_first_steps >= self.steps:
+            raise ValueError(f"sigma_first_steps ({self.sigma_first_steps}) must be < steps ({self.steps}), or "
+                             "CLIP never trains")
         return self
 
 
@@ -272,14 +287,34 @@ class ScienceConfig(_Section):
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
                              description="fine-tuning seeds (data order, (t, eps) draws, sigma init) per arm")
-    lambdas: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0], min_length=1,
+    lambdas: list[float] = Field(default_factory=lambda: [1.0, 10.0], min_length=1,
                                  description="lambda_sds values of the SDS arms; the control (0) always runs")
     sds_gradients: list[Literal["full", "jacobian_free"]] = Field(
-        default_factory=lambda: ["full"], min_length=1,
+        default_factory=lambda: ["full", "jacobian_free"], min_length=1,
         description="train.sds_gradient of the SDS arms: each lambda runs once per entry (jacobian_free arms are "
         "named sds_lambda_<l>_jacobian_free)")
     workdir: str = Field("science", description="world, shards, models, metrics and report of the experiment")
     diagnose_items: int | None = Field(200, ge=1, description="Winoground items of the teacher diagnostic; null = all")
+    ladder: list[Literal["image_layernorms", "image_tower", "both_towers"]] = Field(
+        default_factory=lambda: ["image_layernorms", "image_tower", "both_towers"],
+        description="oracle fine-tunes on Winoground-format hard negatives (sdsclip.headroom): image_layernorms "
+        "(a, SDS-CLIP's parameterization), image_tower (b, any image-side method), both_towers (c, NegCLIP); "
+        "[] = none")
+    oracle_train_items: int = Field(1000, ge=2, description="Winoground-format training items of the oracle arms")
+    oracle_lr: float = Field(1e-3, gt=0, description="lr of the oracle arms (same steps and batch as train.*)")
+    oracle_train_seed: int = Field(1001, ge=0, description="world seed of the oracle arms' training items")
+    holdout_seed: int = Field(2002, ge=0, description="world seed of the held-out Winoground / ARO sets every arm "
+                              "is also evaluated on (rendered apart from any training data)")
+    probes: list[Literal["sigma_only", "best_t", "sigma_first", "image_tower"]] = Field(
+        default_factory=lambda: ["sigma_only", "best_t", "sigma_first", "image_tower"],
+        description="mechanism probes, SDS arms at probe_lambda: sigma_only (CLIP frozen), best_t (t drawn only "
+        "where the teacher binds object order best, from the diagnostic's by-t rows), sigma_first (sigma alone for "
+        "train.steps / 4 steps first), image_tower (the whole image tower trains); [] = none")
+    probe_lambda: float | None = Field(10.0, gt=0, description="lambda of the probes; null = the first of lambdas")
+    bootstrap_samples: int = Field(2000, ge=100, description="item resamples of the 95 % intervals")
+    plain_student_ladder: bool = Field(
+        True, description="with student.text_order_weight > 0: also pretrain the plain student (weight 0) and run "
+        "the control and the ladder on it, so the report shows the premise on both students")
 
     @model_validator(mode="after")
     def _positive_lambdas(self) -> "ScienceConfig":

@@ -13,10 +13,12 @@ from typing import Any
 from sdsclip.config import Params
 
 
-def synth(params: Params, out_dir: Path, seed: int | None = None) -> dict[str, Any]:
+def synth(params: Params, out_dir: Path, seed: int | None = None, families: list[str] | None = None,
+          world: Any = None) -> dict[str, Any]:
+    """Render the world (``families``: only those; ``world``: a WorldConfig in place of params.world)."""
     from sdsclip.synth import generate_world
 
-    return generate_world(params.world, Path(out_dir), params.seed if seed is None else seed)
+    return generate_world(world or params.world, Path(out_dir), params.seed if seed is None else seed, families)
 
 
 def _write_json_file(path: str | Path, obj: Any) -> None:

@@ -548,12 +548,19 @@ _FAMILIES: tuple[tuple[str, Callable[[WorldConfig, Path, int], dict[str, int]]],
 )
 
 
-def generate_world(world: WorldConfig, out_dir: Path, seed: int) -> dict[str, int]:
-    """Render the whole toy world under ``out_dir`` and return the item counts.
+def generate_world(world: WorldConfig, out_dir: Path, seed: int,
+                   families: Sequence[str] | None = None) -> dict[str, int]:
+    """Render the toy world under ``out_dir`` and return the item counts.
 
-    Each family is built in a hidden staging directory and then swapped in, so a rerun over an existing tree
-    (or over one left half-written by a crash) ends with exactly the tree a fresh run gives.
+    ``families``: a subset of coco / winoground / aro / zeroshot (default all), e.g. evaluation sets rendered
+    with another seed than the training data. Each family is built in a hidden staging directory and then
+    swapped in, so a rerun over an existing tree (or over one left half-written by a crash) ends with exactly
+    the tree a fresh run gives.
     """
+    known = [name for name, _ in _FAMILIES]
+    unknown = sorted(set(families or ()) - set(known))
+    if unknown:
+        raise ValueError(f"unknown world families {unknown} (one of {', '.join(known)})")
     if seed < 0:
         raise ValueError(f"seed must be >= 0 (got {seed})")
     _radius_range(world.image_size)  # fail early, before touching the output, on an unusable canvas
@@ -561,6 +568,8 @@ def generate_world(world: WorldConfig, out_dir: Path, seed: int) -> dict[str, in
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     for name, write_family in _FAMILIES:
+        if families is not None and name not in families:
+            continue
         staging = out_dir / f".{name}.partial"
         if staging.exists():
             shutil.rmtree(staging)
@@ -579,6 +588,7 @@ def generate_world(world: WorldConfig, out_dir: Path, seed: int) -> dict[str, in
             "seed": int(seed),
             "image_size": world.image_size,
             "counts": counts,
+            "families": list(families or known),
             "classes": list(CLASS_NAMES),
             "vocabulary": world_vocabulary(),
             "world": world.model_dump(mode="json"),

@@ -218,9 +218,18 @@ def pretrain_student(
     student = build_student(cfg.arch)
     model = student.model
     opt = cfg.pretrain
-    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], opt)
+    # student.text_order_weight > 0: an order-sensitive text tower (research option, sdsclip.headroom)
+    order_head = None
+    if cfg.text_order_weight > 0:
+        from sdsclip.text_order import TextOrderHead
+
+        order_head = TextOrderHead(student.embed_dim)
+    trained = [p for p in model.parameters() if p.requires_grad] + (list(order_head.parameters()) if order_head else [])
+    optimizer = _optimizer(trained, opt)
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.steps)
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
+    if order_head is not None:
+        order_head = accelerator.prepare(order_head)
     batches = _loader(params, shards, accepted, student.preprocess, opt.batch_size, params.seed, opt.batching)
     contrastive = ClipLoss()
     log = LossLog(log_dir or out_dir / "dvclive")
@@ -233,17 +242,23 @@ def pretrain_student(
         img = F.normalize(model.encode_image(images), dim=-1)
         txt = F.normalize(model.encode_text(tokens), dim=-1)
         loss = contrastive(img, txt, model.logit_scale.exp())
+        values = {"loss_clip": loss.item()}
+        if order_head is not None:
+            order_loss = accelerator.unwrap_model(order_head).loss(txt, captions)
+            values["loss_text_order"] = order_loss.item()
+            loss = loss + cfg.text_order_weight * order_loss
         accelerator.backward(loss)
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # CLIP's clamp keeps the temperature from diverging
             accelerator.unwrap_model(model).logit_scale.clamp_(0, 4.6052)
-        log.log({"loss_clip": loss.item()})
+        log.log(values)
     log.close()
     student.model = accelerator.unwrap_model(model).eval()
     meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss.detach()),
-            "batching": opt.batching, "seconds": round(time.time() - started, 1)}
+            "batching": opt.batching, "text_order_weight": cfg.text_order_weight,
+            "seconds": round(time.time() - started, 1), **{f"final_{k}": v for k, v in values.items()}}
     save_student(student, out_dir, meta)
     return meta
 
@@ -444,7 +459,10 @@ def _preflight(params: Params, student_ref: Path, teacher_ref: Path, shards: Pat
         check_teacher_weights(teacher_root, latent, with_vae=False)  # WeightFileError: truncated/corrupt file
     latent_shape = latent_shape_of(teacher_root)
     student = load_student(student_ref)  # WeightFileError: corrupt file; StudentLoadError: does not fit the arch
-    if not trainable_clip_parameters(student.model, cfg.trainable):  # e.g. RN50: BatchNorms, no LayerNorms
+    if cfg.trainable == "sigma_only" and lambda_sds == 0:
+        raise TrainError(f"train.trainable: sigma_only trains nothing in {name} (lambda_sds 0: sigma has no loss); "
+                         "set train.trainable: image_layernorms")
+    if cfg.trainable != "sigma_only" and not trainable_clip_parameters(student.model, cfg.trainable):  # e.g. RN50
         lacks = {"image_layernorms": "image-tower LayerNorms (a ResNet has BatchNorms)",
                  "image_norms": "image-tower normalization layers with affine parameters"}.get(cfg.trainable,
                                                                                             "image-tower parameters")
@@ -466,6 +484,25 @@ def _preflight(params: Params, student_ref: Path, teacher_ref: Path, shards: Pat
                                  f"changed); delete {ckpt_dir} or drop --resume")
             plan.resume_meta = meta
     return plan
+
+
+def gradient_norms(terms, lambda_sds: float, clip_params: list[torch.nn.Parameter],
+                   sigma_params: list[torch.nn.Parameter]) -> dict[str, float]:
+    """L2 norms of the gradient that L_CLIP and lambda * L_SDS each put on the trainable CLIP parameters and on
+    sigma (keeps the graph for the step's own backward). Which term steers the LayerNorms is the question: under
+    the paper's lambda 0.001 the SDS term may be a rounding error next to L_CLIP, while AdamW's normalised
+    step trains sigma at full rate whatever lambda is."""
+    out: dict[str, float] = {}
+    for term_name, term in (("clip", terms.clip), ("sds", terms.sds * lambda_sds)):
+        for group_name, group in (("clip_params", clip_params), ("sigma", sigma_params)):
+            group = [p for p in group if p.requires_grad]
+            if not group or not term.requires_grad:
+                out[f"grad_norm_{term_name}_{group_name}"] = 0.0
+                continue
+            grads = torch.autograd.grad(term, group, retain_graph=True, allow_unused=True)
+            out[f"grad_norm_{term_name}_{group_name}"] = float(torch.sqrt(sum(
+                (g.float() ** 2).sum() for g in grads if g is not None) or torch.zeros(())))
+    return out
 
 
 def finetune(
@@ -580,6 +617,7 @@ def finetune(
     keep_final = not inside
     project = teacher is not None
     values = dict(plan.resume_meta.get("last_values", {}))
+    probe_seconds = 0.0
     started = time.time()
     bar = tqdm(total=plan.total_steps, initial=start_step, desc=plan.name, mininterval=2, disable=not main)
     for step in range(start_step, plan.total_steps):
@@ -592,7 +630,14 @@ def finetune(
             terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, teacher, text_cond, lambda_sds,
                                        cfg.t_min, cfg.t_max, cfg.noise_draws, gen, contrastive, (rank, world),
                                        cfg.sds_gradient, cfg.sds_weighting)
+        probe = {}
+        if cfg.grad_norm_every and world == 1 and step % cfg.grad_norm_every == 0:
+            probe_started = time.time()
+            probe = gradient_norms(terms, lambda_sds, ln_params, list(unwrapped.sigma.parameters()))
+            probe_seconds += time.time() - probe_started
         accelerator.backward(terms.total)
+        if step < cfg.sigma_first_steps:  # sigma first: CLIP's step is a no-op until sigma has been fitted
+            optimizer.param_groups[0]["lr"] = 0.0
         optimizer.step()
         if not optimizer.step_was_skipped:  # fp16 overflow: the schedule waits too
             lr_sched.step()
@@ -603,6 +648,9 @@ def finetune(
             stacked = accelerator.reduce(stacked, "mean")  # each process holds its share of the global loss
         total, clip, sds = stacked.tolist()
         values = {"loss": total, "loss_clip": clip, "loss_sds": sds, "lr": lr_sched.get_last_lr()[0]}
+        if z is not None:  # the latent sigma hands the teacher, against the N(0, 1)-ish latents it was trained on
+            values.update(z_mean=float(z.detach().float().mean()), z_std=float(z.detach().float().std()))
+        values.update(probe)
         if main:
             log.log(values)
             if mlflow_log:
@@ -613,13 +661,14 @@ def finetune(
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or (done == plan.total_steps and keep_final)):
             save(done)
     bar.close()
-    seconds = time.time() - started
+    seconds = time.time() - started - probe_seconds  # the cost of a step, without the gradient-norm probes
     steps_run = plan.total_steps - start_step
     meta = {
         "source": plan.name, "lambda_sds": lambda_sds, "steps": plan.total_steps, "epochs": cfg.epochs,
         "pairs": plan.n_pairs, "captions": cfg.captions, "batch_size": cfg.batch_size, "processes": world,
         "resumed_from_step": start_step if plan.resume_from is not None else None,
         "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps_run), 4),
+        "grad_norm_probe_seconds": round(probe_seconds, 1),
         "latent_shape": list(plan.latent_shape), "profile": params.profile,
         **{k: v for k, v in values.items() if k != "lr"},
         "student_ref": str(student_ref), "teacher_ref": str(teacher_ref),

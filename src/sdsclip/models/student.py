@@ -45,7 +45,7 @@ STUDENT_META = "student.json"
 STUDENT_WEIGHTS = "model.safetensors"
 SIGMA_WEIGHTS = "sigma.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's local-dir config file name
-TRAINABLE_SETS = ("image_layernorms", "image_norms", "image_tower")
+TRAINABLE_SETS = ("image_layernorms", "image_norms", "image_tower", "sigma_only")
 # torch.save's legacy (pre-zip) format starts with this pickled magic number.
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # Entries of an OpenAI TorchScript state dict that are not CLIP parameters (open_clip drops them too).
@@ -99,13 +99,15 @@ def image_tower_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
 def trainable_clip_parameters(model: torch.nn.Module, which: str = "image_layernorms") -> list[torch.nn.Parameter]:
     """The CLIP parameters that fine-tuning trains (``train.trainable``), each once, in module order:
     image_layernorms (the paper), image_norms (every normalization layer's affine parameters of the image
-    tower, e.g. a ResNet's BatchNorms) or image_tower (all of it)."""
+    tower, e.g. a ResNet's BatchNorms), image_tower (all of it) or sigma_only (none)."""
     if which == "image_layernorms":
         params = [p for m in image_tower_layernorms(model) for p in m.parameters()]
     elif which == "image_norms":
         params = [p for m in image_tower_norms(model) for p in m.parameters(recurse=False)]
     elif which == "image_tower":
         params = list(model.visual.parameters())
+    elif which == "sigma_only":  # a diagnostic: CLIP frozen, only SDS-CLIP's sigma trains
+        params = []
     else:
         raise ValueError(f"train.trainable: unknown set {which!r} (one of {', '.join(TRAINABLE_SETS)})")
     return list({id(p): p for p in params}.values())
