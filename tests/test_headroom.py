@@ -156,12 +156,22 @@ def test_sigma_only_control_and_too_long_sigma_first_are_refused_in_one_line(wor
         params_from_dict(train_params(tmp_path, steps=5, sigma_first_steps=5))
 
 
-def test_text_order_pretraining_logs_its_loss(tmp_path):
+def test_text_order_phase_trains_the_text_tower_alone_after_pretraining(tmp_path):
     from sdsclip.train import pretrain_student
 
     shards, accepted = make_dataset(tmp_path / "data", n_images=8)
-    raw = tiny_params(student={"text_order_weight": 1.0, "pretrain": {"steps": 2, "batch_size": 4,
-                                                                       "warmup_steps": 0}})
+    raw = tiny_params(student={"text_order_steps": 2, "text_order_weight": 3.0,
+                               "pretrain": {"steps": 2, "batch_size": 4, "warmup_steps": 0}})
     meta = pretrain_student(params_from_dict(raw), shards, accepted, tmp_path / "s", tmp_path / "logs")
-    assert meta["text_order_weight"] == 1.0 and "final_loss_text_order" in meta
-    assert (tmp_path / "logs" / "plots" / "metrics" / "loss_text_order.tsv").is_file()
+    assert meta["text_order"]["steps"] == 2 and meta["text_order"]["weight"] == 3.0
+    rows = (tmp_path / "logs" / "plots" / "metrics" / "loss_text_order.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == ["2", "3"]  # after the 2 contrastive steps
+    plain = pretrain_student(params_from_dict(tiny_params(student={"pretrain": {"steps": 2, "batch_size": 4,
+                                                                                  "warmup_steps": 0}})),
+                             shards, accepted, tmp_path / "p", tmp_path / "plogs")
+    assert "text_order" not in plain
+    a, b = _tensors(tmp_path / "s"), _tensors(tmp_path / "p")
+    visual = [k for k in a if ".visual." in f".{k}"]
+    text = [k for k in a if "transformer." in k and "visual" not in k]
+    assert visual and all(torch.equal(a[k], b[k]) for k in visual)  # the image tower: phase 1 only
+    assert any(not torch.equal(a[k], b[k]) for k in text)

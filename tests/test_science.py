@@ -178,7 +178,7 @@ def test_full_experiment_runs_probes_the_ladder_and_the_plain_students_premise(t
 
     monkeypatch.setattr(stages, "train", train)
     raw = _shipped(arms_only=False)
-    raw["student"]["text_order_weight"] = 0.5
+    raw["student"]["text_order_steps"] = 5
     raw["science"] = {**raw["science"], "seeds": [0, 1], "lambdas": [1.0], "sds_gradients": ["full"],
                       "probe_lambda": 2.0}
     logged = []
@@ -195,7 +195,7 @@ def test_full_experiment_runs_probes_the_ladder_and_the_plain_students_premise(t
     oracles = sorted(c for c in fake_stages if c.startswith("oracle:"))
     assert oracles == sorted(f"oracle:{s}:{r}:{d}" for s in (0, 1) for r in ("image_layernorms", "image_tower",
                                                                               "both_towers")
-                             for d in ("student_pretrained", "student_pretrained_text_order_0.5"))
+                             for d in ("student_pretrained", "student_pretrained_text_order"))
     assert set(summary["arms"]) == {"control", "sds_lambda_1", "probe_sigma_only_lambda_2",
                                     "probe_sigma_first_lambda_2", "probe_image_tower_lambda_2",
                                     "oracle_a_image_layernorms", "oracle_b_image_tower", "negclip_c_both_towers"}

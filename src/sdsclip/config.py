@@ -94,10 +94,12 @@ class StudentConfig(_Section):
         None, description="real path, a local: open_clip state dict (.pt/.bin/.safetensors), OpenAI TorchScript .pt "
         "(needs a -quickgelu arch) or Hugging Face CLIPModel dir (config.json + model.safetensors); null = pretrain")
     pretrain: OptimConfig = OptimConfig()
-    text_order_weight: float = Field(
-        0.0, ge=0, description="from-scratch pretraining only: weight of an auxiliary text-only loss that reads the "
-        "scene a relational caption describes, in canonical order, from its text embedding (sdsclip.headroom."
-        "TextOrderHead): a text tower that separates object swaps while the image tower stays bag-of-words; 0 = off")
+    text_order_steps: int = Field(
+        0, ge=0, description="from-scratch pretraining only: N more steps after pretrain.steps in which only the "
+        "text tower trains, on L_CLIP + text_order_weight * a text-only loss reading the scene a relational caption "
+        "describes (sdsclip.text_order): a text tower that separates object swaps beside the bag-of-words image "
+        "tower the first phase left (README \"Headroom\"); 0 = off")
+    text_order_weight: float = Field(1.0, ge=0, description="weight of the text-order loss in those steps")
 
 
 class TinyUNetConfig(_Section):
@@ -313,7 +315,7 @@ class ScienceConfig(_Section):
     probe_lambda: float | None = Field(10.0, gt=0, description="lambda of the probes; null = the first of lambdas")
     bootstrap_samples: int = Field(2000, ge=100, description="item resamples of the 95 % intervals")
     plain_student_ladder: bool = Field(
-        True, description="with student.text_order_weight > 0: also pretrain the plain student (weight 0) and run "
+        True, description="with student.text_order_steps > 0: also pretrain the plain student (0 steps) and run "
         "the control and the ladder on it, so the report shows the premise on both students")
 
     @model_validator(mode="after")

@@ -1,6 +1,6 @@
 """Research path: how much room does the miniature leave an image-side fine-tune, and a student with room.
 
-Used by ``sdsclip science`` (``science.ladder``) beside ``sdsclip.text_order`` (``student.text_order_weight``):
+Used by ``sdsclip science`` (``science.ladder``) beside ``sdsclip.text_order`` (``student.text_order_steps``):
 
 - **Oracle fine-tunes** (``oracle_finetune``): start from the pretrained student and train on the task's own
   hard negatives, a Winoground-format set rendered with another seed than the evaluation sets. A batch of

@@ -4,9 +4,9 @@ The experiment (params profile ``science``; knobs in the ``science`` section; RE
   world -> ingest -> validate -> teacher pretraining -> teacher diagnostic ->
   two more renderings: Winoground-format training items for the oracle arms (science.oracle_train_seed) and
   held-out Winoground / ARO sets (science.holdout_seed) ->
-  student pretraining (student.text_order_weight) -> student evaluation + diagnostic ->
+  student pretraining (student.text_order_steps) -> student evaluation + diagnostic ->
   for seed in science.seeds, for each arm: fine-tune -> evaluate on the world's and the held-out sets ->
-  with text_order_weight > 0 also the plain student's control and ladder (science.plain_student_ladder) ->
+  with text_order_steps > 0 also the plain student's control and ladder (science.plain_student_ladder) ->
   report: means over seeds, paired differences against the control with item-bootstrap 95 % intervals,
   probe numbers from the training logs, cost per step, plot (report/science.{md,json,png}).
 
@@ -289,9 +289,8 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
 
     def student_runs(p: Params, arms: list[Arm]) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
         """Pretrain (cached) the student ``p`` describes, evaluate it, run ``arms`` over the seeds."""
-        weight = p.student.text_order_weight
-        student_dir = work / "models" / ("student_pretrained" if weight == 0
-                                         else f"student_pretrained_text_order_{weight:g}")
+        text_order = p.student.text_order_steps > 0
+        student_dir = work / "models" / ("student_pretrained_text_order" if text_order else "student_pretrained")
         student_key = [data_key, params_to_dict(p)["student"], p.seed]
         _cached(student_dir, student_key,
                 lambda: stages.pretrain_student(p, shards, validated, student_dir, work / "logs" / student_dir.name),
@@ -309,14 +308,15 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
     arms = experiment_arms(params, diagnostic, log)
     student_dir, pretrained, runs = student_runs(params, arms)
     summary = summarize(runs, pretrained, diagnostic, params)
-    summary["student"] = {"dir": student_dir.name, "text_order_weight": params.student.text_order_weight}
-    if params.student.text_order_weight > 0 and sci.plain_student_ladder:
-        # The premise on the plain (bag-distinct, no text-order loss) student: its ladder and control only.
-        plain = params.model_copy(update={"student": params.student.model_copy(update={"text_order_weight": 0.0})})
+    summary["student"] = {"dir": student_dir.name, "text_order_steps": params.student.text_order_steps,
+                          "text_order_weight": params.student.text_order_weight}
+    if params.student.text_order_steps > 0 and sci.plain_student_ladder:
+        # The premise on the plain (bag-distinct, no text-order phase) student: its ladder and control only.
+        plain = params.model_copy(update={"student": params.student.model_copy(update={"text_order_steps": 0})})
         plain_arms = [a for a in arms if a.role in ("control", "oracle")]
         plain_dir, plain_pre, plain_runs = student_runs(plain, plain_arms)
         summary["plain_student"] = summarize(plain_runs, plain_pre, diagnostic, plain)
-        summary["plain_student"]["student"] = {"dir": plain_dir.name, "text_order_weight": 0.0}
+        summary["plain_student"]["student"] = {"dir": plain_dir.name, "text_order_steps": 0}
     write_report(summary, work / "report")
     return summary
 
@@ -465,6 +465,7 @@ def summarize(runs: list[dict[str, Any]], pretrained: dict[str, Any], diagnostic
                          "lambdas": params.science.lambdas, "train_steps": params.train.steps,
                          "train_batch_size": params.train.batch_size, "train_batching": params.train.batching,
                          "student_batching": params.student.pretrain.batching,
+                         "student_text_order_steps": params.student.text_order_steps,
                          "student_text_order_weight": params.student.text_order_weight,
                          "student_steps": params.student.pretrain.steps, "teacher_steps": params.teacher.pretrain.steps,
                          "oracle_lr": params.science.oracle_lr, "oracle_train_items": params.science.oracle_train_items,
@@ -578,7 +579,7 @@ def markdown(summary: dict[str, Any]) -> str:
     plain = summary.get("plain_student")
     if plain:
         psep = ((plain.get("pretrained_separation") or {}).get("by_tag") or {}).get("Object-Swap")
-        lines += ["", "## The plain student (student.text_order_weight 0): premise and ladder", ""]
+        lines += ["", "## The plain student (student.text_order_steps 0): premise and ladder", ""]
         if psep:
             lines.append(f"Its text tower separates the two captions of an object swap by cosine distance "
                          f"{psep['text_cosine_distance']:.4f} (min {psep['text_cosine_distance_min']:.4f}; the two "

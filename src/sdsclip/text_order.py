@@ -1,4 +1,4 @@
-"""Text-order pretraining (``student.text_order_weight``; research path, README "Headroom"): an auxiliary
+"""Text-order pretraining (``student.text_order_steps`` / ``text_order_weight``; research path, README "Headroom"): an auxiliary
 text-only loss that makes the from-scratch student's text tower separate object swaps.
 
 The head reads the scene a relational caption describes, in canonical order (which colour-shape is left / on
@@ -68,3 +68,41 @@ class TextOrderHead(nn.Module):
         x, y = text_embedding[keep], targets[keep]
         return (F.cross_entropy(self.first(x), y[:, 0]) + F.cross_entropy(self.second(x), y[:, 1])
                 + F.cross_entropy(self.axis(x), y[:, 2])) / 3
+
+
+def text_order_phase(student, batches, steps: int, weight: float, opt, device, log) -> dict:
+    """``steps`` more pretraining steps on L_CLIP + ``weight`` * the text-order loss with the image tower (and the
+    temperature) frozen: the image tower keeps the bag-of-words features the first phase gave it, the text tower
+    learns to tell object swaps apart. ``opt``: the pretraining optimizer config (lr, weight decay, warmup);
+    ``log``: the pretraining's LossLog. Returns the phase's final losses."""
+    from diffusers.optimization import get_scheduler
+    from open_clip.loss import ClipLoss
+
+    model = student.model
+    model.requires_grad_(False)
+    text_params = [p for n, p in model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
+    for p in text_params:
+        p.requires_grad_(True)
+    head = TextOrderHead(student.embed_dim).to(device)
+    optimizer = torch.optim.AdamW(text_params + list(head.parameters()), lr=opt.lr, weight_decay=opt.weight_decay)
+    sched = get_scheduler("cosine", optimizer, num_warmup_steps=min(opt.warmup_steps, steps // 10),
+                          num_training_steps=steps)
+    contrastive = ClipLoss()
+    scale = model.logit_scale.detach().exp()
+    model.train()
+    for _ in range(steps):
+        images, captions = next(batches)
+        with torch.no_grad():
+            img = F.normalize(model.encode_image(images.to(device)), dim=-1)
+        txt = F.normalize(model.encode_text(student.tokenizer(captions).to(device)), dim=-1)
+        clip = contrastive(img, txt, scale)
+        order = head.loss(txt, captions)
+        loss = clip + weight * order
+        loss.backward()
+        optimizer.step()
+        sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.log({"loss_clip": clip.item(), "loss_text_order": order.item()})
+    model.requires_grad_(True)
+    return {"steps": steps, "weight": weight, "final_loss_clip": float(clip.detach()),
+            "final_loss_text_order": float(order.detach())}

@@ -218,18 +218,9 @@ def pretrain_student(
     student = build_student(cfg.arch)
     model = student.model
     opt = cfg.pretrain
-    # student.text_order_weight > 0: an order-sensitive text tower (research option, sdsclip.headroom)
-    order_head = None
-    if cfg.text_order_weight > 0:
-        from sdsclip.text_order import TextOrderHead
-
-        order_head = TextOrderHead(student.embed_dim)
-    trained = [p for p in model.parameters() if p.requires_grad] + (list(order_head.parameters()) if order_head else [])
-    optimizer = _optimizer(trained, opt)
+    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], opt)
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.steps)
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
-    if order_head is not None:
-        order_head = accelerator.prepare(order_head)
     batches = _loader(params, shards, accepted, student.preprocess, opt.batch_size, params.seed, opt.batching)
     contrastive = ClipLoss()
     log = LossLog(log_dir or out_dir / "dvclive")
@@ -242,23 +233,24 @@ def pretrain_student(
         img = F.normalize(model.encode_image(images), dim=-1)
         txt = F.normalize(model.encode_text(tokens), dim=-1)
         loss = contrastive(img, txt, model.logit_scale.exp())
-        values = {"loss_clip": loss.item()}
-        if order_head is not None:
-            order_loss = accelerator.unwrap_model(order_head).loss(txt, captions)
-            values["loss_text_order"] = order_loss.item()
-            loss = loss + cfg.text_order_weight * order_loss
         accelerator.backward(loss)
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # CLIP's clamp keeps the temperature from diverging
             accelerator.unwrap_model(model).logit_scale.clamp_(0, 4.6052)
-        log.log(values)
-    log.close()
-    student.model = accelerator.unwrap_model(model).eval()
+        log.log({"loss_clip": loss.item()})
+    student.model = accelerator.unwrap_model(model)
     meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss.detach()),
-            "batching": opt.batching, "text_order_weight": cfg.text_order_weight,
-            "seconds": round(time.time() - started, 1), **{f"final_{k}": v for k, v in values.items()}}
+            "batching": opt.batching}
+    if cfg.text_order_steps:  # research option (README "Headroom"): an order-sensitive text tower, image frozen
+        from sdsclip.text_order import text_order_phase
+
+        meta["text_order"] = text_order_phase(student, batches, cfg.text_order_steps, cfg.text_order_weight, opt,
+                                              accelerator.device, log)
+    log.close()
+    student.model = student.model.eval()
+    meta["seconds"] = round(time.time() - started, 1)
     save_student(student, out_dir, meta)
     return meta
 
