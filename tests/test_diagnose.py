@@ -96,3 +96,20 @@ def test_each_tag_must_reach_the_threshold(setup):
     overall_only = params_from_dict({**setup["raw"], "teacher": {**setup["raw"]["teacher"], "binding_each_tag": False}})
     loose = teacher_binding(overall_only, setup["teacher"], setup["wino"], max_items=4, threshold=0.0)
     assert loose["failed_tags"] == [] and loose["passed"] is True
+
+
+def test_sds_shortcut_check_scores_own_blank_and_mean_latents(setup):
+    from sdsclip.diagnose import sds_shortcut
+
+    params = params_from_dict(setup["raw"])
+    out = sds_shortcut(params, setup["teacher"], setup["wino"], max_items=3)
+    assert out["images"] == 6 and out["blank_latent_mean"] == pytest.approx(-1.0)  # black canvas in [-1, 1]
+    for key in ("error_true_latent", "error_swapped_caption", "error_blank_canvas", "error_mean_latent"):
+        assert out[key] > 0
+    assert 0 <= out["blank_beats_true_fraction"] <= 1
+    assert out == sds_shortcut(params, setup["teacher"], setup["wino"], max_items=3)  # shared draws: deterministic
+    with pytest.raises(Exception, match="not a teacher directory"):
+        from train_helpers import make_models
+
+        student, _ = make_models(setup["root"] / "m")
+        sds_shortcut(params, student, setup["wino"])

@@ -101,6 +101,14 @@ def fake_stages(monkeypatch):
                 "threshold_text_score": 0.5, "passed": True, "n": 10, "by_tag": {}}
 
     monkeypatch.setattr(diagnose, "teacher_binding", binding)
+
+    def shortcut(params, ref, data, items=None):
+        calls.append("shortcut")
+        return {"images": 4, "error_true_latent": 0.2, "error_swapped_caption": 0.21, "error_blank_canvas": 0.1,
+                "error_mean_latent": 0.2, "blank_beats_true_fraction": 1.0, "latent_mean": -0.9, "latent_std": 0.3,
+                "blank_latent_mean": -1.0}
+
+    monkeypatch.setattr(diagnose, "sds_shortcut", shortcut)
     return calls
 
 
@@ -143,7 +151,7 @@ def test_runner_runs_every_seed_and_arm_then_resumes_from_its_outputs(tmp_path, 
         fake_stages.clear()
         raw["teacher"][knob] = value
         science.run_science(params_from_dict(raw), tmp_path / "sci", log=lambda line: None)
-        assert fake_stages == ["diagnose"]
+        assert fake_stages == ["diagnose"]  # the shortcut check keys on the teacher, not the pass rule
 
 
 def test_cli_science_applies_the_profile_and_reports_bad_params_in_one_line(tmp_path, fake_stages):
@@ -204,6 +212,7 @@ def test_full_experiment_runs_probes_the_ladder_and_the_plain_students_premise(t
     assert set(summary["plain_student"]["arms"]) == {"control", "oracle_a_image_layernorms", "oracle_b_image_tower",
                                                      "negclip_c_both_towers"}
     md = (tmp_path / "sci" / "report" / "science.md").read_text()
+    assert "**0.1000 for a blank canvas** (lower on 100% of the images)" in md
     assert "## The plain student" in md and "| probe_sigma_only_lambda_2 (λ=2, trainable=sigma_only) |" in md
     # every run is cached by arm and student: a rerun trains nothing
     fake_stages.clear()

@@ -223,3 +223,44 @@ def image_layout_probe(params: Params, student_ref: Path, train_dir: Path, eval_
         eval_acc = float((head(x_eval * 10).argmax(-1) == y_eval).double().mean())
     return {"layout_probe_train_accuracy": train_acc, "layout_probe_accuracy": eval_acc,
             "train_images": int(len(y_train)), "eval_images": int(len(y_eval))}
+
+
+def sds_shortcut(params: Params, teacher_ref: Path, winoground_dir: Path, max_items: int | None = None
+                 ) -> dict[str, Any]:
+    """Is there a latent that L_SDS prefers to the image's own? The teacher's mean denoising error under each
+    image's true caption (fixed, shared draws of ``eval.teacher_*``) for: the image's own latent, the same
+    latent under the swapped caption, a blank canvas (the world's black background) and the mean latent of
+    all the images. SDS-CLIP lowers L_SDS by moving z = sigma(f(x)); if a caption-independent latent already has
+    a lower error than the true image, the loss is minimized by collapsing z toward it (carrying no caption
+    information), not by encoding what the caption says."""
+    from PIL import Image
+
+    from sdsclip.evaluate.winoground import load_data
+    from sdsclip.scoring import TeacherScorer, load_scorer
+
+    scorer = load_scorer(teacher_ref, params)
+    if not isinstance(scorer, TeacherScorer):
+        from sdsclip.scoring import ModelRefError
+
+        raise ModelRefError(f"{teacher_ref}: not a teacher directory (the shortcut check needs teacher.json)")
+    data = load_data(Path(winoground_dir), params.eval.on_missing)
+    examples = data.examples[:max_items] if max_items else data.examples
+    images = [data.load_image(n) for e in examples for n in (e.image_0, e.image_1)]
+    captions = [c for e in examples for c in (e.caption_0, e.caption_1)]  # caption k is true of image k
+    n = len(images)
+    z = scorer.latents(images)
+    blank = scorer.latents([Image.new("RGB", images[0].size)])
+    z_all = torch.cat([z, blank, z.mean(0, keepdim=True)])
+    cond = scorer.text_conditioning(captions)
+    swapped = [i + 1 if i % 2 == 0 else i - 1 for i in range(n)]
+    pairs = ([(i, i) for i in range(n)] + [(i, swapped[i]) for i in range(n)]
+             + [(n, i) for i in range(n)] + [(n + 1, i) for i in range(n)])
+    err = scorer.latent_errors(z_all, cond, pairs).double().view(4, n)
+    true, swap, empty, mean = err
+    return {"model": str(teacher_ref), "images": n, "t": [int(t) for t in scorer.t],
+            "error_true_latent": float(true.mean()), "error_swapped_caption": float(swap.mean()),
+            "error_blank_canvas": float(empty.mean()), "error_mean_latent": float(mean.mean()),
+            "blank_beats_true_fraction": float((empty < true).double().mean()),
+            "mean_latent_beats_true_fraction": float((mean < true).double().mean()),
+            "latent_mean": float(z.mean()), "latent_std": float(z.std()),
+            "blank_latent_mean": float(blank.mean())}

@@ -253,7 +253,7 @@ def _check_seeds(params: Params) -> None:
 def run_science(params: Params, workdir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole experiment (see the module docstring); returns the summary the report is made from."""
     from sdsclip import stages
-    from sdsclip.diagnose import teacher_binding, verdict_line
+    from sdsclip.diagnose import sds_shortcut, teacher_binding, verdict_line
 
     _check_seeds(params)
     sci = params.science
@@ -285,6 +285,9 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
                          lambda: teacher_binding(params, teacher_dir, Path(params.data.winoground_dir),
                                                  sci.diagnose_items), log)
     log(verdict_line(diagnostic))
+    shortcut = _cached(work / "metrics" / "sds_shortcut", [teacher_key, full["eval"], sci.diagnose_items],
+                       lambda: sds_shortcut(params, teacher_dir, Path(params.data.winoground_dir),
+                                            sci.diagnose_items), log)
     sets = _Sets(shards, validated, teacher_dir, oracle_train / "winoground", holdout)
 
     def student_runs(p: Params, arms: list[Arm]) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
@@ -308,6 +311,7 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
     arms = experiment_arms(params, diagnostic, log)
     student_dir, pretrained, runs = student_runs(params, arms)
     summary = summarize(runs, pretrained, diagnostic, params)
+    summary["sds_shortcut"] = shortcut
     summary["student"] = {"dir": student_dir.name, "text_order_steps": params.student.text_order_steps,
                           "text_order_weight": params.student.text_order_weight}
     if params.student.text_order_steps > 0 and sci.plain_student_ladder:
@@ -559,6 +563,15 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"{g(a, 'grad_norm_sds_clip_params')} | {g(a, 'sds_to_clip_grad_ratio', '{:.3f}')} | "
                          f"{g(a, 'grad_norm_clip_sigma')} | {g(a, 'grad_norm_sds_sigma')} | "
                          f"{g(a, 'z_mean', '{:+.3f}')} / {g(a, 'z_std', '{:.3f}')} |")
+    cut = summary.get("sds_shortcut")
+    if cut:
+        lines += ["", f"SDS shortcut check (teacher, {cut['images']} evaluation images, their true captions, the "
+                  f"diagnostic's draws): mean denoising error {cut['error_true_latent']:.4f} for the image's own "
+                  f"latent, {cut['error_swapped_caption']:.4f} under the swapped caption, "
+                  f"**{cut['error_blank_canvas']:.4f} for a blank canvas** (lower on "
+                  f"{cut['blank_beats_true_fraction']:.0%} of the images), {cut['error_mean_latent']:.4f} for the "
+                  f"mean latent. Data latents: mean {cut['latent_mean']:+.3f}, std {cut['latent_std']:.3f}; the "
+                  f"blank canvas is {cut['blank_latent_mean']:+.3f} everywhere."]
     seps = {n: a["object_swap_separation"] for n, a in arms.items() if a.get("object_swap_separation")}
     if seps:
         lines += ["", "Student diagnostic after fine-tuning, object swaps of the evaluation set (mean over seeds); "

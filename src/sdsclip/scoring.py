@@ -216,6 +216,11 @@ class TeacherScorer:
         errors = self._errors(z, cond, [*pairs, *((i, empty) for i in range(len(images)))])
         return -errors[: len(pairs)], errors[len(pairs) :]
 
+    @torch.no_grad()
+    def latent_errors(self, z: torch.Tensor, cond: torch.Tensor, pairs) -> torch.Tensor:
+        """err per (latent index, conditioning index) pair for given latents (not images), same shared draws."""
+        return self._errors(z, cond, pairs)
+
     def _errors(self, z: torch.Tensor, cond: torch.Tensor, pairs) -> torch.Tensor:
         draws = self.t.shape[0]
         # Every (pair, draw) combination, flattened and batched through the UNet.
