@@ -72,7 +72,7 @@ def main() -> None:
                 out = Path(tmp, f"{precision}_{batch}.pt")
                 subprocess.run([sys.executable, __file__, "--device", args.device, "--size", str(args.size),
                                 "--one", precision, str(batch), str(out)], check=True)
-                runs[(precision, batch)] = torch.load(out)
+                runs[(precision, batch)] = torch.load(out, weights_only=True)  # tensors + numbers only
     ref = runs[("fp32", 1)]["z"]
     rows = []
     for precision in precisions:
