@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv pipeline clean realshape
+.PHONY: demo test venv pipeline clean realshape images test-images
 
 # torch 2.14.1 / torchvision 0.29.1 and friends resolve from the machine's local wheel indexes
 # (pip.conf extra-index-url); requirements.lock pins the whole set that was tested together.
@@ -30,6 +30,16 @@ test: venv
 ## CI runs it after `make test`). Wall time + peak RSS per stage: realshape/summary.json (fixtures cached there).
 realshape: venv
 	sdsclip realshape --workdir realshape
+
+## both images (CPU ghcr.io/sdsclip/sdsclip:VERSION, CUDA :VERSION-cuda) on this machine, from a Debian base made
+## here when Docker Hub is out of reach; needs a running docker engine (docker/build.sh lists the overrides)
+images:
+	bash docker/build.sh
+
+## the built images, run as a cluster runs them: the whole pipeline in the CPU image (kfp.local DockerRunner),
+## train/evaluate on a read-only root, the smoke test's local checks, no secrets in the layers (~6 min)
+test-images: venv
+	SDSCLIP_REQUIRE_IMAGES=1 $(PY) -m pytest -q -m images
 
 ## after editing params.yaml, components/ or the pipeline: recompile the committed Kubeflow pipeline YAML and
 ## refresh the params ConfigMap source of k8s/ (tests fail while either is stale)

@@ -53,6 +53,7 @@ from sdsclip.kubeflow import form_spec  # noqa: E402
 DEFAULT_PARAMS = ROOT / "params.yaml"
 DEFAULT_PACKAGE = ROOT / "pipelines" / "sdsclip_pipeline.yaml"
 TARGETS = ("cluster", "local")
+IMAGE_USER = "1000:1000"  # docker/Dockerfile.*: USER, and the pods' runAsUser
 
 # -- cluster settings (compile-time constants: edit here and recompile) ------------------------------------
 DATA_PVC, DATA_MOUNT = "sdsclip-data", "/mnt/data"  # datasets and pretrained weights, read by many pods: RWX
@@ -265,19 +266,23 @@ def _comment_out_header(text: str) -> str:
     return f"{header}\ncomponents:\n{body}"
 
 
-def run_local(params_yaml: str, workdir: Path, **overrides: Any) -> Path:
-    """Run the whole pipeline (target local) here with kfp.local's SubprocessRunner (the current Python env,
-    which must have sdsclip installed). ``overrides``: run-form fields (seed, device, train_steps ...), which
-    win over ``params_yaml`` where they differ from its values. Returns the run dir
-    (``workdir/<pipeline run>/<task>/<output>``). Raises RuntimeError naming the failed task."""
+def run_local(params_yaml: str, workdir: Path, *, runner: Any = None, **overrides: Any) -> Path:
+    """Run the whole pipeline (target local) here with kfp.local. ``runner``: kfp.local's SubprocessRunner in
+    the current Python env (default; it must have sdsclip installed), or a ``kfp.local.DockerRunner`` (each
+    task in the image it was compiled for, ``workdir`` mounted at the same path; see :func:`docker_runner`).
+    ``overrides``: run-form fields (seed, device, train_steps ...), which win over ``params_yaml`` where they
+    differ from its values. Returns the run dir (``workdir/<pipeline run>/<task>/<output>``). Raises
+    RuntimeError naming the failed task."""
     import warnings
 
     from kfp import local
 
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # DockerRunner mounts it at the same (absolute) path
     workdir.mkdir(parents=True, exist_ok=True)
+    if isinstance(runner, local.DockerRunner):
+        _hand_to_container_user(workdir, runner.container_run_args.get("user", IMAGE_USER))
     before = set(workdir.iterdir())
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir))
+    local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir))
     with warnings.catch_warnings():  # expected here: the image is this env; display names are UI-only
         warnings.filterwarnings("ignore", message=".*base image", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner",
@@ -285,6 +290,27 @@ def run_local(params_yaml: str, workdir: Path, **overrides: Any) -> Path:
         build_pipeline(params_yaml=params_yaml, target="local")(params_yaml=params_yaml, **overrides)
     (run_dir,) = [p for p in set(workdir.iterdir()) - before if p.is_dir() and p.name.startswith("sdsclip-")]
     return run_dir
+
+
+def _hand_to_container_user(workdir: Path, user: str) -> None:
+    """Every task writes its outputs under the mounted pipeline root as ``user`` (uid:gid): hand the root to
+    it (as root here) or refuse in one line before the first task starts."""
+    import os
+
+    uid, _, gid = str(user).partition(":")
+    if os.geteuid() == 0:
+        os.chown(workdir, int(uid), int(gid or uid))
+    elif os.stat(workdir).st_uid != int(uid):
+        raise RuntimeError(f"{workdir}: the containers run as UID {uid} and cannot write here; "
+                           f"`sudo chown {uid}:{gid or uid} {workdir}` or pass DockerRunner(user=...)")
+
+
+def docker_runner(user: str = IMAGE_USER) -> Any:
+    """kfp.local's DockerRunner with what a Kubernetes pod of this pipeline gets: no network, the image's
+    non-root UID, nothing but the pipeline root mounted (kfp.local mounts it), the container removed after."""
+    from kfp import local
+
+    return local.DockerRunner(network_mode="none", user=user)
 
 
 def main(argv: list[str] | None = None) -> None:

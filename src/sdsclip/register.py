@@ -37,6 +37,19 @@ def resolve_tracking_uri(params: Params) -> str:
     return os.environ.get(TRACKING_URI_ENV, "").strip() or params.registry.tracking_uri
 
 
+def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of MLflow experiment ``name``, created if missing. For a local sqlite store its artifacts go
+    next to the database file (``mlartifacts/``), not to MLflow's default ``./mlruns`` of the current
+    directory: a container's working directory dies with it, while the database sits on a mounted volume."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///") and tracking_uri != "sqlite:///:memory:":
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def redact_uri(uri: str) -> str:
     """``uri`` without a password in its user-info, so it can be written to results and logs."""
     parts = urlsplit(uri)
@@ -120,10 +133,9 @@ def _register(params: Params, tracking_uri: str, model_dir: Path, candidate: dic
     cfg = params.registry
     gate = cfg.gate_metric
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
     # resolve_tags: the tags mlflow.start_run would add (user, source, git commit)
-    run = client.create_run(experiment_id, run_name="register", tags=resolve_tags())
+    run = client.create_run(experiment_id(client, cfg.experiment, tracking_uri), run_name="register",
+                            tags=resolve_tags())
     run_id = run.info.run_id
     try:
         flat_params = [Param(k, str(v)[:500]) for k, v in _flatten(params_to_dict(params)).items()]

@@ -126,9 +126,10 @@ class MlflowLog:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        from sdsclip.register import _flatten, resolve_tracking_uri
+        from sdsclip.register import _flatten, experiment_id, resolve_tracking_uri
 
-        self.client = MlflowClient(tracking_uri=resolve_tracking_uri(params))  # MLFLOW_TRACKING_URI wins
+        tracking_uri = resolve_tracking_uri(params)  # MLFLOW_TRACKING_URI wins
+        self.client = MlflowClient(tracking_uri=tracking_uri)
         self.flush_every, self.buffer = flush_every, []
         if run_id is not None:
             try:
@@ -136,8 +137,7 @@ class MlflowLog:
                 return
             except Exception:  # a resumed run whose MLflow store moved: start a new MLflow run
                 pass
-        exp = self.client.get_experiment_by_name(params.registry.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(params.registry.experiment)
+        exp_id = experiment_id(self.client, params.registry.experiment, tracking_uri)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         flat = [Param(k, str(v)[:500]) for k, v in _flatten(params_to_dict(params)).items()]
         for i in range(0, len(flat), 100):
