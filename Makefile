@@ -23,7 +23,7 @@ demo: venv
 
 ## the test suite (what CI runs)
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 ## the real path end to end at the real shapes: random-init ViT-B-32-quickgelu (OpenAI .pt) + SD-1.5-shaped dir,
 ## 64 COCO-format JPEGs, every stage from ingest to register, a few steps on the CPU (~10 min, peak RSS ~10 GiB;
