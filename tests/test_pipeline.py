@@ -340,3 +340,21 @@ def test_pipeline_runs_locally(subprocess_pipeline_run):
     client = MlflowClient(tracking_uri=params["registry"]["tracking_uri"])
     versions = client.search_model_versions(f"name='{params['registry']['model_name']}'")
     assert [int(v.version) for v in versions] == [registration["version"]] == [1]
+
+
+def test_docker_runs_refuse_a_pipeline_root_the_container_user_cannot_write(tmp_path, monkeypatch):
+    """DockerRunner tasks write as the image's UID 1000: as root the root is handed over; as another user
+    run_local refuses in one line before any task starts."""
+    import os
+
+    from pipelines.sdsclip_pipeline import _hand_to_container_user
+
+    root = tmp_path / "kfp"
+    root.mkdir()
+    if os.geteuid() == 0:
+        _hand_to_container_user(root, "1000:1000")
+        assert (root.stat().st_uid, root.stat().st_gid) == (1000, 1000)
+        os.chown(root, 0, 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 4321)
+    with pytest.raises(RuntimeError, match=r"UID 1000 and cannot write here; `sudo chown 1000:1000 "):
+        _hand_to_container_user(root, "1000:1000")

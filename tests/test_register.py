@@ -45,3 +45,33 @@ def test_gate_moves_alias_only_when_not_worse(setup):
     assert run.data.params["train.lambda_sds"] == "1.0"
     assert json.loads((tmp / "r2.json").read_text())["version"] == 2
     assert client.get_model_version(params.registry.model_name, "2").tags["gate"] == "failed"
+
+
+def test_a_local_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """Not in MLflow's default ./mlruns of the working directory, which dies with a container: beside the
+    database file, on the volume that holds it (a relative sqlite path resolved from the working directory)."""
+    from mlflow import MlflowClient
+
+    store, elsewhere = tmp_path / "volume", tmp_path / "container-cwd"
+    store.mkdir()
+    elsewhere.mkdir()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "student.json").write_text("{}")
+    base = _metrics(tmp_path / "base.json", 0.3)
+    monkeypatch.chdir(elsewhere)  # the register step runs in another working directory than the store
+    params = Params.model_validate({"registry": {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}"}})
+    register_model(params, model, _metrics(tmp_path / "a.json", 0.3), base, tmp_path / "r.json")
+    assert (store / "mlartifacts").is_dir() and list((store / "mlartifacts").rglob("student.json"))
+    assert not (elsewhere / "mlruns").exists() and not (elsewhere / "mlartifacts").exists()
+    client = MlflowClient(tracking_uri=params.registry.tracking_uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == params.registry.experiment]
+    assert experiment.artifact_location == (store / "mlartifacts").as_uri()
+
+    from sdsclip.register import experiment_id
+
+    monkeypatch.chdir(store)
+    relative = MlflowClient(tracking_uri="sqlite:///other.db")
+    new = experiment_id(relative, "relative", "sqlite:///other.db")
+    assert relative.get_experiment(new).artifact_location == (store / "mlartifacts").as_uri()
+    assert experiment_id(relative, "relative", "sqlite:///other.db") == new  # found, not created again
