@@ -496,8 +496,8 @@ def test_fsspec_memory_urls_in_and_out(tmp_path):
             local_bytes = (local / name).read_bytes()
             if name.endswith(".json"):  # parts name the source, which differs: compare the rest
                 a, b = json.loads(mem.cat_file(f"{out}/{name}")), json.loads(local_bytes)
-                assert {k: v for k, v in a.items() if k not in ("manifest", "plan_sha256")} == \
-                    {k: v for k, v in b.items() if k not in ("manifest", "plan_sha256")}
+                assert {k: v for k, v in a.items() if k not in ("manifest_csv", "plan_sha256")} == \
+                    {k: v for k, v in b.items() if k not in ("manifest_csv", "plan_sha256")}
             else:
                 assert mem.cat_file(f"{out}/{name}") == local_bytes, name
         mem_rows = list(csv.DictReader(io.StringIO(mem.cat_file(f"{out}/manifest.csv").decode())))
@@ -584,3 +584,49 @@ def test_rerun_is_idempotent_and_redoes_only_changed_shards(tmp_path):
     assert _tree(tmp_path / "fresh") == _tree(out) and fresh["shards_reused"] == 0
     assert _run(fx, out, shard_size=3, resume=False)["shards_reused"] == 0
     assert _tree(out) == _tree(tmp_path / "fresh")
+
+
+def test_jpeg_verified_at_draft_scale_rejects_exactly_what_a_full_decode_rejects():
+    """Upright RGB JPEGs are stored as they are and checked by a 1/8-scale decode (every coefficient is still
+    entropy-decoded): over truncations, byte flips and deletions of baseline, progressive, 4:4:4 and
+    restart-marker JPEGs, it must accept and reject exactly the files a full decode does."""
+    import random
+    from collections import Counter
+
+    from sdsclip.ingest import _Opts, _probe
+
+    def full_decode_ok(data: bytes) -> bool:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    rng = random.Random(0)
+    base = Image.fromarray((np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8))
+    variants = []
+    for kwargs in ({}, {"progressive": True}, {"subsampling": 0, "quality": 95}, {"restart_marker_blocks": 4}):
+        buf = io.BytesIO()
+        base.save(buf, "JPEG", **kwargs)
+        variants.append(buf.getvalue())
+    opts = _Opts(max_pixels=10**8, reencode="png", quality=90)
+    outcomes = Counter()
+    for data in variants:
+        for k in range(60):
+            x = bytearray(data)
+            if k % 3 == 0:
+                x = x[: rng.randrange(300, len(x))]
+            elif k % 3 == 1:
+                for _ in range(rng.randrange(1, 12)):
+                    x[rng.randrange(400, len(x))] = rng.randrange(256)
+            else:
+                i = rng.randrange(400, len(x) - 60)
+                del x[i: i + rng.randrange(1, 60)]
+            probe = _probe("f.jpg", "f.jpg", lambda _p, d=bytes(x): d, opts)
+            expected = full_decode_ok(bytes(x))
+            assert probe.ok == expected, (k, probe.reason, probe.detail)
+            if probe.ok:
+                assert probe.conversion == "none" and (probe.width, probe.height) == (128, 96)
+            outcomes[probe.ok] += 1
+    assert outcomes[True] > 20 and outcomes[False] > 50, outcomes  # both outcomes really exercised
