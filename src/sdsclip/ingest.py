@@ -31,8 +31,9 @@ Output in ``out_dir`` (a local path or an fsspec URL):
                              rows, quarantine rows and counts. The final files are assembled from these.
 
 Streaming and parallel: images are read, hashed, decoded (and converted) by ``cfg.workers`` threads (PIL, zlib
-and hashlib release the GIL), at most ``4 * cfg.workers`` in flight, and written in image-id order; the
-annotations JSON is the only thing loaded whole.
+and hashlib release the GIL), at most ``WINDOW_PER_WORKER * cfg.workers`` in flight (encoded bytes, ~120 KiB each
+for COCO), and written in image-id order. Each worker also prepares the image's tar blocks and manifest lines, so
+the writing thread only writes bytes. The annotations JSON is the only thing loaded whole.
 
 Resumable and idempotent: a shard is written to ``<name>.tmp`` and renamed when complete, then its part is
 written. A re-run (``cfg.resume``) keeps every shard whose part records the same plan (image ids, file names,
@@ -98,6 +99,7 @@ PARTS_DIR = "_parts"
 PART_FORMAT = 3  # bump when the shard or part content changes for the same input: old parts are then redone
 TAR_MTIME = 0  # fixed tar header time => reproducible shards
 TAR_USER = TAR_GROUP = "sdsclip"
+WINDOW_PER_WORKER = 32  # images in flight per decode worker
 FINAL_FILES = ("manifest.csv", "ingest_quarantine.csv", "ingest_summary.json")
 
 # PIL format name -> WebDataset extension of an image kept as it is.
@@ -457,12 +459,13 @@ def _prepare(img: _Image, shard_name: str, read: Callable[[str], bytes], opts: _
 
 
 def _ordered_map(fn: Callable[[Any], Any], items: list[Any], workers: int) -> Iterator[tuple[Any, Any]]:
-    """fn over items on a thread pool, results in input order, at most 4*workers in flight."""
+    """fn over items on a thread pool, results in input order, at most WINDOW_PER_WORKER*workers in flight. A deep
+    window keeps the workers busy behind a slow item at the head (a re-encode takes ~10x a JPEG check)."""
     if workers <= 1:
         for item in items:
             yield item, fn(item)
         return
-    window = 4 * workers
+    window = WINDOW_PER_WORKER * workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
         pending: deque[tuple[Any, Future]] = deque()
         it = iter(items)
