@@ -33,6 +33,9 @@ FUNCTIONS = (
     evaluation.evaluate_zeroshot,
     evaluation.derive_sugarcrepe,
     evaluation.evaluate_sugarcrepe,
+    evaluation.teacher_shards,
+    evaluation.evaluate_shard,
+    evaluation.merge_shards,
     evaluation.report,
     evaluation.register,
 )

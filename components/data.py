@@ -33,6 +33,7 @@ def resolve_params(
     mixed_precision: str,
     sds_gradient: str,
     eval_teacher_draws: int,
+    eval_shards: int,
     tracking_uri: str,
     model_name: str,
 ) -> str:

@@ -5,6 +5,8 @@ and register.
 Lightweight components: only each function's source is shipped, so everything is imported inside the body.
 """
 
+from typing import List
+
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 
@@ -27,17 +29,10 @@ def evaluate_winoground(
     from sdsclip.config import params_from_dict
 
     p = params_from_dict(yaml.safe_load(params))
-    data_dir = Path(p.data.winoground_dir)
-    if data_dir.parts[:2] == ("data", "world"):
-        data_dir = Path(world.path, *data_dir.parts[2:])
+    data_dir = stages.benchmark_data_dir(p, "winoground", Path(world.path))
     result = stages.evaluate_winoground(p, Path(model.path), data_dir, Path(results.path), Path(scores.path))
-    for key in ("text_score", "image_score", "group_score", "n"):
-        metrics.log_metric(key, result[key])
-    for tag, m in result.get("by_collapsed_tag", {}).items():
-        metrics.log_metric(f"group_score.{tag}", m["group_score"])
-    for key, value in result.get("uncorrected", {}).items():  # the teacher without Diffusion-ITM's correction
-        if key != "n":
-            metrics.log_metric(f"{key}.uncorrected", value)
+    for key, value in stages.headline_metrics("winoground", result).items():
+        metrics.log_metric(key, value)
 
 
 def evaluate_aro(
@@ -57,14 +52,10 @@ def evaluate_aro(
     from sdsclip.config import params_from_dict
 
     p = params_from_dict(yaml.safe_load(params))
-    data_dir = Path(p.data.aro_dir)
-    if data_dir.parts[:2] == ("data", "world"):
-        data_dir = Path(world.path, *data_dir.parts[2:])
+    data_dir = stages.benchmark_data_dir(p, "aro", Path(world.path))
     result = stages.evaluate_aro(p, Path(model.path), data_dir, Path(results.path))
-    for name in result["datasets"]:
-        value = result[name].get("macro_accuracy", result[name].get("precision_at_1"))
-        if value is not None:
-            metrics.log_metric(name, value)
+    for key, value in stages.headline_metrics("aro", result).items():
+        metrics.log_metric(key, value)
 
 
 def evaluate_zeroshot(
@@ -83,12 +74,10 @@ def evaluate_zeroshot(
     from sdsclip.config import params_from_dict
 
     p = params_from_dict(yaml.safe_load(params))
-    data_dir = Path(p.data.zeroshot_dir)
-    if data_dir.parts[:2] == ("data", "world"):
-        data_dir = Path(world.path, *data_dir.parts[2:])
+    data_dir = stages.benchmark_data_dir(p, "zeroshot", Path(world.path))
     result = stages.evaluate_zeroshot(p, Path(model.path), data_dir, Path(results.path))
-    for key in ("acc1", "acc5", "mean_per_class_recall", "n"):
-        metrics.log_metric(key, result[key])
+    for key, value in stages.headline_metrics("zeroshot", result).items():
+        metrics.log_metric(key, value)
 
 
 def derive_sugarcrepe(params: str, world: Input[Dataset], sugarcrepe: Output[Dataset]):
@@ -101,9 +90,7 @@ def derive_sugarcrepe(params: str, world: Input[Dataset], sugarcrepe: Output[Dat
     from sdsclip.config import params_from_dict
 
     p = params_from_dict(yaml.safe_load(params))
-    wino = Path(p.data.winoground_dir)
-    if wino.parts[:2] == ("data", "world"):
-        wino = Path(world.path, *wino.parts[2:])
+    wino = stages.benchmark_data_dir(p, "winoground", Path(world.path))
     sugarcrepe.metadata.update(stages.derive_sugarcrepe(p, wino, Path(sugarcrepe.path)))
 
 
@@ -125,12 +112,74 @@ def evaluate_sugarcrepe(
     from sdsclip.config import params_from_dict
 
     p = params_from_dict(yaml.safe_load(params))
-    data_dir = Path(p.data.sugarcrepe_dir) if Path(p.data.sugarcrepe_dir).is_absolute() else Path(sugarcrepe.path)
+    data_dir = stages.benchmark_data_dir(p, "sugarcrepe", Path(sugarcrepe.path))
     result = stages.evaluate_sugarcrepe(p, Path(model.path), data_dir, Path(results.path), None, Path(scores.path))
-    values = {name: sub["accuracy"] for name, sub in result["subsets"].items()}
-    for key, value in {**values, "mean_accuracy": result["mean_accuracy"]}.items():
-        if value is not None:
-            metrics.log_metric(key, value)
+    for key, value in stages.headline_metrics("sugarcrepe", result).items():
+        metrics.log_metric(key, value)
+
+
+def teacher_shards(params: str) -> list:
+    """One item per shard of each teacher evaluation (dsl.ParallelFor items): {"shard": k, "params": params}
+    for k in 0 .. eval.shards - 1. The params ride in the item because kfp.local replaces every task-output
+    parameter a loop consumes with the loop item; on a cluster either way works."""
+    import yaml
+
+    from sdsclip.config import params_from_dict
+
+    return [dict(shard=k, params=params) for k in range(params_from_dict(yaml.safe_load(params)).eval.shards)]
+
+
+def evaluate_shard(
+    params: str,
+    benchmark: str,
+    shard: int,
+    model: Input[Model],
+    data: Input[Dataset],
+    part: Output[Dataset],
+):
+    """Shard ``shard`` of eval.shards of ``benchmark`` (winoground | aro | sugarcrepe) on ``model``: its share
+    of the scorer calls (``part``, for merge-shards). ``data``: the world (winoground, aro) or the SugarCrepe
+    set derived from it (sugarcrepe); an absolute data dir in params is used as is."""
+    from pathlib import Path
+
+    import yaml
+
+    from sdsclip import stages
+    from sdsclip.config import params_from_dict
+
+    p = params_from_dict(yaml.safe_load(params))
+    data_dir = stages.benchmark_data_dir(p, benchmark, Path(data.path))
+    part.metadata.update(stages.evaluate_shard(p, benchmark, Path(model.path), data_dir, Path(part.path), shard,
+                                               p.eval.shards))
+
+
+def merge_shards(
+    params: str,
+    benchmark: str,
+    data: Input[Dataset],
+    parts: Input[List[Dataset]],
+    metrics: Output[Metrics],
+    results: Output[Dataset],
+    scores: Output[Dataset],
+):
+    """The shards' parts of one evaluation -> its metrics JSON (``results``), score file (``scores``; empty for
+    ARO, which has none) and kfp Metrics: exactly those of the evaluation run as one task."""
+    from pathlib import Path
+
+    import yaml
+
+    from sdsclip import stages
+    from sdsclip.config import params_from_dict
+
+    p = params_from_dict(yaml.safe_load(params))
+    data_dir = stages.benchmark_data_dir(p, benchmark, Path(data.path))
+    score_file = None if benchmark == "aro" else Path(scores.path)
+    result = stages.merge_shards(p, benchmark, data_dir, [Path(a.path) for a in parts], Path(results.path),
+                                 score_file)
+    if score_file is None:
+        Path(scores.path).write_text("")
+    for key, value in stages.headline_metrics(benchmark, result).items():
+        metrics.log_metric(key, value)
 
 
 def report(

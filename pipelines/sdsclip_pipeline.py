@@ -1,15 +1,18 @@
 """The sdsclip chain as a Kubeflow (kfp v2) pipeline: the same stages as dvc.yaml.
 
     resolve_params -> synth -> ingest -> validate -> {pretrain_student, pretrain_teacher}
-      -> {train_baseline, train_sds} -> evaluate@{pretrained, baseline, sds, teacher} -> register
-      evaluate-{aro, sugarcrepe, zeroshot}@models (+ derive-sugarcrepe from the world) -> report
+      -> {train_baseline, train_sds} -> evaluate-{winoground, aro, sugarcrepe, zeroshot}@{pretrained, baseline, sds}
+      -> register (+ derive-sugarcrepe from the world)
+      teacher: teacher-shards -> ParallelFor(eval.shards) evaluate-{winoground, aro, sugarcrepe}-teacher-shard
+      -> merge (evaluate-teacher, evaluate-aro-teacher, evaluate-sugarcrepe-teacher) -> report
 
 **Run parameters** (the Kubeflow run form; defaults: params.yaml read at compile time, profile merged):
 ``params_yaml`` (the whole file) and the knobs a user changes between runs, each a params.yaml key
 (``sdsclip.kubeflow.FORM_FIELDS``): seed, device, profile; data.coco_root, data.train_split, ingest.splits,
 data.winoground_dir / aro_dir / zeroshot_dir / sugarcrepe_dir; student.arch, student.checkpoint;
 teacher.pretrained_dir, teacher.latent, teacher.image_size; train.lambda_sds, train.steps, train.epochs,
-train.batch_size (train_batch_size), train.lr (train_lr), train.mixed_precision, train.sds_gradient; eval.teacher_draws;
+train.batch_size (train_batch_size), train.lr (train_lr), train.mixed_precision, train.sds_gradient; eval.teacher_draws,
+eval.shards (eval_shards: each teacher evaluation as that many parallel GPU tasks, merged into the same metrics);
 registry.tracking_uri, registry.model_name. A field overrides params_yaml only when the run changed it from
 its default; '' (text) or 0 (steps, epochs) means null. Cluster-only: ``gpu_type`` (the GPU tasks'
 accelerator resource name, e.g. nvidia.com/gpu, amd.com/gpu), ``gpu_count`` (GPUs per GPU task; a string,
@@ -166,6 +169,7 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
         mixed_precision: str = d["mixed_precision"],
         sds_gradient: str = d["sds_gradient"],
         eval_teacher_draws: int = d["eval_teacher_draws"],
+        eval_shards: int = d["eval_shards"],
         tracking_uri: str = d["tracking_uri"],
         model_name: str = d["model_name"],
         gpu_type: str = DEFAULT_GPU_TYPE,
@@ -215,23 +219,34 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
         results, reported = {}, {}
         sugarcrepe = place(c.derive_sugarcrepe(params=params, world=world).set_display_name("derive-sugarcrepe"),
                            "light", data=True).output
-        for name, model in dict(pretrained=student, baseline=baseline, sds=sds, teacher=teacher).items():
-            # the teacher is scored through its UNet: a GPU job; the students' CLIP forward is cheap on CPU
-            kind, retry = ("gpu", GPU_RETRY) if name == "teacher" else ("model", None)
-            task = place(c.evaluate_winoground(params=params, model=model, world=world), kind, data=True,
-                         retry=retry)
-            results[name] = task.set_display_name(f"evaluate-{name}").outputs["results"]
+        for name, model in dict(pretrained=student, baseline=baseline, sds=sds).items():
+            # the students' CLIP forward is cheap: one CPU task per benchmark
+            evaluated = dict(params=params, model=model)
+            results[name] = place(c.evaluate_winoground(world=world, **evaluated).set_display_name(
+                f"evaluate-{name}"), "model", data=True).outputs["results"]
             reported[f"winoground_{name}"] = results[name]
-            reported[f"aro_{name}"] = place(
-                c.evaluate_aro(params=params, model=model, world=world).set_display_name(f"evaluate-aro-{name}"),
-                kind, data=True, retry=retry).outputs["results"]
-            reported[f"sugarcrepe_{name}"] = place(
-                c.evaluate_sugarcrepe(params=params, model=model, sugarcrepe=sugarcrepe).set_display_name(
-                    f"evaluate-sugarcrepe-{name}"), kind, data=True, retry=retry).outputs["results"]
-            if name != "teacher":  # the teacher's zero-shot (every image x class prompt) is optional
-                reported[f"zeroshot_{name}"] = place(
-                    c.evaluate_zeroshot(params=params, model=model, world=world).set_display_name(
-                        f"evaluate-zeroshot-{name}"), kind, data=True).outputs["results"]
+            reported[f"aro_{name}"] = place(c.evaluate_aro(world=world, **evaluated).set_display_name(
+                f"evaluate-aro-{name}"), "model", data=True).outputs["results"]
+            reported[f"sugarcrepe_{name}"] = place(c.evaluate_sugarcrepe(sugarcrepe=sugarcrepe, **evaluated)
+                                                   .set_display_name(f"evaluate-sugarcrepe-{name}"), "model",
+                                                   data=True).outputs["results"]
+            reported[f"zeroshot_{name}"] = place(c.evaluate_zeroshot(world=world, **evaluated).set_display_name(
+                f"evaluate-zeroshot-{name}"), "model", data=True).outputs["results"]
+
+        # the teacher is scored through its UNet: each benchmark as eval.shards parallel GPU tasks (a share of
+        # its scorer calls each), merged on the CPU into exactly the one-task metrics (sdsclip.evaluate.shards);
+        # its zero-shot (every image x class prompt) is optional and not run here
+        shards = place(c.teacher_shards(params=params).set_display_name("teacher-shards"), "light").output
+        for benchmark, source in dict(winoground=world, aro=world, sugarcrepe=sugarcrepe).items():
+            with dsl.ParallelFor(shards, name=f"evaluate-{benchmark}-teacher-shards") as shard:
+                part = place(c.evaluate_shard(params=shard.params, benchmark=benchmark, shard=shard.shard,
+                                              model=teacher, data=source)
+                             .set_display_name(f"evaluate-{benchmark}-teacher-shard"),
+                             "gpu", data=True, retry=GPU_RETRY).outputs["part"]
+            merged = place(c.merge_shards(params=params, benchmark=benchmark, data=source,
+                                          parts=dsl.Collected(part)).set_display_name(
+                f"evaluate-{'' if benchmark == 'winoground' else benchmark + '-'}teacher"), "model", data=True)
+            reported[f"{benchmark}_teacher"] = merged.outputs["results"]
         place(c.report(**reported).set_display_name("report"), "light")
 
         # never cached: registering is a side effect in MLflow (a cache hit would silently skip it)

@@ -120,7 +120,7 @@ def test_imagefolder_picks_the_entry_whose_classnames_match(tmp_path):
 
 
 class StandInTeacherScorer(TeacherScorer):
-    """Counts as the teacher for stages._scorer_and_cap (so eval.teacher_max_items applies); hash scores."""
+    """Counts as the teacher for stages._is_teacher (so eval.teacher_max_items applies); hash scores."""
 
     def __init__(self):
         self.hash = HashScorer()

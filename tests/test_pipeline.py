@@ -16,13 +16,16 @@ from pipelines.sdsclip_pipeline import DEFAULT_PACKAGE as PACKAGE  # noqa: E402
 from pipelines.sdsclip_pipeline import compile_pipeline  # noqa: E402
 from sdsclip.config import params_from_dict, params_to_dict  # noqa: E402
 from sdsclip.kubeflow import FORM_FIELDS, NULL_IN_FORM, form_spec  # noqa: E402
+from conftest import PIPELINE_OVERRIDES  # noqa: E402
 
+SHARD_TASKS = {f"evaluate-{b}-teacher-shard" for b in ("winoground", "aro", "sugarcrepe")}  # in dsl.ParallelFor
 STAGE_TASKS = {
     "resolve-params", "synth", "ingest", "validate", "pretrain-student", "pretrain-teacher",
     "train-baseline", "train-sds", "train-baseline-pytorchjob", "train-sds-pytorchjob", "evaluate-pretrained", "evaluate-baseline", "evaluate-sds",
     "evaluate-teacher", "register", "derive-sugarcrepe", "report",
     *[f"evaluate-{b}-{m}" for b in ("aro", "sugarcrepe") for m in ("pretrained", "baseline", "sds", "teacher")],
     *[f"evaluate-zeroshot-{m}" for m in ("pretrained", "baseline", "sds")],
+    "teacher-shards", *SHARD_TASKS,
 }
 EVALUATED = ("pretrained", "baseline", "sds", "teacher")
 PYTORCHJOB_TASKS = {"train-baseline-pytorchjob", "train-sds-pytorchjob"}  # cluster target only
@@ -73,8 +76,7 @@ def dependencies(spec: dict) -> dict:
     return deps
 
 
-GPU_TASKS = {"pretrain-teacher", "train-baseline", "train-sds", "evaluate-teacher", "evaluate-aro-teacher",
-             "evaluate-sugarcrepe-teacher"}
+GPU_TASKS = {"pretrain-teacher", "train-baseline", "train-sds", *SHARD_TASKS}
 
 
 def test_committed_pipeline_yaml_is_fresh_and_compilation_deterministic(tmp_path):
@@ -142,13 +144,25 @@ def test_compile_pipeline(tmp_path):
     assert deps["train-sds"] == deps["train-baseline"] == deps["train-sds-pytorchjob"] == {
         "resolve-params", "ingest", "validate", "pretrain-student", "pretrain-teacher"}
     assert {"train-sds", "evaluate-sds", "evaluate-baseline"} <= deps["register"]
-    assert deps["evaluate-teacher"] == {"resolve-params", "synth", "pretrain-teacher"}
+    # the teacher's evaluations: eval.shards GPU tasks each (ParallelFor over teacher-shards' list), merged on the CPU
+    for benchmark, merge in (("winoground", "evaluate-teacher"), ("aro", "evaluate-aro-teacher"),
+                             ("sugarcrepe", "evaluate-sugarcrepe-teacher")):
+        shard = f"evaluate-{benchmark}-teacher-shard"
+        source = "derive-sugarcrepe" if benchmark == "sugarcrepe" else "synth"
+        # the params ride in teacher-shards' items (a kfp.local limit): no direct edge from resolve-params
+        assert deps[shard] == {"teacher-shards", "pretrain-teacher", source}, shard
+        assert deps[merge] == {"resolve-params", source, shard}, merge
+        (loop_key, loop), = [(k, t) for k, t in spec["root"]["dag"]["tasks"].items()
+                             if t["taskInfo"]["name"] == f"evaluate-{benchmark}-teacher-shards"]
+        assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--teacher-shards-Output"
+        collected = tasks[merge][0]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]  # dsl.Collected
+        assert collected["producerTask"] == loop_key and collected["outputArtifactKey"].endswith("-part"), collected
     assert deps["evaluate-sugarcrepe-sds"] == {"resolve-params", "derive-sugarcrepe", "train-sds",
                                                "train-sds-pytorchjob"}
     assert deps["report"] == STAGE_TASKS - {"resolve-params", "synth", "ingest", "validate", "pretrain-student",
                                             "pretrain-teacher", "train-baseline", "train-sds", "register",
                                             "train-baseline-pytorchjob", "train-sds-pytorchjob",
-                                            "derive-sugarcrepe", "report"}
+                                            "derive-sugarcrepe", "report", "teacher-shards", *SHARD_TASKS}
 
 
 def test_cluster_settings(tmp_path):
@@ -173,7 +187,7 @@ def test_cluster_settings(tmp_path):
             assert "nodeSelector" not in k8s and "tolerations" not in k8s, name
             assert container["image"] == "ghcr.io/sdsclip/sdsclip:0.1.0"
         pvcs = {m["mountPath"]: m["constant"] for m in k8s.get("pvcMount", [])}
-        reads_data = name not in {"resolve-params", "synth", "validate", "report", "register"}
+        reads_data = name not in {"resolve-params", "synth", "validate", "report", "register", "teacher-shards"}
         assert pvcs.get("/mnt/data") == ("sdsclip-data" if reads_data else None), name
         one_pod_train = name in {"train-baseline", "train-sds"}  # a PyTorchJob's pods mount it, not the step
         assert pvcs.get("/mnt/checkpoints") == ("sdsclip-checkpoints" if one_pod_train else None), name
@@ -307,15 +321,19 @@ def test_compile_cli(tmp_path):
 def test_pipeline_runs_locally(subprocess_pipeline_run):
     params, run_dir = subprocess_pipeline_run.params, subprocess_pipeline_run.run_dir
 
-    # kfp.local raises on a failed task; every task also left its executor output
+    # kfp.local raises on a failed task; every task also left its executor output (a ParallelFor iteration's
+    # task below its for-loop-<i>-iteration-<k> dir)
     task_dirs = {p.name for p in run_dir.iterdir() if (p / "executor_output.json").is_file()}
-    assert len(task_dirs) == len(STAGE_TASKS - PYTORCHJOB_TASKS), sorted(task_dirs)  # local: one pod per arm
+    assert len(task_dirs) == len(STAGE_TASKS - PYTORCHJOB_TASKS - SHARD_TASKS), sorted(task_dirs)  # one pod per arm
+    shard_runs = sorted(run_dir.glob("for-loop-*-iteration-*/*/executor_output.json"))
+    assert len(shard_runs) == PIPELINE_OVERRIDES["eval_shards"] * len(SHARD_TASKS), shard_runs
 
     for task in ("train", "train-2"):  # the UI override won over params_yaml's train.steps (3)
         out = json.loads((run_dir / task / "executor_output.json").read_text())
         assert out["artifacts"]["model"]["artifacts"][0]["metadata"]["steps"] == 2
 
-    eval_dirs = sorted(run_dir.glob("evaluate-winoground*"))
+    teacher_merges = merged_teacher_evaluations(run_dir)
+    eval_dirs = [*sorted(run_dir.glob("evaluate-winoground*")), teacher_merges["winoground"]]
     assert len(eval_dirs) == len(EVALUATED)
     for task in eval_dirs:
         result = json.loads((task / "results").read_text())
@@ -327,12 +345,14 @@ def test_pipeline_runs_locally(subprocess_pipeline_run):
             assert logged["metadata"][key] == pytest.approx(result[key])
         assert (task / "scores").read_text().count("\n") == 4 * result["n"]
 
-    for task in ("evaluate-aro", "evaluate-zeroshot", "evaluate-sugarcrepe"):
-        assert len(list(run_dir.glob(f"{task}*"))) == (3 if task == "evaluate-zeroshot" else 4), task
+    for task in ("evaluate-aro", "evaluate-zeroshot", "evaluate-sugarcrepe"):  # the students'
+        assert len(list(run_dir.glob(f"{task}*"))) == 3, task
     reports = run_dir / "report" / "report"
     assert {p.name for p in reports.iterdir()} == {"evaluation.md", "evaluation.html", "evaluation.png"}
     summary = json.loads((run_dir / "report" / "executor_output.json").read_text())["artifacts"]["summary"]
     assert "winoground.sds.group_score" in summary["artifacts"][0]["metadata"]
+    for benchmark in ("winoground", "aro", "sugarcrepe"):  # the teacher's merged evaluations reached the report
+        assert any(k.startswith(f"{benchmark}.teacher.") for k in summary["artifacts"][0]["metadata"]), benchmark
 
     registration = json.loads((run_dir / "register" / "registration").read_text())
     from mlflow import MlflowClient
@@ -340,6 +360,54 @@ def test_pipeline_runs_locally(subprocess_pipeline_run):
     client = MlflowClient(tracking_uri=params["registry"]["tracking_uri"])
     versions = client.search_model_versions(f"name='{params['registry']['model_name']}'")
     assert [int(v.version) for v in versions] == [registration["version"]] == [1]
+
+
+def merged_teacher_evaluations(run_dir: Path) -> dict[str, Path]:
+    """benchmark -> the task dir of its merge-shards task (kfp.local names task dirs by component)."""
+    merges = {}
+    for task in run_dir.glob("merge-shards*"):
+        result = json.loads((task / "results").read_text())
+        benchmark = "winoground" if "group_score" in result else "aro" if "datasets" in result else "sugarcrepe"
+        merges[benchmark] = task
+    assert sorted(merges) == ["aro", "sugarcrepe", "winoground"], sorted(run_dir.glob("merge-shards*"))
+    return merges
+
+
+def test_sharded_teacher_evaluations_equal_the_unsharded_ones(subprocess_pipeline_run, tmp_path):
+    """eval_shards=3 on kfp.local: each teacher benchmark ran as 3 loop tasks, each scoring a share of the
+    scorer calls, and the merged metrics JSON (and score file) are byte for byte those of evaluating the
+    pipeline's teacher in one go on the same data."""
+    from sdsclip import stages
+
+    run_dir = subprocess_pipeline_run.run_dir
+    resolved = json.loads((run_dir / "resolve-params" / "executor_output.json").read_text())
+    p = params_from_dict(yaml.safe_load(resolved["parameterValues"]["Output"]))
+    assert p.eval.shards == PIPELINE_OVERRIDES["eval_shards"] == 3
+
+    parts = {}
+    for executed in run_dir.glob("for-loop-*-iteration-*/*/executor_output.json"):
+        meta = json.loads(executed.read_text())["artifacts"]["part"]["artifacts"][0]["metadata"]
+        parts.setdefault(meta["benchmark"], []).append(meta)
+    for benchmark, metas in parts.items():  # every shard scored some calls; together each call exactly once
+        assert sorted(m["shard"] for m in metas) == [0, 1, 2], benchmark
+        assert all(m["scored"] for m in metas), benchmark
+        assert sorted(c for m in metas for c in m["scored"]) == list(range(metas[0]["calls"])), benchmark
+    assert sorted(parts) == ["aro", "sugarcrepe", "winoground"]
+
+    teacher = run_dir / "pretrain-teacher" / "teacher"
+    world, sugarcrepe = run_dir / "synth" / "world", run_dir / "derive-sugarcrepe" / "sugarcrepe"
+    for benchmark, merged in merged_teacher_evaluations(run_dir).items():
+        data_dir = stages.benchmark_data_dir(p, benchmark, sugarcrepe if benchmark == "sugarcrepe" else world)
+        out, scores = tmp_path / f"{benchmark}.json", tmp_path / f"{benchmark}.scores"
+        if benchmark == "winoground":
+            stages.evaluate_winoground(p, teacher, data_dir, out, scores)
+        elif benchmark == "aro":
+            stages.evaluate_aro(p, teacher, data_dir, out)
+        else:
+            stages.evaluate_sugarcrepe(p, teacher, data_dir, out, None, scores)
+        assert (merged / "results").read_bytes() == out.read_bytes(), benchmark
+        if benchmark != "aro":
+            assert (merged / "scores").read_bytes() == scores.read_bytes(), benchmark
 
 
 def test_docker_runs_refuse_a_pipeline_root_the_container_user_cannot_write(tmp_path, monkeypatch):

@@ -265,6 +265,12 @@ class EvalConfig(_Section):
     teacher_max_items: int | None = Field(
         400, ge=1, description="teacher only: a seeded (seed) random subset of N items per ARO dataset / SugarCrepe "
         "subset / zero-shot set, stratified by the macro average's group (CPU cost); null = all")
+    teacher_chunk_items: int = Field(
+        64, ge=1, description="teacher only: items per scorer call (Winoground examples, ARO / SugarCrepe items); "
+        "the unit an evaluation is sharded by")
+    shards: int = Field(
+        1, ge=1, description="Kubeflow: each teacher evaluation (Winoground, ARO, SugarCrepe) as N parallel GPU tasks, "
+        "merged into the same metrics as one task; DVC and the CLI run it unsharded")
     teacher_image_uncond_correction: bool = Field(
         True, description="teacher, Winoground: score(i, c) = -(err(i, c) - err(i, '')) (Diffusion-ITM) where "
         "images compete for one caption; caption comparisons of one image are unchanged")

@@ -52,6 +52,7 @@ FORM_FIELDS: dict[str, str] = {
     "mixed_precision": "train.mixed_precision",
     "sds_gradient": "train.sds_gradient",
     "eval_teacher_draws": "eval.teacher_draws",
+    "eval_shards": "eval.shards",
     "tracking_uri": "registry.tracking_uri",
     "model_name": "registry.model_name",
 }

@@ -348,7 +348,7 @@ def evaluate_aro(
     scorer, data_dir: Path, out: Path, datasets: Sequence[str] | None = None, *,
     order_dirs: dict[str, Path] | None = None, pos_tagger: str = "textblob", seed: int = 0,
     min_count: int = ATTRIBUTION_MIN_COUNT, on_missing: str = "error", max_items: int | None = None,
-    tagger_factory: Callable[[str], PosTagger] = PosTagger,
+    chunk_items: int | None = None, tagger_factory: Callable[[str], PosTagger] = PosTagger,
 ) -> dict[str, Any]:
     """Every requested (default: every present) ARO dataset -> one metrics JSON at ``out``.
 
@@ -357,8 +357,9 @@ def evaluate_aro(
     stratified for the VG macro averages by relation (non-symmetric relations first) / attribute pair (pairs
     with >= ``min_count`` items in the file first; the macro keeps the pairs with >= ``min_count`` items in the
     FILE); the order datasets (Precision@1 over all cases) are sampled plainly. Each dataset's ``subset``
-    records n, total and seed.
+    records n, total and seed. ``chunk_items``: items per scorer call (default: score_options').
     """
+    chunk = {"chunk_items": chunk_items} if chunk_items else {}
     check_on_missing(on_missing)
     data_dir, order_dirs = Path(data_dir), {k: Path(v) for k, v in (order_dirs or {}).items()}
     present = available_datasets(data_dir, order_dirs)
@@ -387,7 +388,7 @@ def evaluate_aro(
                 eligible, by = (lambda g, c=file_counts: c[g] >= min_count), "attribute pair"
             keep, subset = capped_subset(len(vg), max_items, seed, all_groups, eligible, by)
             vg = [vg[i] for i in keep]
-            scores = score_options(scorer, [v.item for v in vg])
+            scores = score_options(scorer, [v.item for v in vg], **chunk)
             groups = [v.group for v in vg]
             result[name] = (vg_relation_metrics(scores, groups) if name == "vg_relation"
                             else vg_attribution_metrics(scores, groups, min_count,
@@ -401,7 +402,7 @@ def evaluate_aro(
             items, n_images = load_order(path, shuffler, on_missing, skipped)
             keep, subset = capped_subset(len(items), max_items, seed)
             items = [items[i] for i in keep]
-            result[name] = {**order_metrics(score_options(scorer, items)), "n_images": n_images}
+            result[name] = {**order_metrics(score_options(scorer, items, **chunk)), "n_images": n_images}
         if subset is not None:
             result[name]["subset"] = subset
     result["skipped"] = skipped.summary()

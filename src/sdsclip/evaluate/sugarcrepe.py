@@ -89,10 +89,11 @@ def subset_metrics(scores: torch.Tensor) -> dict[str, Any]:
 
 def evaluate_sugarcrepe(scorer, data_dir: Path, out: Path, *, images_dir: Path | None = None,
                         subsets: Sequence[str] | None = None, on_missing: str = "error",
-                        max_items: int | None = None, scores_out: Path | None = None, seed: int = 0
-                        ) -> dict[str, Any]:
+                        max_items: int | None = None, scores_out: Path | None = None, seed: int = 0,
+                        chunk_items: int | None = None) -> dict[str, Any]:
     """Accuracy per subset -> metrics JSON ``out``. ``max_items`` (bounding the teacher's cost) keeps a seeded
-    random sample (``seed``) of N items per subset, in file order, recorded under ``subset`` (per subset)."""
+    random sample (``seed``) of N items per subset, in file order, recorded under ``subset`` (per subset).
+    ``chunk_items``: items per scorer call (default: score_options')."""
     check_on_missing(on_missing)
     data_dir = Path(data_dir)
     images_dir = Path(images_dir) if images_dir else data_dir / "val2017"
@@ -113,7 +114,8 @@ def evaluate_sugarcrepe(scorer, data_dir: Path, out: Path, *, images_dir: Path |
         loaded[name] = ([ids[i] for i in keep], [items[i] for i in keep])
     # One scoring pass over every subset: an (image, caption) pair shared by subsets (the positive caption of
     # an image appears in several) is scored once, which matters for the teacher's cost.
-    all_scores = score_options(scorer, [it for _, items in loaded.values() for it in items])
+    all_scores = score_options(scorer, [it for _, items in loaded.values() for it in items],
+                               **({"chunk_items": chunk_items} if chunk_items else {}))
     lines, start = [], 0
     for name, (ids, items) in loaded.items():
         scores, start = all_scores[start : start + len(items)], start + len(items)

@@ -52,6 +52,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 COLLAPSED_TAGS = ("Object", "Relation", "Both")
 #: the secondary_tag values the official statistics script reports (any other non-empty value is reported too)
 OFFICIAL_SECONDARY_TAGS = ("Symbolic", "Pragmatics", "Series")
+DEFAULT_CHUNK_EXAMPLES = 512  # examples per scorer call (bounded memory)
 
 
 class WinogroundDataError(EvalDataError):
@@ -272,14 +273,14 @@ def uses_uncond_correction(scorer) -> bool:
 
 
 def score_examples(scorer, data: WinogroundData | Path, examples: list[Example] | None = None,
-                   chunk_examples: int = 512) -> torch.Tensor:
+                   chunk_examples: int = DEFAULT_CHUNK_EXAMPLES) -> torch.Tensor:
     """Similarities [n, caption, image] for every example: batched ``scorer.score`` calls over chunks of
     examples (each chunk: its unique images and captions in one call), so memory stays bounded."""
     return _score_chunks(scorer, data, examples, chunk_examples, uncond=False)[0]
 
 
 def score_examples_with_uncond(scorer, data: WinogroundData | Path, examples: list[Example] | None = None,
-                               chunk_examples: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                               chunk_examples: int = DEFAULT_CHUNK_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
     """(raw similarities [n, caption, image], the unconditional error err(image, "") [n, image]) through the
     scorer's ``score_with_uncond``; the corrected similarity is ``raw + uncond[:, None, :]``."""
     return _score_chunks(scorer, data, examples, chunk_examples, uncond=True)
@@ -333,16 +334,19 @@ def score_lines(examples: Iterable[Example], scores: torch.Tensor, raw: torch.Te
 
 
 def evaluate_winoground(scorer, data_dir: Path, out: Path, scores_out: Path | None = None,
-                        on_missing: str = "error") -> dict:
+                        on_missing: str = "error", chunk_items: int | None = None) -> dict:
+    """Metrics JSON ``out`` (and the official score file ``scores_out``); ``chunk_items``: examples per scorer
+    call (default 512)."""
     data = load_data(Path(data_dir), on_missing)
+    chunk = chunk_items or DEFAULT_CHUNK_EXAMPLES
     raw = None
     if uses_uncond_correction(scorer):
-        raw, err_empty = score_examples_with_uncond(scorer, data)
+        raw, err_empty = score_examples_with_uncond(scorer, data, chunk_examples=chunk)
         # -(err(i, c) - err(i, "")) = raw + err(i, ""): in float64, exact for float32 errors, so a comparison
         # of two captions for one image (the text score) is the same as on the raw scores
         scores = raw + err_empty[:, None, :]
     else:
-        scores = score_examples(scorer, data)
+        scores = score_examples(scorer, data, chunk_examples=chunk)
     result = winoground_metrics(data.examples, scores)
     if hasattr(scorer, "image_uncond_correction"):
         result["image_uncond_correction"] = raw is not None
