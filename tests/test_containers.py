@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, PipelineRun, run_pipeline
+from conftest import ROOT, PipelineRun
 
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
 CPU_IMAGE = f"ghcr.io/sdsclip/sdsclip:{VERSION}"
@@ -40,17 +40,19 @@ def docker(*args: str, check: bool = True, timeout: int = 900) -> subprocess.Com
     return proc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def images():
-    missing = None
+def missing_images() -> str | None:
+    """Why the images cannot be run here (no client, no engine, an image not built), or None."""
     if shutil.which("docker") is None:
-        missing = "no docker client"
-    elif subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode != 0:
-        missing = "no docker engine answers"
-    else:
-        absent = [tag for tag in (CPU_IMAGE, CUDA_IMAGE)
-                  if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode]
-        missing = f"images not built: {', '.join(absent)}" if absent else None
+        return "no docker client"
+    if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode != 0:
+        return "no docker engine answers"
+    absent = [tag for tag in (CPU_IMAGE, CUDA_IMAGE)
+              if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode]
+    return f"images not built: {', '.join(absent)}" if absent else None
+
+
+def skip_without_images() -> None:
+    missing = missing_images()
     if missing:
         message = f"{missing}: `make images`, then `make test-images`"
         if os.environ.get("SDSCLIP_REQUIRE_IMAGES") == "1":
@@ -58,12 +60,51 @@ def images():
         pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
-def docker_pipeline_run(tmp_path_factory) -> PipelineRun:
-    from pipelines.sdsclip_pipeline import docker_runner
+@pytest.fixture(scope="module", autouse=True)
+def images():
+    skip_without_images()
 
-    run = run_pipeline(tmp_path_factory.mktemp("kfp-docker"), runner=docker_runner())
-    print(f"kfp.local DockerRunner pipeline run: {run.seconds:.0f}s")
+
+# the DockerRunner run in a child process (kfp.local's runner config is process-global), so that it overlaps
+# the SubprocessRunner run it is compared with: each keeps about one of the two cores busy
+DOCKER_RUN = """
+import json, sys
+from pathlib import Path
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from conftest import run_pipeline
+from pipelines.sdsclip_pipeline import docker_runner
+run = run_pipeline(Path(sys.argv[1]), runner=docker_runner())
+print(json.dumps(dict(run_dir=str(run.run_dir), seconds=run.seconds)))
+"""
+
+
+@pytest.fixture(scope="session")  # session scope: set up before the session's SubprocessRunner run
+def docker_pipeline_started(tmp_path_factory):
+    import sys
+
+    skip_without_images()
+    root = tmp_path_factory.mktemp("kfp-docker")
+    log = root.parent / f"{root.name}.log"
+    with log.open("w") as out:
+        child = subprocess.Popen([sys.executable, "-c", DOCKER_RUN, str(root), str(Path(__file__).parent),
+                                  str(ROOT)], stdout=out, stderr=subprocess.STDOUT, text=True)
+    yield root, child, log
+    if child.poll() is None:
+        child.kill()
+        child.wait()
+
+
+@pytest.fixture(scope="module")
+def docker_pipeline_run(docker_pipeline_started, subprocess_pipeline_run) -> PipelineRun:
+    from conftest import pipeline_params
+
+    root, child, log = docker_pipeline_started
+    rc = child.wait(timeout=1800)
+    lines = log.read_text().splitlines()
+    assert rc == 0 and lines, f"the DockerRunner pipeline run exited {rc}:\n" + "\n".join(lines[-60:])
+    done = json.loads(lines[-1])
+    run = PipelineRun(pipeline_params(root), Path(done["run_dir"]), done["seconds"])
+    print(f"kfp.local DockerRunner pipeline run: {run.seconds:.0f}s (beside the SubprocessRunner run)")
     return run
 
 
