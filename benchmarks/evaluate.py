@@ -36,8 +36,16 @@ def _setup(args, tmp: Path):
 
     data = Path(args.data) if args.data else ROOT / "data" / "world" / "winoground"
     if args.generate or not (data / "examples.jsonl").is_file():
-        world = WorldConfig(image_size=64, pretrain_images=1, train_images=1, winoground_items=args.items,
-                            aro_relation_items=1, aro_attribution_items=1, coco_order_images=1, zeroshot_per_class=1)
+        world = WorldConfig(
+            image_size=64,
+            pretrain_images=1,
+            train_images=1,
+            winoground_items=args.items,
+            aro_relation_items=1,
+            aro_attribution_items=1,
+            coco_order_images=1,
+            zeroshot_per_class=1,
+        )
         generate_world(world, tmp / "world", 0)
         data = tmp / "world" / "winoground"
     model = Path(args.model) if args.model else ROOT / "models" / "sds"
@@ -95,14 +103,24 @@ def main(argv=None) -> None:
         a, b = min(times["full"]), min(times["forward"])
         paired = sorted(x / y for x, y in zip(times["full"], times["forward"]))
         median_ratio = paired[len(paired) // 2]
-        print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-              f"python {sys.version.split()[0]}, torch {torch.__version__}")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"python {sys.version.split()[0]}, torch {torch.__version__}"
+        )
         print(f"data: {data_dir} ({len(data.examples)} examples, {len(names)} images, {len(captions)} captions)")
         print(f"model: {model_dir} ({student.arch}), batch size {args.batch_size}, best of {args.repeats}")
-        print(f"A full evaluate_winoground : {a * 1000:8.1f} ms   (runs: {', '.join(f'{t*1000:.0f}' for t in times['full'])})")
-        print(f"B pure batched forward     : {b * 1000:8.1f} ms   (runs: {', '.join(f'{t*1000:.0f}' for t in times['forward'])})")
+        print(
+            f"A full evaluate_winoground : {a * 1000:8.1f} ms   "
+            f"(runs: {', '.join(f'{t * 1000:.0f}' for t in times['full'])})"
+        )
+        print(
+            f"B pure batched forward     : {b * 1000:8.1f} ms   "
+            f"(runs: {', '.join(f'{t * 1000:.0f}' for t in times['forward'])})"
+        )
         print(f"overhead A/B - 1           : {100 * (a / b - 1):8.1f} %   best vs best (target <= 20%)")
-        print(f"overhead, median of pairs  : {100 * (median_ratio - 1):8.1f} %   (each run of A / the run of B after it)")
+        print(
+            f"overhead, median of pairs  : {100 * (median_ratio - 1):8.1f} %   (each run of A / the run of B after it)"
+        )
 
 
 if __name__ == "__main__":

@@ -45,9 +45,23 @@ from PIL import Image
 SRC = Path(__file__).resolve().parents[1] / "src"
 COCO_TRAIN2017 = {"images": 118_287, "captions": 591_753}
 # (width, height, weight): an approximation of MS-COCO train2017's most common image sizes.
-SIZES = [(640, 480, 32), (640, 427, 20), (480, 640, 10), (640, 426, 7), (640, 428, 5), (427, 640, 5),
-         (640, 425, 3), (500, 375, 3), (640, 360, 3), (612, 612, 2), (640, 640, 2), (375, 500, 2), (640, 512, 2),
-         (640, 429, 2), (424, 640, 2)]
+SIZES = [
+    (640, 480, 32),
+    (640, 427, 20),
+    (480, 640, 10),
+    (640, 426, 7),
+    (640, 428, 5),
+    (427, 640, 5),
+    (640, 425, 3),
+    (500, 375, 3),
+    (640, 360, 3),
+    (612, 612, 2),
+    (640, 640, 2),
+    (375, 500, 2),
+    (640, 512, 2),
+    (640, 429, 2),
+    (424, 640, 2),
+]
 POOL = 64
 
 
@@ -72,8 +86,34 @@ def _with_comment(jpeg: bytes, text: str) -> bytes:
 
 
 def _captions(rng: np.random.Generator, n: int) -> list[str]:
-    words = ["a", "man", "woman", "dog", "cat", "red", "blue", "small", "large", "riding", "sitting", "on", "next",
-             "to", "the", "table", "street", "bus", "train", "plate", "of", "food", "with", "two", "people", "field"]
+    words = [
+        "a",
+        "man",
+        "woman",
+        "dog",
+        "cat",
+        "red",
+        "blue",
+        "small",
+        "large",
+        "riding",
+        "sitting",
+        "on",
+        "next",
+        "to",
+        "the",
+        "table",
+        "street",
+        "bus",
+        "train",
+        "plate",
+        "of",
+        "food",
+        "with",
+        "two",
+        "people",
+        "field",
+    ]
     return [" ".join(rng.choice(words, size=int(rng.integers(7, 14)))) for _ in range(n)]
 
 
@@ -91,8 +131,9 @@ def generate(root: Path, n: int, grey_fraction: float, captions: int, workers: i
         weights = np.array([w for *_, w in SIZES], dtype=float)
         size_of = rng.choice(len(SIZES), size=n, p=weights / weights.sum())
         with ThreadPoolExecutor(workers) as pool:
-            photos = list(pool.map(lambda j: _photo(j, *SIZES[j // POOL][:2], grey=j % POOL == 0),
-                                   range(len(SIZES) * POOL)))
+            photos = list(
+                pool.map(lambda j: _photo(j, *SIZES[j // POOL][:2], grey=j % POOL == 0), range(len(SIZES) * POOL))
+            )
     t0 = time.perf_counter()
 
     def one(i: int) -> dict:
@@ -119,7 +160,8 @@ def generate(root: Path, n: int, grey_fraction: float, captions: int, workers: i
             anns.append({"id": ann_id, "image_id": img["id"], "caption": next(texts)})
             ann_id += 1
     (root / "annotations" / "captions_train2017.json").write_text(
-        json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns}))
+        json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns})
+    )
     marker.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
     return root
 
@@ -146,8 +188,12 @@ def _ingest_child(coco: str, out: str, workers: int, shard_size: int) -> dict:
     from sdsclip.ingest import ingest_coco
 
     t0 = time.perf_counter()
-    s = ingest_coco(f"{coco}/annotations/captions_train2017.json", f"{coco}/images/train2017", out,
-                    IngestConfig(workers=workers, shard_size=shard_size, resume=False))
+    s = ingest_coco(
+        f"{coco}/annotations/captions_train2017.json",
+        f"{coco}/images/train2017",
+        out,
+        IngestConfig(workers=workers, shard_size=shard_size, resume=False),
+    )
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(), "summary": s}
 
 
@@ -162,8 +208,13 @@ def _validate_child(manifest: str, out: str) -> dict:
 
     t0 = time.perf_counter()
     v = validate_manifest(manifest, out, ValidateConfig())
-    return {"seconds": time.perf_counter() - t0, "gx_import_s": t_import, "peak_rss_mib": _peak_rss_mib(),
-            "passed": v["passed"], "rows": v["rows_in"]}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "gx_import_s": t_import,
+        "peak_rss_mib": _peak_rss_mib(),
+        "passed": v["passed"],
+        "rows": v["rows_in"],
+    }
 
 
 def _in_child(fn, *args):
@@ -180,8 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--captions", type=int, default=None, help="default: 5 per image")
-    ap.add_argument("--coco-train2017", action="store_true",
-                    help=f"{COCO_TRAIN2017['images']:,} images, {COCO_TRAIN2017['captions']:,} captions, COCO's sizes")
+    ap.add_argument(
+        "--coco-train2017",
+        action="store_true",
+        help=f"{COCO_TRAIN2017['images']:,} images, {COCO_TRAIN2017['captions']:,} captions, COCO's sizes",
+    )
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--grey-fraction", type=float, default=0.01)
     ap.add_argument("--shard-size", type=int, default=1000)
@@ -224,30 +278,42 @@ def main(argv: list[str] | None = None) -> dict:
     s = ing["summary"]
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''} ".strip()
-                   + f", {os.cpu_count()} CPUs visible, Python {platform.python_version()}, Pillow {Image.__version__}",
-        "images": n, "captions": s["annotations_in"], "sizes": "COCO spread" if args.coco_train2017 else "640x480",
-        "mean_kib": round(total_bytes / n / 1024, 1), "workers": args.workers, "shard_size": args.shard_size,
+        + f", {os.cpu_count()} CPUs visible, Python {platform.python_version()}, Pillow {Image.__version__}",
+        "images": n,
+        "captions": s["annotations_in"],
+        "sizes": "COCO spread" if args.coco_train2017 else "640x480",
+        "mean_kib": round(total_bytes / n / 1024, 1),
+        "workers": args.workers,
+        "shard_size": args.shard_size,
         "converted": n - s["conversions"].get("none", 0),
         "plain_decode_s": [round(plain_1, 3), round(plain_2, 3)],
-        "ingest_s": round(t_ingest, 3), "gx_import_s": round(t_import, 3), "validate_s": round(t_validate, 3),
+        "ingest_s": round(t_ingest, 3),
+        "gx_import_s": round(t_import, 3),
+        "validate_s": round(t_validate, 3),
         "ingest_peak_rss_mib": round(ing["peak_rss_mib"], 1),
         "validate_peak_rss_mib": round(val_res["peak_rss_mib"], 1),
-        "shards_mib": round(shards_bytes / 2**20, 1), "data_docs_kib": round(docs_bytes / 1024, 1),
+        "shards_mib": round(shards_bytes / 2**20, 1),
+        "data_docs_kib": round(docs_bytes / 1024, 1),
         "plain_img_per_s": round(rate(t_plain), 1),
         "ingest_img_per_s": round(rate(t_ingest), 1),
         "ingest_validate_img_per_s": round(rate(t_ingest + t_import + t_validate), 1),
         "ratio_ingest_only": round(t_plain / t_ingest, 3),
         "ratio": round(t_plain / (t_ingest + t_import + t_validate), 3),
         "ratio_excl_gx_import": round(t_plain / (t_ingest + t_validate), 3),
-        "validation_passed": val_res["passed"], "validated_rows": val_res["rows"],
+        "validation_passed": val_res["passed"],
+        "validated_rows": val_res["rows"],
     }
     print(json.dumps(result, indent=2))
     print(f"plain decode      {result['plain_img_per_s']:8.1f} img/s")
-    print(f"ingest            {result['ingest_img_per_s']:8.1f} img/s   ratio {result['ratio_ingest_only']:.3f}   "
-          f"peak RSS {result['ingest_peak_rss_mib']:.0f} MiB")
-    print(f"ingest + validate {result['ingest_validate_img_per_s']:8.1f} img/s   ratio {result['ratio']:.3f} "
-          f"(excluding the one-off GX import {t_import:.1f}s: {result['ratio_excl_gx_import']:.3f}; target >= 0.8)   "
-          f"validate peak RSS {result['validate_peak_rss_mib']:.0f} MiB, Data Docs {result['data_docs_kib']:.0f} KiB")
+    print(
+        f"ingest            {result['ingest_img_per_s']:8.1f} img/s   ratio {result['ratio_ingest_only']:.3f}   "
+        f"peak RSS {result['ingest_peak_rss_mib']:.0f} MiB"
+    )
+    print(
+        f"ingest + validate {result['ingest_validate_img_per_s']:8.1f} img/s   ratio {result['ratio']:.3f} "
+        f"(excluding the one-off GX import {t_import:.1f}s: {result['ratio_excl_gx_import']:.3f}; target >= 0.8)   "
+        f"validate peak RSS {result['validate_peak_rss_mib']:.0f} MiB, Data Docs {result['data_docs_kib']:.0f} KiB"
+    )
     return result
 
 

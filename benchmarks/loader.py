@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     sys.path[:0] = [str(root / "src"), str(root / "benchmarks")]
     import open_clip
     import torch
-
     from ingest import generate  # benchmarks/ingest.py: seeded photo-like JPEGs + COCO captions JSON
+
     from sdsclip.config import IngestConfig, ValidateConfig
     from sdsclip.data import pair_loader
     from sdsclip.ingest import ingest_coco
@@ -52,8 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tmp.name) if tmp else args.dir
     coco = generate(work / "coco", args.images, width, height, 0.0, args.captions, 2)
     shards, validated = work / "shards", work / "validated"
-    ingest_coco(coco / "annotations" / "captions_train2017.json", coco / "images" / "train2017", shards,
-                IngestConfig(workers=2, shard_size=100, resume=False))
+    ingest_coco(
+        coco / "annotations" / "captions_train2017.json",
+        coco / "images" / "train2017",
+        shards,
+        IngestConfig(workers=2, shard_size=100, resume=False),
+    )
     summary = validate_manifest(shards / "manifest.csv", validated, ValidateConfig(data_docs=False))
     accepted = validated / "accepted.csv"
     for p in shards.glob("shard-*.tar"):  # warm the page cache for every run alike
@@ -64,15 +68,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs, reference = {}, None
     for workers in args.workers:
-        loader = pair_loader(shards, accepted, transform, batch_size=args.batch_size, seed=args.seed,
-                             num_workers=workers, captions=args.mode)
+        loader = pair_loader(
+            shards,
+            accepted,
+            transform,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            num_workers=workers,
+            captions=args.mode,
+        )
         stream = loader.batches()
         t0 = time.perf_counter()
         _, _, (images, _) = next(stream)
         first = time.perf_counter() - t0
         captions = []
         t0 = time.perf_counter()
-        for _, _, (images, caps) in (next(stream) for _ in range(args.batches)):
+        for _, _, (images, caps) in (next(stream) for _ in range(args.batches)):  # noqa: B007 (last batch checked below)
             captions.append(caps)
         seconds = time.perf_counter() - t0
         stream.close()  # shuts the DataLoader workers down before the next run
@@ -81,17 +92,26 @@ def main(argv: list[str] | None = None) -> dict:
             reference = captions
         elif captions != reference:
             raise SystemExit(f"loader_workers {workers}: other batches than loader_workers {args.workers[0]}")
-        runs[workers] = {"first_batch_s": round(first, 3), "seconds": round(seconds, 3),
-                         "img_per_s": round(args.batches * args.batch_size / seconds, 1)}
+        runs[workers] = {
+            "first_batch_s": round(first, 3),
+            "seconds": round(seconds, 3),
+            "img_per_s": round(args.batches * args.batch_size / seconds, 1),
+        }
     base = runs[args.workers[0]]["img_per_s"]
     for r in runs.values():
         r["ratio"] = round(r["img_per_s"] / base, 3)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible, Python {platform.python_version()}, "
-                   f"torch {torch.__version__}, torch threads {torch.get_num_threads()}",
-        "images": args.images, "size": f"{width}x{height}", "captions": args.mode, "batch_size": args.batch_size,
-        "timed_batches": args.batches, "transform": f"open_clip ViT-B-32 eval preprocess ({size} px)",
-        "validation_passed": summary["passed"], "same_batches_for_every_worker_count": True, "runs": runs,
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}",
+        "images": args.images,
+        "size": f"{width}x{height}",
+        "captions": args.mode,
+        "batch_size": args.batch_size,
+        "timed_batches": args.batches,
+        "transform": f"open_clip ViT-B-32 eval preprocess ({size} px)",
+        "validation_passed": summary["passed"],
+        "same_batches_for_every_worker_count": True,
+        "runs": runs,
     }
     print(json.dumps(result, indent=2))
     print(f"{'loader_workers':>14} {'img/s':>8} {'ratio':>6} {'first batch s':>14}")

@@ -75,14 +75,18 @@ def measure_one(student, module, teacher, batch: int, setting: str, backward: bo
     t0 = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), counter():
         image_emb, text_emb, z = module(images, tokens, True)
-        terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, None, None, 0.0, 20, 980,
-                                   contrastive=ClipLoss())
+        terms = sds_clip_objective(
+            image_emb, text_emb, z, logit_scale, None, None, 0.0, 20, 980, contrastive=ClipLoss()
+        )
         student_bytes = counter.bytes
         loss_sds = sds_loss(teacher, z, cond, 20, 980, 1, gen)
         loss = terms.clip + 0.001 * loss_sds
     forward_s = time.perf_counter() - t0
-    row = {"student_saved_bytes": student_bytes, "unet_saved_bytes": counter.bytes - student_bytes,
-           "forward_s": round(forward_s, 1)}
+    row = {
+        "student_saved_bytes": student_bytes,
+        "unet_saved_bytes": counter.bytes - student_bytes,
+        "forward_s": round(forward_s, 1),
+    }
     if backward:
         t0 = time.perf_counter()
         loss.backward()
@@ -97,16 +101,22 @@ def measure_one(student, module, teacher, batch: int, setting: str, backward: bo
 def measure(batches: list[int], settings: list[str], backward: bool) -> dict:
     t0 = time.perf_counter()
     student, module, teacher = build_real()
-    result = {"machine": f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-                         f"torch {torch.__version__}",
-              "build_s": round(time.perf_counter() - t0, 1), "settings": {}}
+    result = {
+        "machine": f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"torch {torch.__version__}",
+        "build_s": round(time.perf_counter() - t0, 1),
+        "settings": {},
+    }
     for setting in settings:
         for batch in batches:
             row = measure_one(student, module, teacher, batch, setting, backward)
             result["settings"].setdefault(setting, {})[str(batch)] = row
-            print(f"  measured {setting:<10} batch {batch}: unet {row['unet_saved_bytes'] / GIB:.3f} GiB, "
-                  f"student {row['student_saved_bytes'] / GIB:.4f} GiB  ({row['forward_s']} s fwd, "
-                  f"{row.get('backward_s', '-')} s bwd)", flush=True)
+            print(
+                f"  measured {setting:<10} batch {batch}: unet {row['unet_saved_bytes'] / GIB:.3f} GiB, "
+                f"student {row['student_saved_bytes'] / GIB:.4f} GiB  ({row['forward_s']} s fwd, "
+                f"{row.get('backward_s', '-')} s bwd)",
+                flush=True,
+            )
             OUT.mkdir(parents=True, exist_ok=True)
             MEASURED.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a crash
     return result
@@ -125,15 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--batch", type=int, default=32, help="global batch of the peak estimates")
     args = parser.parse_args(argv)
-    measured = json.loads(MEASURED.read_text()) if args.reuse else measure([1, 2], args.settings,
-                                                                            not args.no_backward)
+    measured = json.loads(MEASURED.read_text()) if args.reuse else measure([1, 2], args.settings, not args.no_backward)
     from sdsclip.config import TrainConfig
     from sdsclip.memory import CARDS, TeacherSpec, count_step, estimate_sd15_vitb32
 
-    print(f"\nBytes saved for backward by one SDS-CLIP step, SD-1.5-shaped UNet + ViT-B-32 "
-          f"[{measured['machine']}]; estimate: the same step on fake CPU tensors (sdsclip.memory)")
-    print(f"{'setting':<11} {'UNet GiB/sample':>16} {'UNet fixed GiB':>15} {'student GiB/sample':>19} "
-          f"{'estimate GiB/sample':>20} {'estimate/measured':>18}")
+    print(
+        f"\nBytes saved for backward by one SDS-CLIP step, SD-1.5-shaped UNet + ViT-B-32 "
+        f"[{measured['machine']}]; estimate: the same step on fake CPU tensors (sdsclip.memory)"
+    )
+    print(
+        f"{'setting':<11} {'UNet GiB/sample':>16} {'UNet fixed GiB':>15} {'student GiB/sample':>19} "
+        f"{'estimate GiB/sample':>20} {'estimate/measured':>18}"
+    )
     table = {}
     for setting in args.settings:
         rows = measured["settings"].get(setting)
@@ -146,19 +159,26 @@ def main(argv: list[str] | None = None) -> dict:
         one, two = (count_step("ViT-B-32", TeacherSpec.sd15(), b, dtype, ckpt, "cpu") for b in (1, 2))
         est_ps = (two.unet_saved + two.student_saved) - (one.unet_saved + one.student_saved)
         ratio = est_ps / (unet_ps + stud_ps)
-        table[setting] = {"unet_per_sample_gib": unet_ps / GIB, "unet_fixed_gib": unet_fixed / GIB,
-                          "student_per_sample_gib": stud_ps / GIB, "estimate_per_sample_gib": est_ps / GIB,
-                          "estimate_over_measured": ratio}
-        print(f"{setting:<11} {unet_ps / GIB:16.3f} {unet_fixed / GIB:15.3f} {stud_ps / GIB:19.4f} "
-              f"{est_ps / GIB:20.3f} {ratio:18.3f}")
+        table[setting] = {
+            "unet_per_sample_gib": unet_ps / GIB,
+            "unet_fixed_gib": unet_fixed / GIB,
+            "student_per_sample_gib": stud_ps / GIB,
+            "estimate_per_sample_gib": est_ps / GIB,
+            "estimate_over_measured": ratio,
+        }
+        print(
+            f"{setting:<11} {unet_ps / GIB:16.3f} {unet_fixed / GIB:15.3f} {stud_ps / GIB:19.4f} "
+            f"{est_ps / GIB:20.3f} {ratio:18.3f}"
+        )
 
-    print(f"\nEstimated peak of a step on CUDA (fake CUDA tensors, CUDA autocast policy, flash / memory-efficient "
-          f"attention), global batch {args.batch} on 1 GPU, ~118k COCO pairs:")
+    print(
+        f"\nEstimated peak of a step on CUDA (fake CUDA tensors, CUDA autocast policy, flash / memory-efficient "
+        f"attention), global batch {args.batch} on 1 GPU, ~118k COCO pairs:"
+    )
     peaks = {}
     print(f"{'setting':<11} {'peak GiB':>9}  {' '.join(f'{c:>6}' for c in CARDS)}  parts (GiB)")
     for setting, (bf16, ckpt) in SETTINGS.items():
-        cfg = TrainConfig(batch_size=args.batch, mixed_precision="bf16" if bf16 else "no",
-                          gradient_checkpointing=ckpt)
+        cfg = TrainConfig(batch_size=args.batch, mixed_precision="bf16" if bf16 else "no", gradient_checkpointing=ckpt)
         est = estimate_sd15_vitb32(cfg, n_pairs=118_287)
         peaks[setting] = est.as_dict()
         fits = " ".join(f"{'fits' if est.peak <= CARDS[c] else '-':>6}" for c in CARDS)

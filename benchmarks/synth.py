@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +38,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--size", type=int, default=32)
     args = ap.parse_args()
-    world = WorldConfig(image_size=args.size, pretrain_images=args.images, train_images=1, winoground_items=1,
-                        aro_relation_items=1, aro_attribution_items=1, coco_order_images=1, zeroshot_per_class=1)
+    world = WorldConfig(
+        image_size=args.size,
+        pretrain_images=args.images,
+        train_images=1,
+        winoground_items=1,
+        aro_relation_items=1,
+        aro_attribution_items=1,
+        coco_order_images=1,
+        zeroshot_per_class=1,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         bare_pil(args.images, args.size, Path(tmp))

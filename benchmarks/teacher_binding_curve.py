@@ -35,7 +35,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--profile", default=None, help="profile applied over --params (e.g. science)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. teacher.tiny.unshuffle_factor=4")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. teacher.tiny.unshuffle_factor=4"
+    )
     ap.add_argument("--shards", type=Path, default=Path("data/shards"))
     ap.add_argument("--validated", type=Path, default=Path("data/validated"))
     ap.add_argument("--winoground", type=Path, default=Path("data/world/winoground"))
@@ -69,8 +71,9 @@ def main() -> None:
     modules = teacher.trainable_modules()
     optimizer = _optimizer(list(modules.parameters()), opt)
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.steps)
-    batches = _loader(params, shards, accepted, teacher_transform(cfg.image_size), opt.batch_size, params.seed,
-                      opt.batching)
+    batches = _loader(
+        params, shards, accepted, teacher_transform(cfg.image_size), opt.batch_size, params.seed, opt.batching
+    )
     gen = torch.Generator().manual_seed(params.seed)
     n_t = teacher.scheduler.config.num_train_timesteps
     lo, hi = cfg.pretrain_t_min, min(cfg.pretrain_t_max or n_t, n_t)
@@ -92,16 +95,35 @@ def main() -> None:
         modules.eval()
         save_teacher(teacher, work / "teacher", {"steps": step})
         d = teacher_binding(params, work / "teacher", args.winoground, max_items=args.items)
-        recent = losses[-args.every:]
-        rows.append({"step": step, "train_seconds": round(train_s, 1), "loss": sum(recent) / len(recent),
-                     **{k: d[k] for k in ("text_score", "swap_effect", "swap_effect_sem", "caption_effect",
-                                          "swap_to_caption_ratio", "swap_positive_fraction")},
-                     "by_tag": {k: {m: v[m] for m in ("swap_effect", "text_score")} for k, v in d["by_tag"].items()},
-                     "by_t": {r["t"]: {"text_score": r["text_score"],
-                                       **{tag: v["text_score"] for tag, v in r["by_tag"].items()}} for r in d["by_t"]}})
+        recent = losses[-args.every :]
+        rows.append(
+            {
+                "step": step,
+                "train_seconds": round(train_s, 1),
+                "loss": sum(recent) / len(recent),
+                **{
+                    k: d[k]
+                    for k in (
+                        "text_score",
+                        "swap_effect",
+                        "swap_effect_sem",
+                        "caption_effect",
+                        "swap_to_caption_ratio",
+                        "swap_positive_fraction",
+                    )
+                },
+                "by_tag": {k: {m: v[m] for m in ("swap_effect", "text_score")} for k, v in d["by_tag"].items()},
+                "by_t": {
+                    r["t"]: {"text_score": r["text_score"], **{tag: v["text_score"] for tag, v in r["by_tag"].items()}}
+                    for r in d["by_t"]
+                },
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-        args.out.write_text(json.dumps({"params": args.params.name, "profile": args.profile, "set": args.set,
-                                        "rows": rows}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"params": args.params.name, "profile": args.profile, "set": args.set, "rows": rows}, indent=1)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -36,13 +36,22 @@ def setup(items: int, tmp: Path):
     from sdsclip.synth import generate_world
 
     params = load_params(ROOT / "params.yaml")
-    world = WorldConfig(image_size=params.teacher.image_size, pretrain_images=1, train_images=1,
-                        winoground_items=items, aro_relation_items=max(items // 2, 2),
-                        aro_attribution_items=max(items // 2, 2), coco_order_images=max(items // 8, 2),
-                        zeroshot_per_class=1)
+    world = WorldConfig(
+        image_size=params.teacher.image_size,
+        pretrain_images=1,
+        train_images=1,
+        winoground_items=items,
+        aro_relation_items=max(items // 2, 2),
+        aro_attribution_items=max(items // 2, 2),
+        coco_order_images=max(items // 8, 2),
+        zeroshot_per_class=1,
+    )
     generate_world(world, tmp / "world", seed=0, families=["winoground", "aro"])
-    captions = [json.loads(line)[key] for line in (tmp / "world" / "winoground" / "examples.jsonl").open()
-                for key in ("caption_0", "caption_1")]
+    captions = [
+        json.loads(line)[key]
+        for line in (tmp / "world" / "winoground" / "examples.jsonl").open()
+        for key in ("caption_0", "caption_1")
+    ]
     torch.manual_seed(0)
     teacher = build_tiny_teacher(params.teacher, caption_vocabulary(captions + ["a red cube", "the"]))
     return params, teacher, tmp / "world"
@@ -52,9 +61,18 @@ def scorer_for(params, teacher, draws: int, batch_size: int, device: str):
     from sdsclip.scoring import TeacherScorer
 
     ev = params.eval
-    return TeacherScorer(teacher, draws, ev.teacher_t_min, ev.teacher_t_max, seed=0, batch_size=batch_size,
-                         device=device, vae_batch_size=ev.vae_batch_size, vae_precision=ev.vae_precision,
-                         image_uncond_correction=ev.teacher_image_uncond_correction)
+    return TeacherScorer(
+        teacher,
+        draws,
+        ev.teacher_t_min,
+        ev.teacher_t_max,
+        seed=0,
+        batch_size=batch_size,
+        device=device,
+        vae_batch_size=ev.vae_batch_size,
+        vae_precision=ev.vae_precision,
+        image_uncond_correction=ev.teacher_image_uncond_correction,
+    )
 
 
 def run_benchmark(name: str, scorer, world: Path, out: Path) -> dict:
@@ -132,10 +150,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         params, teacher, world = setup(args.items, tmp)
-        print(f"{platform.node()}: torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}; "
-              f"{args.items} Winoground items, {args.draws} draws, batch {args.batch_size}")
-        print(f"{'benchmark':<11} {'A end-to-end s':>15} {'B UNet only s':>14} {'B/A':>6} {'jobs':>6} "
-              f"{'jobs/s A':>9} {'max |score diff| batch 1':>25}")
+        print(
+            f"{platform.node()}: torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}; "
+            f"{args.items} Winoground items, {args.draws} draws, batch {args.batch_size}"
+        )
+        print(
+            f"{'benchmark':<11} {'A end-to-end s':>15} {'B UNet only s':>14} {'B/A':>6} {'jobs':>6} "
+            f"{'jobs/s A':>9} {'max |score diff| batch 1':>25}"
+        )
         for name in ("winoground", "aro"):
             scorer = scorer_for(params, teacher, args.draws, args.batch_size, args.device)
             recorder = Recorder(scorer.teacher)

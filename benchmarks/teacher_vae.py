@@ -23,9 +23,17 @@ from pathlib import Path
 
 import torch
 
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=512,
+)
 GIB = 2**30
 
 
@@ -70,23 +78,38 @@ def main() -> None:
         for precision in precisions:
             for batch in (1, 2):
                 out = Path(tmp, f"{precision}_{batch}.pt")
-                subprocess.run([sys.executable, __file__, "--device", args.device, "--size", str(args.size),
-                                "--one", precision, str(batch), str(out)], check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--device",
+                        args.device,
+                        "--size",
+                        str(args.size),
+                        "--one",
+                        precision,
+                        str(batch),
+                        str(out),
+                    ],
+                    check=True,
+                )
                 runs[(precision, batch)] = torch.load(out, weights_only=True)  # tensors + numbers only
     ref = runs[("fp32", 1)]["z"]
     rows = []
     for precision in precisions:
         per_image = runs[(precision, 2)]["peak"] - runs[(precision, 1)]["peak"]
         fixed = runs[(precision, 1)]["peak"] - per_image
-        rows.append({
-            "precision": precision,
-            "peak_batch1_gib": round(runs[(precision, 1)]["peak"] / GIB, 3),
-            "per_image_gib": round(per_image / GIB, 3),
-            "est_batch128_gib": round((fixed + 128 * per_image) / GIB, 1),
-            "est_batch8_gib": round((fixed + 8 * per_image) / GIB, 2),
-            "seconds_batch2": round(runs[(precision, 2)]["seconds"], 2),
-            "rel_l2_vs_fp32": float((runs[(precision, 1)]["z"] - ref).norm() / ref.norm()),
-        })
+        rows.append(
+            {
+                "precision": precision,
+                "peak_batch1_gib": round(runs[(precision, 1)]["peak"] / GIB, 3),
+                "per_image_gib": round(per_image / GIB, 3),
+                "est_batch128_gib": round((fixed + 128 * per_image) / GIB, 1),
+                "est_batch8_gib": round((fixed + 8 * per_image) / GIB, 2),
+                "seconds_batch2": round(runs[(precision, 2)]["seconds"], 2),
+                "rel_l2_vs_fp32": float((runs[(precision, 1)]["z"] - ref).norm() / ref.norm()),
+            }
+        )
     print(json.dumps({"device": args.device, "size": args.size, "torch": torch.__version__, "rows": rows}, indent=1))
 
 

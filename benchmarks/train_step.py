@@ -93,12 +93,26 @@ def build(size: str, batch: int, device: str, bf16: bool, grad_ckpt: bool, seed:
     else:  # real sizes with random weights: ViT-B-32 + Stable Diffusion 1.x-shaped UNet and text encoder
         student = build_student("ViT-B-32")
         tok = build_word_tokenizer(vocab, 77)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
-                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                            projection_dim=768))
-        unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                                    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                                    attention_head_dim=8)
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                projection_dim=768,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
         sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
         teacher = Teacher(unet, text, tok, sched, latent="vae", image_size=512)
     teacher.freeze()
@@ -114,10 +128,23 @@ def build(size: str, batch: int, device: str, bf16: bool, grad_ckpt: bool, seed:
     side = side[0] if isinstance(side, (tuple, list)) else side
     images = torch.randn(batch, 3, side, side, device=dev)
     tokens = student.tokenizer(caps).to(dev)
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast(
-        dev.type, enabled=False))
-    return Bench(module, student, teacher, optimizer, images, tokens, caps, dev, autocast,
-                 torch.Generator().manual_seed(seed + 1))
+    autocast = (
+        (lambda: torch.autocast(dev.type, dtype=torch.bfloat16))
+        if bf16
+        else (lambda: torch.autocast(dev.type, enabled=False))
+    )
+    return Bench(
+        module,
+        student,
+        teacher,
+        optimizer,
+        images,
+        tokens,
+        caps,
+        dev,
+        autocast,
+        torch.Generator().manual_seed(seed + 1),
+    )
 
 
 def make_steps(b: Bench, lambda_sds: float = 1.0, t_range: tuple[int, int] = (20, 980)):
@@ -136,8 +163,9 @@ def make_steps(b: Bench, lambda_sds: float = 1.0, t_range: tuple[int, int] = (20
         cond = cond_of(b.captions)
         with b.autocast():
             image_emb, text_emb, z = b.module(b.images, b.tokens, True)
-            terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, b.teacher, cond, lambda_sds,
-                                       *t_range, 1, b.generator, contrastive)
+            terms = sds_clip_objective(
+                image_emb, text_emb, z, logit_scale, b.teacher, cond, lambda_sds, *t_range, 1, b.generator, contrastive
+            )
         terms.total.backward()
         b.optimizer.step()
         b.optimizer.zero_grad(set_to_none=True)
@@ -145,8 +173,9 @@ def make_steps(b: Bench, lambda_sds: float = 1.0, t_range: tuple[int, int] = (20
     def contrastive_plus_unet():
         with b.autocast():
             image_emb, text_emb, _ = b.module(b.images, b.tokens, False)
-            terms = sds_clip_objective(image_emb, text_emb, None, logit_scale, None, None, 0.0, *t_range,
-                                       1, b.generator, contrastive)
+            terms = sds_clip_objective(
+                image_emb, text_emb, None, logit_scale, None, None, 0.0, *t_range, 1, b.generator, contrastive
+            )
         terms.total.backward()
         b.optimizer.step()
         b.optimizer.zero_grad(set_to_none=True)
@@ -163,9 +192,13 @@ def make_steps(b: Bench, lambda_sds: float = 1.0, t_range: tuple[int, int] = (20
     def lookup_only():
         cached(b.captions)
 
-    return {"a_sds_step": lambda: sds_step(cached), "b_contrastive_plus_unet": contrastive_plus_unet,
-            "c_sds_step_per_step_text": lambda: sds_step(per_step), "text_encode": encode_only,
-            "text_cache_lookup": lookup_only}
+    return {
+        "a_sds_step": lambda: sds_step(cached),
+        "b_contrastive_plus_unet": contrastive_plus_unet,
+        "c_sds_step_per_step_text": lambda: sds_step(per_step),
+        "text_encode": encode_only,
+        "text_cache_lookup": lookup_only,
+    }
 
 
 def toy_world_caption_pool(seed: int = 0) -> list[str]:
@@ -176,8 +209,11 @@ def toy_world_caption_pool(seed: int = 0) -> list[str]:
 
     world = Params().world
     rng = _rng(seed, "coco/train")
-    return [c for _ in range(world.train_images)
-            for c in _coco_style_captions(rng, _random_two_object_scene(rng, world), world.captions_per_image)]
+    return [
+        c
+        for _ in range(world.train_images)
+        for c in _coco_style_captions(rng, _random_two_object_scene(rng, world), world.captions_per_image)
+    ]
 
 
 def caption_stream(kind: str, batch: int, n_batches: int, seed: int = 0) -> list[list[str]]:
@@ -186,11 +222,17 @@ def caption_stream(kind: str, batch: int, n_batches: int, seed: int = 0) -> list
     if kind == "toy":
         pool = toy_world_caption_pool(seed)
         gen = torch.Generator().manual_seed(seed)
-        return [[pool[i] for i in torch.randint(0, len(pool), (batch,), generator=gen).tolist()]
-                for _ in range(n_batches)]
+        return [
+            [pool[i] for i in torch.randint(0, len(pool), (batch,), generator=gen).tolist()] for _ in range(n_batches)
+        ]
     words = [w for c in captions(64) for w in c.split()]
-    return [[f"{' '.join(words[(k * 7 + j) % len(words)] for j in range(9))} number {k}"
-             for k in range(i * batch, (i + 1) * batch)] for i in range(n_batches)]
+    return [
+        [
+            f"{' '.join(words[(k * 7 + j) % len(words)] for j in range(9))} number {k}"
+            for k in range(i * batch, (i + 1) * batch)
+        ]
+        for i in range(n_batches)
+    ]
 
 
 def text_cache_arm(b: Bench, steps: int, warmup: int, entries: int = 4096) -> dict[str, dict]:
@@ -209,8 +251,9 @@ def text_cache_arm(b: Bench, steps: int, warmup: int, entries: int = 4096) -> di
         cond = cond_of(caps)
         with b.autocast():
             image_emb, text_emb, z = b.module(b.images, tokens, True)
-            terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, b.teacher, cond, 1.0, 20, 980, 1,
-                                       b.generator, contrastive)
+            terms = sds_clip_objective(
+                image_emb, text_emb, z, logit_scale, b.teacher, cond, 1.0, 20, 980, 1, b.generator, contrastive
+            )
         terms.total.backward()
         b.optimizer.step()
         b.optimizer.zero_grad(set_to_none=True)
@@ -224,7 +267,7 @@ def text_cache_arm(b: Bench, steps: int, warmup: int, entries: int = 4096) -> di
         for i, caps in enumerate(stream):
             if i == warmup:
                 encoded_before_timing = arms["cache_on"].encoded
-            for name in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
+            for name in list(arms) if i % 2 == 0 else list(arms)[::-1]:
                 _sync(b.device)
                 t0 = time.perf_counter()
                 step(arms[name], caps)
@@ -237,7 +280,8 @@ def text_cache_arm(b: Bench, steps: int, warmup: int, entries: int = 4096) -> di
             row = b.teacher.encode_text(stream[0][:1])[0]
         median = {k: statistics.median(v) for k, v in times.items()}
         out[label] = {
-            "median_s": median, "ratio_off_over_on": median["cache_off"] / median["cache_on"],
+            "median_s": median,
+            "ratio_off_over_on": median["cache_off"] / median["cache_on"],
             "hit_rate_timed_steps": 1 - (cache.encoded - encoded_before_timing) / timed,
             "distinct_captions_in_stream": len({c for caps in stream for c in caps}),
             "cache_entries_at_end": len(cache),
@@ -256,7 +300,7 @@ def time_variants(b: Bench, steps: int, warmup: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for i in range(warmup + steps):
-        order = names[i % len(names):] + names[: i % len(names)]  # rotate: no variant always runs first
+        order = names[i % len(names) :] + names[: i % len(names)]  # rotate: no variant always runs first
         for name in order:
             _sync(b.device)
             t0 = time.perf_counter()
@@ -282,9 +326,22 @@ def peak_memory(args, variant: str) -> float:
         del b, fn
         torch.cuda.empty_cache()
         return peak
-    cmd = [sys.executable, __file__, "--memory-child", variant, "--size", args.size, "--batch", str(args.batch),
-           "--device", args.device] + (["--bf16"] if args.bf16 else []) + (
-        ["--grad-checkpointing"] if args.grad_checkpointing else [])
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            variant,
+            "--size",
+            args.size,
+            "--batch",
+            str(args.batch),
+            "--device",
+            args.device,
+        ]
+        + (["--bf16"] if args.bf16 else [])
+        + (["--grad-checkpointing"] if args.grad_checkpointing else [])
+    )
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
 
@@ -316,8 +373,15 @@ def memory_child(args) -> None:
         fn()
     done.set()
     thread.join()
-    print(json.dumps({"peak_rss_mib": (peak - base) / 2**20, "models_rss_mib": base / 2**20,
-                      "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mib": (peak - base) / 2**20,
+                "models_rss_mib": base / 2**20,
+                "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def _mode_step(b: Bench, gradient: str):
@@ -335,8 +399,21 @@ def _mode_step(b: Bench, gradient: str):
         cond = cache(b.captions)
         with b.autocast():
             image_emb, text_emb, z = b.module(b.images, b.tokens, True)
-            terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, b.teacher, cond, 1.0, 20, 980, 1,
-                                       b.generator, contrastive, gradient=gradient)
+            terms = sds_clip_objective(
+                image_emb,
+                text_emb,
+                z,
+                logit_scale,
+                b.teacher,
+                cond,
+                1.0,
+                20,
+                980,
+                1,
+                b.generator,
+                contrastive,
+                gradient=gradient,
+            )
         terms.total.backward()
         b.optimizer.step()
         b.optimizer.zero_grad(set_to_none=True)
@@ -349,7 +426,7 @@ def time_modes(b: Bench, steps: int, warmup: int) -> dict[str, float]:
     fns = {g: _mode_step(b, g) for g in ("full", "jacobian_free")}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + steps):
-        for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+        for name in list(fns) if i % 2 == 0 else list(fns)[::-1]:
             _sync(b.device)
             t0 = time.perf_counter()
             fns[name]()
@@ -380,11 +457,16 @@ def jacobian_free_memory(card: str = "80gb") -> dict:
             out["per_sample"][key] = {
                 "saved_bytes": (c2.student_saved + c2.unet_saved) - (c1.student_saved + c1.unet_saved),
                 "unet_saved_bytes": c2.unet_saved - c1.unet_saved,
-                "student_saved_bytes": c2.student_saved - c1.student_saved}
+                "student_saved_bytes": c2.student_saved - c1.student_saved,
+            }
 
-            def peak(n: int) -> int:
-                cfg = TrainConfig(batch_size=max(n, 2), sds_gradient=gradient, gradient_checkpointing=ckpt,
-                                  mixed_precision="no" if dtype is None else "bf16")
+            def peak(n: int, gradient=gradient, ckpt=ckpt, dtype=dtype) -> int:  # this iteration's arm
+                cfg = TrainConfig(
+                    batch_size=max(n, 2),
+                    sds_gradient=gradient,
+                    gradient_checkpointing=ckpt,
+                    mixed_precision="no" if dtype is None else "bf16",
+                )
                 return estimate_step(cfg, arch, spec, 1, "cuda").peak
 
             p8, p16 = peak(8), peak(16)
@@ -392,8 +474,12 @@ def jacobian_free_memory(card: str = "80gb") -> dict:
             best = int((limit - (p8 - 8 * slope)) // slope)
             while best > 2 and peak(best) > limit:  # the affine fit is checked on the real estimate
                 best = int(best * 0.97)
-            out["largest_batch"][key] = {"batch": best, "peak_gib_at_batch": peak(best) / GIB,
-                                         "fixed_gib": (p8 - 8 * slope) / GIB, "gib_per_sample": slope / GIB}
+            out["largest_batch"][key] = {
+                "batch": best,
+                "peak_gib_at_batch": peak(best) / GIB,
+                "fixed_gib": (p8 - 8 * slope) / GIB,
+                "gib_per_sample": slope / GIB,
+            }
     return out
 
 
@@ -404,38 +490,60 @@ def jacobian_free_arm(args) -> dict:
     b = build("tiny", args.batch, "cpu", False, False)
     tiny = time_modes(b, args.steps, args.warmup)
     del b
-    result["tiny_cpu"] = {"batch": args.batch, "steps": args.steps, "median_s": tiny,
-                          "ratio_jacobian_free_over_full": tiny["jacobian_free"] / tiny["full"]}
+    result["tiny_cpu"] = {
+        "batch": args.batch,
+        "steps": args.steps,
+        "median_s": tiny,
+        "ratio_jacobian_free_over_full": tiny["jacobian_free"] / tiny["full"],
+    }
     if args.real_steps:
         b = build("real", 1, "cpu", False, False)
         real = time_modes(b, args.real_steps, 1)
         del b
-        result["real_shapes_cpu"] = {"batch": 1, "steps": args.real_steps, "warmup": 1, "median_s": real,
-                                     "ratio_jacobian_free_over_full": real["jacobian_free"] / real["full"]}
+        result["real_shapes_cpu"] = {
+            "batch": 1,
+            "steps": args.real_steps,
+            "warmup": 1,
+            "median_s": real,
+            "ratio_jacobian_free_over_full": real["jacobian_free"] / real["full"],
+        }
     result["memory_sd15_vitb32"] = jacobian_free_memory()
     result["wall_s"] = round(time.time() - started, 1)
 
     print(f"\nJacobian-free vs full SDS  [{result['machine']}]")
-    for label, r in (("tiny models, CPU", result["tiny_cpu"]), ("SD-1.5 + ViT-B-32, CPU", result.get("real_shapes_cpu"))):
+    for label, r in (
+        ("tiny models, CPU", result["tiny_cpu"]),
+        ("SD-1.5 + ViT-B-32, CPU", result.get("real_shapes_cpu")),
+    ):
         if r:
             m = r["median_s"]
-            print(f"  step time, {label}, batch {r['batch']}: full {m['full'] * 1000:.1f} ms, jacobian_free "
-                  f"{m['jacobian_free'] * 1000:.1f} ms -> ratio {r['ratio_jacobian_free_over_full']:.3f} (target <= 0.6)")
+            print(
+                f"  step time, {label}, batch {r['batch']}: full {m['full'] * 1000:.1f} ms, jacobian_free "
+                f"{m['jacobian_free'] * 1000:.1f} ms -> ratio {r['ratio_jacobian_free_over_full']:.3f} (target <= 0.6)"
+            )
     mem = result["memory_sd15_vitb32"]
-    print(f"  SD-1.5 + ViT-B-32, fake CUDA tensors; largest batch: estimated peak <= {mem['usable_gib']:.0f} GiB "
-          f"usable of an {mem['card']} card")
+    print(
+        f"  SD-1.5 + ViT-B-32, fake CUDA tensors; largest batch: estimated peak <= {mem['usable_gib']:.0f} GiB "
+        f"usable of an {mem['card']} card"
+    )
     print(f"    {'mode':<24} {'saved MiB/sample':>17} {'UNet MiB/sample':>16} {'largest batch':>14}")
     for key, ps in mem["per_sample"].items():
         lb = mem["largest_batch"][key]
-        print(f"    {key:<24} {ps['saved_bytes'] / 2**20:17.2f} {ps['unet_saved_bytes'] / 2**20:16.2f} "
-              f"{lb['batch']:14d}")
+        print(
+            f"    {key:<24} {ps['saved_bytes'] / 2**20:17.2f} {ps['unet_saved_bytes'] / 2**20:16.2f} {lb['batch']:14d}"
+        )
     for precision in ("fp32", "bf16"):
         full, jf = mem["per_sample"][f"full/{precision}"], mem["per_sample"][f"jacobian_free/{precision}"]
-        fb, jb = mem["largest_batch"][f"full/{precision}"]["batch"], mem["largest_batch"][f"jacobian_free/{precision}"]["batch"]
+        fb, jb = (
+            mem["largest_batch"][f"full/{precision}"]["batch"],
+            mem["largest_batch"][f"jacobian_free/{precision}"]["batch"],
+        )
         cb = mem["largest_batch"][f"full+ckpt/{precision}"]["batch"]
-        print(f"  {precision}: saved bytes/sample jacobian_free / full = {jf['saved_bytes'] / full['saved_bytes']:.4f} "
-              f"(target <= 0.1); batch per card {jb} vs full {fb} ({jb / max(fb, 1):.1f}x, target >= 4x), "
-              f"vs full+ckpt {cb} ({jb / max(cb, 1):.1f}x)")
+        print(
+            f"  {precision}: saved bytes/sample jacobian_free / full = {jf['saved_bytes'] / full['saved_bytes']:.4f} "
+            f"(target <= 0.1); batch per card {jb} vs full {fb} ({jb / max(fb, 1):.1f}x, target >= 4x), "
+            f"vs full+ckpt {cb} ({jb / max(cb, 1):.1f}x)"
+        )
     print(f"  wall {result['wall_s']} s (MiB, GiB: 2^20, 2^30 bytes)")
     out = args.json or (Path(__file__).resolve().parent / "results" / "jacobian_free" / "jacobian_free.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -444,8 +552,10 @@ def jacobian_free_arm(args) -> dict:
 
 
 def machine(device: str) -> str:
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, " \
-          f"torch threads {torch.get_num_threads()}"
+    cpu = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (+ {cpu})"
     try:
@@ -469,10 +579,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-cache-arm", action="store_true", help="skip the text-cache stream measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    parser.add_argument("--jacobian-free", action="store_true",
-                        help="only the train.sds_gradient comparison (writes benchmarks/results/jacobian_free/)")
-    parser.add_argument("--real-steps", type=int, default=0,
-                        help="--jacobian-free: also time N steps per mode at SD-1.5 + ViT-B-32 shapes, batch 1 (CPU)")
+    parser.add_argument(
+        "--jacobian-free",
+        action="store_true",
+        help="only the train.sds_gradient comparison (writes benchmarks/results/jacobian_free/)",
+    )
+    parser.add_argument(
+        "--real-steps",
+        type=int,
+        default=0,
+        help="--jacobian-free: also time N steps per mode at SD-1.5 + ViT-B-32 shapes, batch 1 (CPU)",
+    )
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args)
@@ -486,8 +603,13 @@ def main(argv: list[str] | None = None) -> dict:
     cache_arm = None if args.no_cache_arm else text_cache_arm(b, args.steps, args.warmup)
     del b
     result = {
-        "machine": machine(args.device), "size": args.size, "device": args.device, "batch": args.batch,
-        "bf16": args.bf16, "grad_checkpointing": args.grad_checkpointing, "steps": args.steps,
+        "machine": machine(args.device),
+        "size": args.size,
+        "device": args.device,
+        "batch": args.batch,
+        "bf16": args.bf16,
+        "grad_checkpointing": args.grad_checkpointing,
+        "steps": args.steps,
         "median_s": t,
         "ratio_sds_over_contrastive_plus_unet": t["a_sds_step"] / t["b_contrastive_plus_unet"],
         "speedup_cached_text_step": t["c_sds_step_per_step_text"] / t["a_sds_step"],
@@ -496,29 +618,40 @@ def main(argv: list[str] | None = None) -> dict:
     if cache_arm is not None:
         result["text_cache_4096"] = cache_arm
     if not args.no_memory:
-        result["peak_memory_mib"] = {v: peak_memory(args, v) for v in
-                                     ("a_sds_step", "b_contrastive_plus_unet", "c_sds_step_per_step_text")}
-        result["memory_kind"] = ("torch.cuda.max_memory_allocated, models included" if args.device == "cuda"
-                                 else "peak RSS during the first 3 steps above the built models' RSS, one "
-                                      "child process per variant")
+        result["peak_memory_mib"] = {
+            v: peak_memory(args, v) for v in ("a_sds_step", "b_contrastive_plus_unet", "c_sds_step_per_step_text")
+        }
+        result["memory_kind"] = (
+            "torch.cuda.max_memory_allocated, models included"
+            if args.device == "cuda"
+            else "peak RSS during the first 3 steps above the built models' RSS, one child process per variant"
+        )
     result["wall_s"] = round(time.time() - started, 1)
 
     print(f"\nSDS-CLIP train step benchmark  [{result['machine']}]")
-    print(f"size={args.size} batch={args.batch} device={args.device} bf16={args.bf16} "
-          f"grad_checkpointing={args.grad_checkpointing}; median of {args.steps} interleaved steps")
+    print(
+        f"size={args.size} batch={args.batch} device={args.device} bf16={args.bf16} "
+        f"grad_checkpointing={args.grad_checkpointing}; median of {args.steps} interleaved steps"
+    )
     for k, v in t.items():
         print(f"  {k:<28} {v * 1000:9.2f} ms")
     verdict = "OK" if result["ratio_sds_over_contrastive_plus_unet"] <= 1.05 else "ABOVE TARGET"
-    print(f"  (a) / (b)  SDS step vs contrastive + UNet fwd/bwd : {result['ratio_sds_over_contrastive_plus_unet']:.3f}"
-          f"  (target <= 1.05: {verdict})")
+    print(
+        f"  (a) / (b)  SDS step vs contrastive + UNet fwd/bwd : {result['ratio_sds_over_contrastive_plus_unet']:.3f}"
+        f"  (target <= 1.05: {verdict})"
+    )
     print(f"  (c) / (a)  per-step vs cached text conditioning   : {result['speedup_cached_text_step']:.3f}x step")
-    print(f"  encode / lookup, conditioning alone              : "
-          f"{result['speedup_cached_text_conditioning_alone']:.1f}x")
+    print(
+        f"  encode / lookup, conditioning alone              : {result['speedup_cached_text_conditioning_alone']:.1f}x"
+    )
     for label, arm in (cache_arm or {}).items():
         m = arm["median_s"]
-        print(f"  text cache 4096 vs off, {label:<23}: step {m['cache_on'] * 1000:8.2f} ms vs {m['cache_off'] * 1000:8.2f}"
-              f" ms (off/on {arm['ratio_off_over_on']:.3f}), hit rate {arm['hit_rate_timed_steps']:.1%}, "
-              f"{arm['distinct_captions_in_stream']} distinct captions, full cache {arm['full_cache_mib']:.1f} MiB")
+        print(
+            f"  text cache 4096 vs off, {label:<23}: step {m['cache_on'] * 1000:8.2f} ms vs "
+            f"{m['cache_off'] * 1000:8.2f}"
+            f" ms (off/on {arm['ratio_off_over_on']:.3f}), hit rate {arm['hit_rate_timed_steps']:.1%}, "
+            f"{arm['distinct_captions_in_stream']} distinct captions, full cache {arm['full_cache_mib']:.1f} MiB"
+        )
     if "peak_memory_mib" in result:
         print(f"  peak memory ({result['memory_kind']}):")
         for k, v in result["peak_memory_mib"].items():

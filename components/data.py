@@ -74,12 +74,19 @@ def ingest(params: str, world: Input[Dataset], shards: Output[Dataset]):
     if "://" not in coco_root and Path(coco_root).parts[:2] == ("data", "world"):
         coco_root = str(Path(world.path, *Path(coco_root).parts[2:]))
     result = stages.ingest(p, coco_root, Path(shards.path))
-    shards.metadata.update({f"{split}.{k}": v for split, summary in result.items()
-                            for k, v in summary.items() if isinstance(v, (int, float))})
+    shards.metadata.update(
+        {
+            f"{split}.{k}": v
+            for split, summary in result.items()
+            for k, v in summary.items()
+            if isinstance(v, (int, float))
+        }
+    )
 
 
-def validate(params: str, shards: Input[Dataset], validated: Output[Dataset], data_docs: Output[HTML],
-             metrics: Output[Metrics]):
+def validate(
+    params: str, shards: Input[Dataset], validated: Output[Dataset], data_docs: Output[HTML], metrics: Output[Metrics]
+):
     """Great Expectations over each split's manifest: accepted.csv / quarantine.csv / GX Data Docs per split in
     ``validated``; ``data_docs``: one self-contained HTML page over all splits (shown by the Kubeflow UI);
     ``metrics``: rows / accepted / quarantined / pass rates per split. Fails past the threshold."""
@@ -95,8 +102,14 @@ def validate(params: str, shards: Input[Dataset], validated: Output[Dataset], da
 
     p = params_from_dict(yaml.safe_load(params))
     result = stages.validate(p, Path(shards.path), Path(validated.path))
-    validated.metadata.update({f"{split}.{k}": v for split, summary in result.items()
-                               for k, v in summary.items() if isinstance(v, (int, float))})
+    validated.metadata.update(
+        {
+            f"{split}.{k}": v
+            for split, summary in result.items()
+            for k, v in summary.items()
+            if isinstance(v, (int, float))
+        }
+    )
     Path(data_docs.path).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(validated.path, REPORT_PAGE), data_docs.path)
     for split in result:

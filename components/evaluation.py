@@ -149,8 +149,9 @@ def evaluate_shard(
 
     p = params_from_dict(yaml.safe_load(params))
     data_dir = stages.benchmark_data_dir(p, benchmark, Path(data.path))
-    part.metadata.update(stages.evaluate_shard(p, benchmark, Path(model.path), data_dir, Path(part.path), shard,
-                                               p.eval.shards))
+    part.metadata.update(
+        stages.evaluate_shard(p, benchmark, Path(model.path), data_dir, Path(part.path), shard, p.eval.shards)
+    )
 
 
 def merge_shards(
@@ -174,8 +175,7 @@ def merge_shards(
     p = params_from_dict(yaml.safe_load(params))
     data_dir = stages.benchmark_data_dir(p, benchmark, Path(data.path))
     score_file = None if benchmark == "aro" else Path(scores.path)
-    result = stages.merge_shards(p, benchmark, data_dir, [Path(a.path) for a in parts], Path(results.path),
-                                 score_file)
+    result = stages.merge_shards(p, benchmark, data_dir, [Path(a.path) for a in parts], Path(results.path), score_file)
     if score_file is None:
         Path(scores.path).write_text("")
     for key, value in stages.headline_metrics(benchmark, result).items():
@@ -244,6 +244,7 @@ def register(
     p = params_from_dict(yaml.safe_load(params))
     split = p.data.train_split
     lineage = [Path(shards.path, split, "manifest.csv"), Path(validated.path, split, "accepted.csv")]
-    result = stages.register(p, Path(model.path), Path(metrics.path), Path(baseline_metrics.path),
-                             Path(registration.path), lineage)
+    result = stages.register(
+        p, Path(model.path), Path(metrics.path), Path(baseline_metrics.path), Path(registration.path), lineage
+    )
     registration.metadata.update(result)

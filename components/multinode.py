@@ -33,8 +33,13 @@ def train_multinode(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     inputs = {"student": student, "teacher": teacher, "shards": shards, "validated": validated}
     meta = run_multinode_training(
-        params, {key: Path(artifact.path) for key, artifact in inputs.items()}, Path(model.path),
-        control=control, num_nodes=num_nodes, gpus_per_node=gpus_per_node, image=image,
+        params,
+        {key: Path(artifact.path) for key, artifact in inputs.items()},
+        Path(model.path),
+        control=control,
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        image=image,
         # the upstream artifacts' URIs: a retry of this step re-attaches to the job it started
         job_key=" ".join(artifact.uri for artifact in inputs.values()),
     )

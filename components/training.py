@@ -67,7 +67,15 @@ def train(
     if checkpoint_root:
         arm = "baseline" if control else "sds"
         checkpoint_dir = Path(checkpoint_root, f"{arm}-{hashlib.sha256(model.uri.encode()).hexdigest()[:16]}")
-    meta = stages.train(p, Path(student.path), Path(teacher.path), Path(shards.path), Path(validated.path),
-                        Path(model.path), control=control, resume=checkpoint_dir is not None,
-                        checkpoint_dir=checkpoint_dir)
+    meta = stages.train(
+        p,
+        Path(student.path),
+        Path(teacher.path),
+        Path(shards.path),
+        Path(validated.path),
+        Path(model.path),
+        control=control,
+        resume=checkpoint_dir is not None,
+        checkpoint_dir=checkpoint_dir,
+    )
     model.metadata.update({k: v for k, v in meta.items() if isinstance(v, (int, float, str))})

@@ -39,8 +39,9 @@ Needs a KFP backend >= 2.4 (resource limits from pipeline parameters, kubeflow/p
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
@@ -70,12 +71,12 @@ GPU_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "No
 DEFAULT_GPU_TYPE, DEFAULT_GPU_COUNT = "nvidia.com/gpu", "1"
 # (cpu request, cpu limit, memory request, memory limit) per kind of task
 RESOURCES = {
-    "light": ("250m", "1", "512Mi", "2Gi"),      # resolve-params, derive-sugarcrepe, report
-    "data": ("1", "4", "4Gi", "8Gi"),            # synth, ingest (ingest.workers threads), validate (GX, pandas)
-    "model": ("2", "4", "8Gi", "16Gi"),          # pretrain-student, the students' evaluations (CPU)
-    "gpu": ("4", "8", "32Gi", "32Gi"),           # memory request = limit: a long GPU job is not the pod the
-                                                 # kubelet evicts first under node memory pressure
-    "register": ("500m", "2", "2Gi", "4Gi"),     # uploads the model to MLflow
+    "light": ("250m", "1", "512Mi", "2Gi"),  # resolve-params, derive-sugarcrepe, report
+    "data": ("1", "4", "4Gi", "8Gi"),  # synth, ingest (ingest.workers threads), validate (GX, pandas)
+    "model": ("2", "4", "8Gi", "16Gi"),  # pretrain-student, the students' evaluations (CPU)
+    "gpu": ("4", "8", "32Gi", "32Gi"),  # memory request = limit: a long GPU job is not the pod the
+    # kubelet evicts first under node memory pressure
+    "register": ("500m", "2", "2Gi", "4Gi"),  # uploads the model to MLflow
 }
 # Retries (cluster only; locally a failure is a bug to see at once, not after backoffs):
 #  - GPU tasks: spot/preemptible GPU nodes get reclaimed; train resumes from its newest checkpoint on the
@@ -97,9 +98,18 @@ class _Placement:
         self.cluster = target == "cluster"
         self.gpu_image, self.gpu_type, self.gpu_count = gpu_image, gpu_type, gpu_count
 
-    def __call__(self, task: dsl.PipelineTask, kind: str, *, cache: bool = True, data: bool = False,
-                 checkpoints: bool = False, mlflow: bool = False, object_store: bool = False,
-                 retry: dict | None = None) -> dsl.PipelineTask:
+    def __call__(
+        self,
+        task: dsl.PipelineTask,
+        kind: str,
+        *,
+        cache: bool = True,
+        data: bool = False,
+        checkpoints: bool = False,
+        mlflow: bool = False,
+        object_store: bool = False,
+        retry: dict | None = None,
+    ) -> dsl.PipelineTask:
         # Explicit on every task (not the compiler's default, which an env var can flip): stages are
         # deterministic functions of their inputs (seeded), so a hit returns what a re-run would produce.
         # Caveat: a path in params (data on a PVC / s3) is keyed by its text, not its content.
@@ -121,18 +131,28 @@ class _Placement:
         if checkpoints:
             kubernetes.mount_pvc(task, pvc_name=CHECKPOINTS_PVC, mount_path=CHECKPOINTS_MOUNT)
         if mlflow:  # required: without it a registry would be a sqlite file inside the pod, lost with it
-            kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET,
-                                         secret_key_to_env={env: env for env in MLFLOW_ENV})
+            kubernetes.use_secret_as_env(
+                task, secret_name=MLFLOW_SECRET, secret_key_to_env={env: env for env in MLFLOW_ENV}
+            )
         if object_store:  # optional: the data may as well be on the data PVC
-            kubernetes.use_secret_as_env(task, secret_name=OBJECT_STORE_SECRET,
-                                         secret_key_to_env={env: env for env in OBJECT_STORE_ENV}, optional=True)
+            kubernetes.use_secret_as_env(
+                task,
+                secret_name=OBJECT_STORE_SECRET,
+                secret_key_to_env={env: env for env in OBJECT_STORE_ENV},
+                optional=True,
+            )
         if retry:
             task.set_retry(**retry)
         return task
 
 
-def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = None, *,
-                   gpu_image: str = DEFAULT_GPU_IMAGE, target: str = "cluster") -> Callable:
+def build_pipeline(
+    base_image: str = DEFAULT_IMAGE,
+    params_yaml: str | None = None,
+    *,
+    gpu_image: str = DEFAULT_GPU_IMAGE,
+    target: str = "cluster",
+) -> Callable:
     """The pipeline for ``target`` (cluster | local): CPU tasks in ``base_image``, GPU tasks in ``gpu_image``
     (cluster only), run-form defaults from ``params_yaml`` (default: params.yaml)."""
     if target not in TARGETS:
@@ -184,8 +204,9 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
 
         params = place(c.resolve_params(params_yaml=params_yaml, form_spec=spec, **form), "light").output
         world = place(c.synth(params=params), "data").output
-        shards = place(c.ingest(params=params, world=world), "data", data=True, object_store=True,
-                       retry=NETWORK_RETRY).output
+        shards = place(
+            c.ingest(params=params, world=world), "data", data=True, object_store=True, retry=NETWORK_RETRY
+        ).output
         validated = place(c.validate(params=params, shards=shards), "data").outputs["validated"]
         data = dict(params=params, shards=shards, validated=validated)
 
@@ -198,9 +219,16 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
             # train_nodes > 1: a small pod submits it as a Kubeflow PyTorchJob of train_nodes pods with
             # train_gpus_per_node GPUs each (components/multinode.py), waits, and returns the same model.
             def one_pod() -> dsl.PipelineTask:
-                return place(c.train(control=control, checkpoint_root=checkpoint_root, **models)
-                             .set_display_name(f"train-{arm}"), "gpu", data=True, checkpoints=True, mlflow=True,
-                             retry=GPU_RETRY)
+                return place(
+                    c.train(control=control, checkpoint_root=checkpoint_root, **models).set_display_name(
+                        f"train-{arm}"
+                    ),
+                    "gpu",
+                    data=True,
+                    checkpoints=True,
+                    mlflow=True,
+                    retry=GPU_RETRY,
+                )
 
             if target == "local":  # kfp.local 2.17 cannot resolve a dsl.OneOf of artifacts; a PyTorchJob
                 return one_pod().output  # needs a cluster anyway, so locally train_nodes is ignored
@@ -208,30 +236,49 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
                 single = one_pod()
             with dsl.Else(name=f"train-{arm}-pytorchjob"):
                 # the step only stages data on the PVC and waits; a retry re-attaches to the job it started
-                job = place(c.train_multinode(control=control, num_nodes=train_nodes,
-                                              gpus_per_node=train_gpus_per_node, image=gpu_image, **models)
-                            .set_display_name(f"train-{arm}-pytorchjob"), "data", data=True, mlflow=True,
-                            retry=GPU_RETRY)
+                job = place(
+                    c.train_multinode(
+                        control=control,
+                        num_nodes=train_nodes,
+                        gpus_per_node=train_gpus_per_node,
+                        image=gpu_image,
+                        **models,
+                    ).set_display_name(f"train-{arm}-pytorchjob"),
+                    "data",
+                    data=True,
+                    mlflow=True,
+                    retry=GPU_RETRY,
+                )
             return dsl.OneOf(single.output, job.output)
 
         baseline, sds = train("baseline", True), train("sds", False)
 
         results, reported = {}, {}
-        sugarcrepe = place(c.derive_sugarcrepe(params=params, world=world).set_display_name("derive-sugarcrepe"),
-                           "light", data=True).output
+        sugarcrepe = place(
+            c.derive_sugarcrepe(params=params, world=world).set_display_name("derive-sugarcrepe"), "light", data=True
+        ).output
         for name, model in dict(pretrained=student, baseline=baseline, sds=sds).items():
             # the students' CLIP forward is cheap: one CPU task per benchmark
             evaluated = dict(params=params, model=model)
-            results[name] = place(c.evaluate_winoground(world=world, **evaluated).set_display_name(
-                f"evaluate-{name}"), "model", data=True).outputs["results"]
+            results[name] = place(
+                c.evaluate_winoground(world=world, **evaluated).set_display_name(f"evaluate-{name}"), "model", data=True
+            ).outputs["results"]
             reported[f"winoground_{name}"] = results[name]
-            reported[f"aro_{name}"] = place(c.evaluate_aro(world=world, **evaluated).set_display_name(
-                f"evaluate-aro-{name}"), "model", data=True).outputs["results"]
-            reported[f"sugarcrepe_{name}"] = place(c.evaluate_sugarcrepe(sugarcrepe=sugarcrepe, **evaluated)
-                                                   .set_display_name(f"evaluate-sugarcrepe-{name}"), "model",
-                                                   data=True).outputs["results"]
-            reported[f"zeroshot_{name}"] = place(c.evaluate_zeroshot(world=world, **evaluated).set_display_name(
-                f"evaluate-zeroshot-{name}"), "model", data=True).outputs["results"]
+            reported[f"aro_{name}"] = place(
+                c.evaluate_aro(world=world, **evaluated).set_display_name(f"evaluate-aro-{name}"), "model", data=True
+            ).outputs["results"]
+            reported[f"sugarcrepe_{name}"] = place(
+                c.evaluate_sugarcrepe(sugarcrepe=sugarcrepe, **evaluated).set_display_name(
+                    f"evaluate-sugarcrepe-{name}"
+                ),
+                "model",
+                data=True,
+            ).outputs["results"]
+            reported[f"zeroshot_{name}"] = place(
+                c.evaluate_zeroshot(world=world, **evaluated).set_display_name(f"evaluate-zeroshot-{name}"),
+                "model",
+                data=True,
+            ).outputs["results"]
 
         # the teacher is scored through its UNet: each benchmark as eval.shards parallel GPU tasks (a share of
         # its scorer calls each), merged on the CPU into exactly the one-task metrics (sdsclip.evaluate.shards);
@@ -239,25 +286,43 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, params_yaml: str | None = No
         shards = place(c.teacher_shards(params=params).set_display_name("teacher-shards"), "light").output
         for benchmark, source in dict(winoground=world, aro=world, sugarcrepe=sugarcrepe).items():
             with dsl.ParallelFor(shards, name=f"evaluate-{benchmark}-teacher-shards") as shard:
-                part = place(c.evaluate_shard(params=shard.params, benchmark=benchmark, shard=shard.shard,
-                                              model=teacher, data=source)
-                             .set_display_name(f"evaluate-{benchmark}-teacher-shard"),
-                             "gpu", data=True, retry=GPU_RETRY).outputs["part"]
-            merged = place(c.merge_shards(params=params, benchmark=benchmark, data=source,
-                                          parts=dsl.Collected(part)).set_display_name(
-                f"evaluate-{'' if benchmark == 'winoground' else benchmark + '-'}teacher"), "model", data=True)
+                part = place(
+                    c.evaluate_shard(
+                        params=shard.params, benchmark=benchmark, shard=shard.shard, model=teacher, data=source
+                    ).set_display_name(f"evaluate-{benchmark}-teacher-shard"),
+                    "gpu",
+                    data=True,
+                    retry=GPU_RETRY,
+                ).outputs["part"]
+            merged = place(
+                c.merge_shards(
+                    params=params, benchmark=benchmark, data=source, parts=dsl.Collected(part)
+                ).set_display_name(f"evaluate-{'' if benchmark == 'winoground' else benchmark + '-'}teacher"),
+                "model",
+                data=True,
+            )
             reported[f"{benchmark}_teacher"] = merged.outputs["results"]
         place(c.report(**reported).set_display_name("report"), "light")
 
         # never cached: registering is a side effect in MLflow (a cache hit would silently skip it)
-        place(c.register(model=sds, metrics=results["sds"], baseline_metrics=results["baseline"], **data),
-              "register", cache=False, mlflow=True)
+        place(
+            c.register(model=sds, metrics=results["sds"], baseline_metrics=results["baseline"], **data),
+            "register",
+            cache=False,
+            mlflow=True,
+        )
 
     return sdsclip
 
 
-def compile_pipeline(out: Path = DEFAULT_PACKAGE, base_image: str = DEFAULT_IMAGE, params_path: Path | None = None,
-                     *, gpu_image: str = DEFAULT_GPU_IMAGE, target: str = "cluster") -> Path:
+def compile_pipeline(
+    out: Path = DEFAULT_PACKAGE,
+    base_image: str = DEFAULT_IMAGE,
+    params_path: Path | None = None,
+    *,
+    gpu_image: str = DEFAULT_GPU_IMAGE,
+    target: str = "cluster",
+) -> Path:
     """Write the pipeline YAML (kfp v2 IR; for the cluster a second YAML document holds the Kubernetes
     platform spec) to ``out``; ``params_path`` gives the run-form defaults. Deterministic: the same inputs
     give the same bytes (no timestamps)."""
@@ -300,8 +365,7 @@ def run_local(params_yaml: str, workdir: Path, *, runner: Any = None, **override
     local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir))
     with warnings.catch_warnings():  # expected here: the image is this env; display names are UI-only
         warnings.filterwarnings("ignore", message=".*base image", category=RuntimeWarning)
-        warnings.filterwarnings("ignore", message=".*no effect in the current local runner",
-                                category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner", category=UserWarning)
         build_pipeline(params_yaml=params_yaml, target="local")(params_yaml=params_yaml, **overrides)
     (run_dir,) = [p for p in set(workdir.iterdir()) - before if p.is_dir() and p.name.startswith("sdsclip-")]
     return run_dir
@@ -316,8 +380,10 @@ def _hand_to_container_user(workdir: Path, user: str) -> None:
     if os.geteuid() == 0:
         os.chown(workdir, int(uid), int(gid or uid))
     elif os.stat(workdir).st_uid != int(uid):
-        raise RuntimeError(f"{workdir}: the containers run as UID {uid} and cannot write here; "
-                           f"`sudo chown {uid}:{gid or uid} {workdir}` or pass DockerRunner(user=...)")
+        raise RuntimeError(
+            f"{workdir}: the containers run as UID {uid} and cannot write here; "
+            f"`sudo chown {uid}:{gid or uid} {workdir}` or pass DockerRunner(user=...)"
+        )
 
 
 def docker_runner(user: str = IMAGE_USER) -> Any:
@@ -327,9 +393,14 @@ def docker_runner(user: str = IMAGE_USER) -> Any:
     kfp.local mounts. A task that needs the network or root, or writes anywhere else, fails."""
     from kfp import local
 
-    return local.DockerRunner(network_mode="none", user=user, read_only=True,
-                              tmpfs={"/tmp": "rw,exec,size=1g"}, cap_drop=["ALL"],
-                              security_opt=["no-new-privileges"])
+    return local.DockerRunner(
+        network_mode="none",
+        user=user,
+        read_only=True,
+        tmpfs={"/tmp": "rw,exec,size=1g"},
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,15 @@ def pipeline_params(pipeline_root: Path) -> dict:
     pipeline root (the one directory a DockerRunner task sees)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["device"] = "cpu"
-    params["world"].update(pretrain_images=200, train_images=100, winoground_items=20, aro_relation_items=8,
-                           aro_attribution_items=8, coco_order_images=8, zeroshot_per_class=2)
+    params["world"].update(
+        pretrain_images=200,
+        train_images=100,
+        winoground_items=20,
+        aro_relation_items=8,
+        aro_attribution_items=8,
+        coco_order_images=8,
+        zeroshot_per_class=2,
+    )
     for model in ("student", "teacher"):
         params[model]["pretrain"].update(steps=5, batch_size=16, warmup_steps=1)
     params["train"].update(steps=3, batch_size=8, warmup_steps=1)

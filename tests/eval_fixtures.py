@@ -8,8 +8,16 @@ import torch
 from sdsclip.config import WorldConfig
 from sdsclip.synth import generate_world
 
-TINY_WORLD = dict(image_size=32, pretrain_images=1, train_images=1, winoground_items=6, aro_relation_items=12,
-                  aro_attribution_items=12, coco_order_images=3, zeroshot_per_class=2)
+TINY_WORLD = dict(
+    image_size=32,
+    pretrain_images=1,
+    train_images=1,
+    winoground_items=6,
+    aro_relation_items=12,
+    aro_attribution_items=12,
+    coco_order_images=3,
+    zeroshot_per_class=2,
+)
 
 
 def tiny_world(root: Path, seed: int = 0, **overrides) -> Path:

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from eval_fixtures import ConstantScorer, HashScorer, hash_score, tiny_world
 from PIL import Image
 
-from eval_fixtures import ConstantScorer, HashScorer, hash_score, tiny_world
 from sdsclip.evaluate.aro import (
     PERTURBATIONS,
     SYMMETRIC_RELATIONS,
@@ -46,7 +46,10 @@ def world(tmp_path_factory):
 
 
 def test_pre_caption_is_the_repositorys_normalisation():
-    assert pre_caption("A Man  (riding) a wave; on top: of a surf*board!\n") == "a man riding a wave on top of a surf board"
+    assert (
+        pre_caption("A Man  (riding) a wave; on top: of a surf*board!\n")
+        == "a man riding a wave on top of a surf board"
+    )
     assert pre_caption('"Two" dogs ~ #1.') == "two dogs 1"
     long = " ".join(f"w{i}" for i in range(40))
     assert pre_caption(long) == " ".join(f"w{i}" for i in range(30))
@@ -58,9 +61,13 @@ def test_tagger_marks_world_colours_as_adjectives_and_shapes_as_nouns(tagger):
     for i, (c1, s1) in enumerate((c, s) for c in COLORS for s in SHAPES):
         c2, s2 = COLORS[(i + 1) % 4], SHAPES[(i + 2) % 3]
         rel = RELATIONS[i % 4]
-        captions += [relational_caption((c1, s1), rel, (c2, s2)), conjunctive_caption((c1, s1), (c2, s2)),
-                     single_object_caption((c1, s1)), definite_relational_caption((c1, s1), rel, (c2, s2)),
-                     definite_conjunctive_caption((c1, s1), (c2, s2))]
+        captions += [
+            relational_caption((c1, s1), rel, (c2, s2)),
+            conjunctive_caption((c1, s1), (c2, s2)),
+            single_object_caption((c1, s1)),
+            definite_relational_caption((c1, s1), rel, (c2, s2)),
+            definite_conjunctive_caption((c1, s1), (c2, s2)),
+        ]
     for caption in captions:
         for word, tag in tagger.tag(caption):
             if word in COLORS:
@@ -83,11 +90,12 @@ def test_perturbations_permute_the_right_words(tagger):
         out = shuffler.shuffle_allbut_nouns_and_adj(caption).split()
         assert Counter(out) == Counter(words) and all(out[i] == words[i] for i in noun_adj)
         out = shuffler.shuffle_within_trigrams(caption).split()
-        assert [Counter(out[i:i + 3]) for i in range(0, len(out), 3)] == [
-            Counter(words[i:i + 3]) for i in range(0, len(words), 3)]
+        assert [Counter(out[i : i + 3]) for i in range(0, len(out), 3)] == [
+            Counter(words[i : i + 3]) for i in range(0, len(words), 3)
+        ]
         out = shuffler.shuffle_trigrams(caption).split()
-        blocks = [tuple(words[i:i + 3]) for i in range(0, len(words), 3)]
-        assert Counter(tuple(out[i:i + 3]) for i in range(0, len(out), 3)) == Counter(blocks)
+        blocks = [tuple(words[i : i + 3]) for i in range(0, len(words), 3)]
+        assert Counter(tuple(out[i : i + 3]) for i in range(0, len(out), 3)) == Counter(blocks)
 
 
 def test_options_are_pre_captioned_and_seeded(tagger):
@@ -153,8 +161,16 @@ def test_images_are_cropped_to_the_bbox(tmp_path):
     im = Image.new("RGB", (40, 30), (0, 0, 0))
     im.paste((255, 0, 0), (10, 5, 30, 25))
     im.save(tmp_path / "images" / "a.png")
-    rec = {"image_path": "a.png", "bbox_x": 10, "bbox_y": 5, "bbox_w": 20, "bbox_h": 20, "relation_name": "above",
-           "true_caption": "t", "false_caption": "f"}
+    rec = {
+        "image_path": "a.png",
+        "bbox_x": 10,
+        "bbox_y": 5,
+        "bbox_w": 20,
+        "bbox_h": 20,
+        "relation_name": "above",
+        "true_caption": "t",
+        "false_caption": "f",
+    }
     (tmp_path / "visual_genome_relation.json").write_text(json.dumps([rec]))
     seen = []
 
@@ -190,8 +206,14 @@ def test_world_end_to_end_with_flickr30k_fixture(world, tmp_path, tagger):
         records.append({"image": f"flickr30k-images/{i}.jpg.png", "caption": rec["caption"][:3]})
     (flickr / "flickr30k_test.json").write_text(json.dumps(records))
     scorer = HashScorer()
-    m = evaluate_aro(scorer, aro, tmp_path / "aro.json", order_dirs={"flickr30k_order": flickr}, min_count=1,
-                     tagger_factory=lambda spec: tagger)
+    m = evaluate_aro(
+        scorer,
+        aro,
+        tmp_path / "aro.json",
+        order_dirs={"flickr30k_order": flickr},
+        min_count=1,
+        tagger_factory=lambda spec: tagger,
+    )
     assert m["datasets"] == ["vg_relation", "vg_attribution", "coco_order", "flickr30k_order"]
     assert json.loads((tmp_path / "aro.json").read_text()) == m
     assert m["vg_relation"]["n"] == 12 and m["vg_attribution"]["n"] == 12
@@ -199,7 +221,8 @@ def test_world_end_to_end_with_flickr30k_fixture(world, tmp_path, tagger):
     assert m["flickr30k_order"]["n"] == 6 and m["flickr30k_order"]["n_images"] == 2
     assert m["pos_tagger"].startswith("textblob")
     assert m["coco_order"]["precision_at_1"] == pytest.approx(
-        _reference_order(aro / "coco_karpathy_test.json", hash_score, TextShuffler(tagger, 0)))
+        _reference_order(aro / "coco_karpathy_test.json", hash_score, TextShuffler(tagger, 0))
+    )
     vg = json.loads((aro / "visual_genome_relation.json").read_text())
     scores = []
     for rec in vg:
@@ -208,15 +231,22 @@ def test_world_end_to_end_with_flickr30k_fixture(world, tmp_path, tagger):
         im = im.crop(box)
         scores.append([hash_score(im, rec["false_caption"]), hash_score(im, rec["true_caption"])])
     assert m["vg_relation"]["macro_accuracy"] == pytest.approx(
-        _repository_vg_relation(np.array(scores), [r["relation_name"] for r in vg]))
+        _repository_vg_relation(np.array(scores), [r["relation_name"] for r in vg])
+    )
     # ties everywhere: VG counts them wrong, the order datasets right
     t = evaluate_aro(ConstantScorer(), aro, tmp_path / "t.json", min_count=1, tagger_factory=lambda spec: tagger)
     assert t["vg_relation"]["accuracy"] == 0.0 and t["coco_order"]["precision_at_1"] == 1.0
 
 
 def test_max_items_and_dataset_selection(world, tmp_path, tagger):
-    m = evaluate_aro(HashScorer(), world / "aro", tmp_path / "m.json", ["vg_relation", "coco_order"], max_items=5,
-                     tagger_factory=lambda spec: tagger)
+    m = evaluate_aro(
+        HashScorer(),
+        world / "aro",
+        tmp_path / "m.json",
+        ["vg_relation", "coco_order"],
+        max_items=5,
+        tagger_factory=lambda spec: tagger,
+    )
     assert m["datasets"] == ["vg_relation", "coco_order"] and "vg_attribution" not in m
     assert m["vg_relation"]["n"] == 5 and m["coco_order"]["n"] == 5
     with pytest.raises(AroDataError, match="no file for flickr30k_order"):

@@ -34,22 +34,28 @@ def _samples(captions):
 
 
 def test_bag_distinct_reorders_into_distinct_full_batches_deterministically():
-    bags = ["a red circle above a blue square", "a red circle and a blue square", CAPTION,
-            "a green circle below a yellow triangle", "a green square and a red circle"]
+    bags = [
+        "a red circle above a blue square",
+        "a red circle and a blue square",
+        CAPTION,
+        "a green circle below a yellow triangle",
+        "a green square and a red circle",
+    ]
     # Runs of equal bags: random batches of 4 would hold hard negatives.
-    captions = [bags[i // 3 % len(bags)] if i % 2 else bags[(i // 3 + 1) % len(bags)].replace("red", "red")
-                for i in range(60)]
+    captions = [
+        bags[i // 3 % len(bags)] if i % 2 else bags[(i // 3 + 1) % len(bags)].replace("red", "red") for i in range(60)
+    ]
     samples = _samples(captions)
     out = list(_bag_distinct(iter(samples), batch_size=4, max_pending=40))
     assert len(out) % 4 == 0 and len(out) >= 40
     keys = [s["__key__"] for s in out]
     assert len(set(keys)) == len(keys)  # nothing emitted twice
     for start in range(0, len(out), 4):
-        batch = out[start:start + 4]
+        batch = out[start : start + 4]
         assert len({bag_key(s["__caption__"]) for s in batch}) == 4
     assert [s["__key__"] for s in _bag_distinct(iter(samples), 4, 40)] == keys
     # random order of the same stream does hold a repeated bag in some batch of 4
-    assert any(len({bag_key(s["__caption__"]) for s in samples[i:i + 4]}) < 4 for i in range(0, 60, 4))
+    assert any(len({bag_key(s["__caption__"]) for s in samples[i : i + 4]}) < 4 for i in range(0, 60, 4))
 
 
 def test_bag_distinct_stops_with_a_clear_error_when_bags_are_too_few():
@@ -74,8 +80,10 @@ def world_shards(tmp_path_factory):
         images.append({"id": i, "file_name": name, "width": 8, "height": 8})
         a, b = colours[i % 3], colours[3]
         rel = ["to the left of", "above"][i % 2]
-        anns += [{"id": i * 10, "image_id": i, "caption": f"a {a} circle {rel} a {b} square"},
-                 {"id": i * 10 + 1, "image_id": i, "caption": f"a {b} square {rel} a {a} circle"}]
+        anns += [
+            {"id": i * 10, "image_id": i, "caption": f"a {a} circle {rel} a {b} square"},
+            {"id": i * 10 + 1, "image_id": i, "caption": f"a {b} square {rel} a {a} circle"},
+        ]
     ann = root / "captions.json"
     ann.write_text(json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns}))
     shards = root / "shards"
@@ -104,15 +112,19 @@ def test_loader_bag_distinct_batches_hold_no_hard_negatives(world_shards):
     plain = pair_loader(shards, accepted, to_size, batch_size=6, seed=3)
     assert any(len(set(b)) < 6 for b in _batch_bags(plain, 12))  # random batches do hold them
     # DDP: each rank's slice of a global bag-distinct batch
-    half = [pair_loader(shards, accepted, to_size, batch_size=6, seed=3, batching="bag_distinct", rank=r,
-                        world_size=2) for r in (0, 1)]
+    half = [
+        pair_loader(shards, accepted, to_size, batch_size=6, seed=3, batching="bag_distinct", rank=r, world_size=2)
+        for r in (0, 1)
+    ]
     first = [next(iter(h))[1] for h in half]
     assert [bag_key(c) for c in first[0] + first[1]] == batches[0]
 
 
 def test_batching_is_a_validated_param():
-    assert params_from_dict({"student": {"pretrain": {"batching": "bag_distinct"}}}).student.pretrain.batching \
+    assert (
+        params_from_dict({"student": {"pretrain": {"batching": "bag_distinct"}}}).student.pretrain.batching
         == "bag_distinct"
+    )
     from sdsclip.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"student\.pretrain\.batching: Input should be 'random' or 'bag_distinct'"):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tiny_params import ROOT, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -28,8 +27,11 @@ def project(tmp_path_factory):
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     params = tiny_params(registry={"tracking_uri": f"sqlite:///{root}/mlflow.db"})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
     _run(["git", "init", "-q"], root, env)
     _run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
     # a repo with history, as users have (DVCLive reads the baseline revision)
@@ -40,11 +42,24 @@ def project(tmp_path_factory):
 
 def test_every_stage_ran_and_wrote_its_outputs(project):
     root, _, log = project
-    for stage in ("synth", "ingest", "validate", "pretrain_student", "pretrain_teacher", "train_baseline",
-                  "train_sds", "evaluate@pretrained", "evaluate@baseline", "evaluate@sds", "evaluate@teacher",
-                  "register", "derive_sugarcrepe", "report",
-                  *[f"evaluate_{b}@{m}" for b in ("aro", "sugarcrepe") for m in ("pretrained", "baseline", "sds", "teacher")],
-                  *[f"evaluate_zeroshot@{m}" for m in ("pretrained", "baseline", "sds")]):
+    for stage in (
+        "synth",
+        "ingest",
+        "validate",
+        "pretrain_student",
+        "pretrain_teacher",
+        "train_baseline",
+        "train_sds",
+        "evaluate@pretrained",
+        "evaluate@baseline",
+        "evaluate@sds",
+        "evaluate@teacher",
+        "register",
+        "derive_sugarcrepe",
+        "report",
+        *[f"evaluate_{b}@{m}" for b in ("aro", "sugarcrepe") for m in ("pretrained", "baseline", "sds", "teacher")],
+        *[f"evaluate_zeroshot@{m}" for m in ("pretrained", "baseline", "sds")],
+    ):
         assert f"Running stage '{stage}'" in log, stage
     for model in ("pretrained", "baseline", "sds", "teacher"):
         m = json.loads((root / "metrics" / f"winoground_{model}.json").read_text())

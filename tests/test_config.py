@@ -22,6 +22,7 @@ def test_shipped_params_load_and_round_trip():
 
 def test_shipped_params_spell_out_every_knob():
     """Every field of the schema appears in params.yaml, so users see all knobs in one file."""
+
     def keys(d, prefix=""):
         out = set()
         for k, v in d.items():

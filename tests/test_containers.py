@@ -26,8 +26,19 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["
 CPU_IMAGE = f"ghcr.io/sdsclip/sdsclip:{VERSION}"
 CUDA_IMAGE = f"{CPU_IMAGE}-cuda"
 USER = "1000:1000"  # the images' USER and the pods' runAsUser
-HARDENED = ["--network", "none", "--user", USER, "--read-only", "--tmpfs", "/tmp:rw,exec,size=1g",
-            "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]  # what k8s/ sets on every pod
+HARDENED = [
+    "--network",
+    "none",
+    "--user",
+    USER,
+    "--read-only",
+    "--tmpfs",
+    "/tmp:rw,exec,size=1g",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges",
+]  # what k8s/ sets on every pod
 
 pytestmark = [pytest.mark.images, pytest.mark.slow]
 
@@ -35,8 +46,9 @@ pytestmark = [pytest.mark.images, pytest.mark.slow]
 def docker(*args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        pytest.fail(f"docker {' '.join(args[:3])} ... exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-3000:]}")
+        pytest.fail(
+            f"docker {' '.join(args[:3])} ... exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -46,8 +58,11 @@ def missing_images() -> str | None:
         return "no docker client"
     if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode != 0:
         return "no docker engine answers"
-    absent = [tag for tag in (CPU_IMAGE, CUDA_IMAGE)
-              if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode]
+    absent = [
+        tag
+        for tag in (CPU_IMAGE, CUDA_IMAGE)
+        if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode
+    ]
     return f"images not built: {', '.join(absent)}" if absent else None
 
 
@@ -86,8 +101,12 @@ def docker_pipeline_started(tmp_path_factory):
     root = tmp_path_factory.mktemp("kfp-docker")
     log = root.parent / f"{root.name}.log"
     with log.open("w") as out:
-        child = subprocess.Popen([sys.executable, "-c", DOCKER_RUN, str(root), str(Path(__file__).parent),
-                                  str(ROOT)], stdout=out, stderr=subprocess.STDOUT, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", DOCKER_RUN, str(root), str(Path(__file__).parent), str(ROOT)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     yield root, child, log
     if child.poll() is None:
         child.kill()
@@ -109,8 +128,11 @@ def docker_pipeline_run(docker_pipeline_started, subprocess_pipeline_run) -> Pip
 
 
 def _tasks(run: PipelineRun) -> dict[str, dict]:
-    return {task.name: json.loads((task / "executor_output.json").read_text())
-            for task in run.run_dir.iterdir() if (task / "executor_output.json").is_file()}
+    return {
+        task.name: json.loads((task / "executor_output.json").read_text())
+        for task in run.run_dir.iterdir()
+        if (task / "executor_output.json").is_file()
+    }
 
 
 def _numbers(value, prefix: str = "") -> dict[str, float]:
@@ -147,11 +169,14 @@ def test_whole_pipeline_runs_in_the_cpu_image(docker_pipeline_run, subprocess_pi
     assert set(in_image) == set(here) and "register" in in_image, sorted(set(in_image) ^ set(here))
     expected, got = _metrics(subprocess_pipeline_run), _metrics(docker_pipeline_run)
     assert len(expected) > 300 and set(got) == set(expected), sorted(set(got) ^ set(expected))[:10]
-    differ = {k: (got[k], expected[k]) for k in expected
-              if not math.isclose(got[k], expected[k], rel_tol=1e-5, abs_tol=1e-6)}
+    differ = {
+        k: (got[k], expected[k]) for k in expected if not math.isclose(got[k], expected[k], rel_tol=1e-5, abs_tol=1e-6)
+    }
     assert not differ, f"{len(differ)} of {len(expected)} numbers differ, e.g. {sorted(differ.items())[:5]}"
-    print(f"DockerRunner {docker_pipeline_run.seconds:.0f}s vs SubprocessRunner {subprocess_pipeline_run.seconds:.0f}s;"
-          f" {len(expected)} numbers equal")
+    print(
+        f"DockerRunner {docker_pipeline_run.seconds:.0f}s vs SubprocessRunner {subprocess_pipeline_run.seconds:.0f}s;"
+        f" {len(expected)} numbers equal"
+    )
 
     # what the containers wrote landed under the mount, owned by the image's user, and the registry's
     # artifacts sit beside its database (not in a container's working directory, gone with it)
@@ -180,25 +205,62 @@ def test_train_and_evaluate_run_on_a_read_only_root(docker_pipeline_run, tmp_pat
     """readOnlyRootFilesystem: the inputs mounted read-only, one writable output dir, /tmp a tmpfs."""
     run = docker_pipeline_run.run_dir
     out = _writable_dir(tmp_path / "out")
-    params = dict(docker_pipeline_run.params, registry={**docker_pipeline_run.params["registry"],
-                                                        "tracking_uri": f"sqlite:///{out / 'mlflow.db'}"})
+    params = dict(
+        docker_pipeline_run.params,
+        registry={**docker_pipeline_run.params["registry"], "tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
+    )
     (out / "params.yaml").write_text(yaml.safe_dump(params))
     mounts = ["-v", f"{run}:{run}:ro", "-v", f"{out}:{out}"]
-    docker("run", "--rm", *HARDENED, *mounts, CPU_IMAGE, "sdsclip", "train", "--params", str(out / "params.yaml"),
-           "--student", str(run / "pretrain-student" / "student"), "--teacher", str(run / "pretrain-teacher" / "teacher"),
-           "--shards", str(run / "ingest" / "shards"), "--validated", str(run / "validate" / "validated"),
-           "--out", str(out / "model"))
+    docker(
+        "run",
+        "--rm",
+        *HARDENED,
+        *mounts,
+        CPU_IMAGE,
+        "sdsclip",
+        "train",
+        "--params",
+        str(out / "params.yaml"),
+        "--student",
+        str(run / "pretrain-student" / "student"),
+        "--teacher",
+        str(run / "pretrain-teacher" / "teacher"),
+        "--shards",
+        str(run / "ingest" / "shards"),
+        "--validated",
+        str(run / "validate" / "validated"),
+        "--out",
+        str(out / "model"),
+    )
     assert (out / "model" / "open_clip_config.json").is_file()
-    docker("run", "--rm", *HARDENED, *mounts, CPU_IMAGE, "sdsclip", "evaluate", "winoground",
-           "--params", str(out / "params.yaml"), "--data", str(run / "synth" / "world" / "winoground"),
-           "--model", str(out / "model"), "--out", str(out / "winoground.json"))
+    docker(
+        "run",
+        "--rm",
+        *HARDENED,
+        *mounts,
+        CPU_IMAGE,
+        "sdsclip",
+        "evaluate",
+        "winoground",
+        "--params",
+        str(out / "params.yaml"),
+        "--data",
+        str(run / "synth" / "world" / "winoground"),
+        "--model",
+        str(out / "model"),
+        "--out",
+        str(out / "winoground.json"),
+    )
     result = json.loads((out / "winoground.json").read_text())
     assert result["n"] == params["world"]["winoground_items"] and 0 <= result["group_score"] <= 1
 
 
 def _smoke_test_script() -> str:
-    (job,) = [doc for doc in yaml.safe_load_all((ROOT / "k8s" / "base" / "smoke-test.yaml").read_text())
-              if doc and doc.get("kind") == "Job"]
+    (job,) = [
+        doc
+        for doc in yaml.safe_load_all((ROOT / "k8s" / "base" / "smoke-test.yaml").read_text())
+        if doc and doc.get("kind") == "Job"
+    ]
     (container,) = job["spec"]["template"]["spec"]["containers"]
     return container["args"][0]
 
@@ -214,9 +276,27 @@ def test_smoke_test_checks_that_need_no_cluster_pass_in_the_image(tmp_path):
     shutil.copy(ROOT / "k8s" / "base" / "params.yaml", etc / "params.yaml")
     data, checkpoints = _writable_dir(tmp_path / "data"), _writable_dir(tmp_path / "checkpoints")
     for image in (CPU_IMAGE, CUDA_IMAGE):
-        proc = docker("run", "--rm", *HARDENED, "-e", "HOME=/tmp", "-e", "SDSCLIP_PARAMS=/etc/sdsclip/params.yaml",
-                      "-e", "HOSTNAME=smoke", "-v", f"{etc}:/etc/sdsclip:ro", "-v", f"{data}:/mnt/data",
-                      "-v", f"{checkpoints}:/mnt/checkpoints", image, "python3", "-c", local_part)
+        proc = docker(
+            "run",
+            "--rm",
+            *HARDENED,
+            "-e",
+            "HOME=/tmp",
+            "-e",
+            "SDSCLIP_PARAMS=/etc/sdsclip/params.yaml",
+            "-e",
+            "HOSTNAME=smoke",
+            "-v",
+            f"{etc}:/etc/sdsclip:ro",
+            "-v",
+            f"{data}:/mnt/data",
+            "-v",
+            f"{checkpoints}:/mnt/checkpoints",
+            image,
+            "python3",
+            "-c",
+            local_part,
+        )
         assert "smoke test: image, params and volumes ok" in proc.stdout, proc.stdout + proc.stderr
     assert not list(data.iterdir()) and not list(checkpoints.iterdir())  # the probes cleaned up
 
@@ -229,23 +309,33 @@ def test_no_secret_or_build_context_in_the_image(image):
     config = json.loads(docker("image", "inspect", image).stdout)[0]["Config"]
     assert not [e for e in config["Env"] if "CERT" in e or "SECRET" in e or "TOKEN" in e], config["Env"]
     assert config["User"] == USER
-    listing = docker("run", "--rm", "--network", "none", image, "sh", "-c",
-                     "ls -d /src /dist /mnt/* /run/secrets/pip_cert /opt/venv/requirements.lock 2>/dev/null; "
-                     "python3 -c 'import sdsclip, pathlib; print(pathlib.Path(sdsclip.__file__).parent)'",
-                     check=False).stdout.split()
+    listing = docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        image,
+        "sh",
+        "-c",
+        "ls -d /src /dist /mnt/* /run/secrets/pip_cert /opt/venv/requirements.lock 2>/dev/null; "
+        "python3 -c 'import sdsclip, pathlib; print(pathlib.Path(sdsclip.__file__).parent)'",
+        check=False,
+    ).stdout.split()
     assert listing == ["/opt/venv/lib/python3.11/site-packages/sdsclip"], listing  # installed, not a checkout
 
 
 def test_cuda_image_imports_torch_with_its_cuda_libraries():
     """No GPU needed: torch's CUDA build loads its CUDA runtime, cuBLAS, cuDNN and NCCL from the nvidia-*
     wheels (a missing or mismatched library fails the import or the version calls)."""
-    probe = ("import ctypes, torch\n"
-             "assert torch.version.cuda and torch.backends.cudnn.is_available(), torch.version.cuda\n"
-             "for lib in ('libcudart.so.13', 'libcublas.so.13', 'libnccl.so.2'):\n"
-             "    ctypes.CDLL(lib)\n"
-             "nccl = '.'.join(map(str, torch.cuda.nccl.version()))\n"
-             "print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), nccl,\n"
-             "      torch.cuda.is_available())\n")
+    probe = (
+        "import ctypes, torch\n"
+        "assert torch.version.cuda and torch.backends.cudnn.is_available(), torch.version.cuda\n"
+        "for lib in ('libcudart.so.13', 'libcublas.so.13', 'libnccl.so.2'):\n"
+        "    ctypes.CDLL(lib)\n"
+        "nccl = '.'.join(map(str, torch.cuda.nccl.version()))\n"
+        "print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), nccl,\n"
+        "      torch.cuda.is_available())\n"
+    )
     proc = docker("run", "--rm", "--network", "none", CUDA_IMAGE, "python3", "-c", probe)
     version, cuda, cudnn, nccl, available = proc.stdout.split()
     assert version.startswith("2.14.1") and cuda.startswith("13.") and int(cudnn) >= 90000, proc.stdout

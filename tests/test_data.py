@@ -35,8 +35,13 @@ def dataset(tmp_path_factory) -> dict:
         v = _value(i)
         rgb = Image.new("RGB", (SIDE, SIDE), (v, v, v))
         kind = i % 5
-        im, fmt = {0: (rgb, "JPEG"), 1: (rgb, "PNG"), 2: (rgb.convert("L"), "PNG"),
-                   3: (rgb.convert("RGBA"), "PNG"), 4: (rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG")}[kind]
+        im, fmt = {
+            0: (rgb, "JPEG"),
+            1: (rgb, "PNG"),
+            2: (rgb.convert("L"), "PNG"),
+            3: (rgb.convert("RGBA"), "PNG"),
+            4: (rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        }[kind]
         name = f"{i:012d}.{'jpg' if fmt == 'JPEG' else 'png'}"
         buf = io.BytesIO()
         im.save(buf, format=fmt)
@@ -55,8 +60,14 @@ def dataset(tmp_path_factory) -> dict:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(accepted_rows)
-    return {"shards": shards, "accepted": accepted, "root": root, "columns": list(rows[0]),
-            "captions": {r["caption"] for r in accepted_rows}, "all_captions": {r["caption"] for r in rows}}
+    return {
+        "shards": shards,
+        "accepted": accepted,
+        "root": root,
+        "columns": list(rows[0]),
+        "captions": {r["caption"] for r in accepted_rows},
+        "all_captions": {r["caption"] for r in rows},
+    }
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -65,8 +76,15 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _loader(ds: dict, seed: int = 0, batch_size: int = 4, **kw):
-    return pair_loader(ds["shards"], ds["accepted"], to_tensor, batch_size=batch_size, seed=seed,
-                       shuffle_buffer=kw.pop("shuffle_buffer", 50), **kw)
+    return pair_loader(
+        ds["shards"],
+        ds["accepted"],
+        to_tensor,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle_buffer=kw.pop("shuffle_buffer", 50),
+        **kw,
+    )
 
 
 def test_batches_shapes_and_image_caption_pairing(dataset):

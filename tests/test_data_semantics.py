@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tiny_params import ROOT
 
 from sdsclip.config import IngestConfig, params_from_dict
 from sdsclip.data import (
@@ -26,7 +27,6 @@ from sdsclip.data import (
     pair_loader,
 )
 from sdsclip.ingest import ingest_coco
-from tiny_params import ROOT
 
 N_IMAGES, CAPTIONS, SIDE = 40, 5, 8
 NO_CAPTION = 40  # this image's captions are all rejected: it is no pair in either mode
@@ -64,8 +64,11 @@ def coco(tmp_path_factory) -> dict:
     ingest_coco(ann, img_dir, shards, IngestConfig(shard_size=7, workers=1))
     with (shards / "manifest.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    rows = [r for r in rows if int(r["image_id"]) != NO_CAPTION
-            and (int(r["image_id"]) != ONE_CAPTION or r["annotation_id"].endswith("2"))]
+    rows = [
+        r
+        for r in rows
+        if int(r["image_id"]) != NO_CAPTION and (int(r["image_id"]) != ONE_CAPTION or r["annotation_id"].endswith("2"))
+    ]
     accepted = root / "accepted.csv"
     with accepted.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
@@ -79,8 +82,15 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _loader(ds: dict, batch_size: int = 8, seed: int = 1, **kw) -> PairLoader:
-    return pair_loader(ds["shards"], ds["accepted"], to_tensor, batch_size=batch_size, seed=seed,
-                       shuffle_buffer=kw.pop("shuffle_buffer", 60), **kw)
+    return pair_loader(
+        ds["shards"],
+        ds["accepted"],
+        to_tensor,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle_buffer=kw.pop("shuffle_buffer", 60),
+        **kw,
+    )
 
 
 def _check_pairing(images: torch.Tensor, captions: list[str]) -> None:
@@ -102,8 +112,8 @@ def test_one_per_image_epoch_holds_each_image_once_with_a_drawn_accepted_caption
     assert [(e, i) for e, i, _ in stream] == [(e, i) for e in range(6) for i in range(6)]
     draws = []
     for epoch in range(6):
-        caps = [c for _, _, (_, cs) in stream[epoch * 6:(epoch + 1) * 6] for c in cs]
-        for _, _, (imgs, cs) in stream[epoch * 6:(epoch + 1) * 6]:
+        caps = [c for _, _, (_, cs) in stream[epoch * 6 : (epoch + 1) * 6] for c in cs]
+        for _, _, (imgs, cs) in stream[epoch * 6 : (epoch + 1) * 6]:
             _check_pairing(imgs, cs)
         ids = [_image_of(c) for c in caps]
         assert len(ids) == len(set(ids)) == 36 and NO_CAPTION not in ids  # each image at most once (3 dropped)
@@ -122,32 +132,49 @@ def test_one_per_image_resumes_and_splits_over_ranks_exactly(coco):
     resumed = list(islice(_loader(coco, batch_size=6, captions="one_per_image").batches(1, 2), 4))
     assert [(e, i) for e, i, _ in resumed] == [(1, 2), (1, 3), (1, 4), (1, 5)]
     _same(resumed, full[8:12])
-    halves = [list(islice(_loader(coco, batch_size=6, captions="one_per_image", rank=r, world_size=2).batches(), 9))
-              for r in (0, 1)]
+    halves = [
+        list(islice(_loader(coco, batch_size=6, captions="one_per_image", rank=r, world_size=2).batches(), 9))
+        for r in (0, 1)
+    ]
     for (_, _, (img, cap)), (_, _, (i0, c0)), (_, _, (i1, c1)) in zip(full, *halves):
         assert cap == c0 + c1 and torch.equal(img, torch.cat([i0, i1]))
 
 
 def test_total_steps_from_epochs_follow_the_captions_mode(coco, tmp_path):
-    import sdsclip.train as train_mod
     from train_helpers import make_models
+
+    import sdsclip.train as train_mod
 
     student, teacher = make_models(tmp_path)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert raw["train"]["captions"] == "all" and raw["train"]["loader_workers"] == 0  # the demo's meaning
 
     def plan(**train):
-        run = {**raw, "train": {**raw["train"], "steps": None, "epochs": 5, "batch_size": 8, "checkpoint_every": 0,
-                                **train}}
-        return train_mod._preflight(params_from_dict(run), student, teacher, coco["shards"], coco["accepted"],
-                                    False, False, None, tmp_path / "out")
+        run = {
+            **raw,
+            "train": {**raw["train"], "steps": None, "epochs": 5, "batch_size": 8, "checkpoint_every": 0, **train},
+        }
+        return train_mod._preflight(
+            params_from_dict(run),
+            student,
+            teacher,
+            coco["shards"],
+            coco["accepted"],
+            False,
+            False,
+            None,
+            tmp_path / "out",
+        )
 
     assert (plan().n_pairs, plan().total_steps) == (191, 5 * (191 // 8))
     assert (plan(captions="one_per_image").n_pairs, plan(captions="one_per_image").total_steps) == (39, 5 * (39 // 8))
     with pytest.raises(DataError, match=r"only 39 images per epoch, fewer than one batch of 40 \(train\.batch_size"):
         plan(captions="one_per_image", batch_size=40)
-    with pytest.raises(DataError, match=r"only 39 images, fewer than one batch of 40 \(train\.batch_size\): a batch "
-                                        r"never holds two captions of one image"):
+    with pytest.raises(
+        DataError,
+        match=r"only 39 images, fewer than one batch of 40 \(train\.batch_size\): a batch "
+        r"never holds two captions of one image",
+    ):
         plan(batch_size=40)  # 191 pairs, but a batch of 40 distinct images cannot be formed
     raw["profile"] = "paper"
     assert params_from_dict(raw).train.captions == "one_per_image"  # the paper's ~118k pairs: one per image
@@ -162,7 +189,7 @@ def test_no_global_batch_holds_two_captions_of_one_image(coco, monkeypatch):
     stream = list(islice(loader.batches(), 3 * 11))
     assert [(e, i) for e, i, _ in stream] == [(e, i) for e in range(3) for i in range(11)]  # no batch lost
     for epoch in range(3):
-        caps = [c for _, _, (_, cs) in stream[epoch * 11:(epoch + 1) * 11] for c in cs]
+        caps = [c for _, _, (_, cs) in stream[epoch * 11 : (epoch + 1) * 11] for c in cs]
         assert len(caps) == len(set(caps)) == 176  # every pair at most once per epoch
     for _, _, (images, captions) in stream:
         _check_pairing(images, captions)
@@ -181,13 +208,20 @@ def test_no_global_batch_holds_two_captions_of_one_image(coco, monkeypatch):
 
 def test_bag_distinct_batches_are_also_image_distinct():
     colours = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "grey"]
-    samples = [{"__key__": f"{i}/{k}", "__url__": "shard-0.tar", "__image__": str(i),
-                "__caption__": f"a {colours[(i + k) % 8]} circle left of a {colours[(i * 3 + k + 1) % 8]} square"}
-               for i in range(40) for k in range(5)]
+    samples = [
+        {
+            "__key__": f"{i}/{k}",
+            "__url__": "shard-0.tar",
+            "__image__": str(i),
+            "__caption__": f"a {colours[(i + k) % 8]} circle left of a {colours[(i * 3 + k + 1) % 8]} square",
+        }
+        for i in range(40)
+        for k in range(5)
+    ]
     out = list(_distinct_batches(iter(samples), 8, 200, image_and_bag_keys, "{n}"))
     assert len(out) >= 8 * 15
     for start in range(0, len(out), 8):
-        batch = out[start:start + 8]
+        batch = out[start : start + 8]
         assert len({s["__image__"] for s in batch}) == 8 and len({bag_key(s["__caption__"]) for s in batch}) == 8
     assert len({s["__key__"] for s in out}) == len(out)
 
@@ -207,10 +241,10 @@ def test_workers_give_the_single_process_batches_across_epochs_and_resumed(coco,
     per_epoch = _loader(coco, **kw).batches_per_epoch
     n = per_epoch + 3  # crosses an epoch boundary
     single = list(islice(_loader(coco, **kw).batches(), n))
-    assert [(e, i) for e, i, _ in single][per_epoch - 1:per_epoch + 1] == [(0, per_epoch - 1), (1, 0)]
+    assert [(e, i) for e, i, _ in single][per_epoch - 1 : per_epoch + 1] == [(0, per_epoch - 1), (1, 0)]
     _same(list(islice(_loader(coco, num_workers=2, **kw).batches(), n)), single)
     start = per_epoch - 2  # resumed mid-epoch, on an odd batch: the other worker serves the first one
-    _same(list(islice(_loader(coco, num_workers=2, **kw).batches(0, start), 5)), single[start:start + 5])
+    _same(list(islice(_loader(coco, num_workers=2, **kw).batches(0, start), 5)), single[start : start + 5])
     rank1 = list(islice(_loader(coco, num_workers=2, rank=1, world_size=2, **kw).batches(), 4))
     assert [b[1] for _, _, b in rank1] == [b[1][4:] for _, _, b in single[:4]]
 
@@ -222,7 +256,9 @@ def test_a_data_error_in_a_worker_is_one_line(tmp_path):
     shards.mkdir()
     with wds.TarWriter(str(shards / "shard-000000.tar")) as tar:  # captions, but the image members are missing
         for i in range(8):
-            tar.write({"__key__": f"{i:012d}", "json": json.dumps({"captions": [{"id": i, "caption": "a cat"}]}).encode()})
+            tar.write(
+                {"__key__": f"{i:012d}", "json": json.dumps({"captions": [{"id": i, "caption": "a cat"}]}).encode()}
+            )
     accepted = tmp_path / "accepted.csv"
     accepted.write_text("annotation_id,caption\n" + "".join(f"{i},a cat\n" for i in range(8)))
     loader = pair_loader(shards, accepted, to_tensor, batch_size=2, seed=0, num_workers=2)

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from tiny_params import tiny_params
+from train_helpers import TINY_TEACHER, vocabulary
 from typer.testing import CliRunner
 
 from sdsclip.cli import app
 from sdsclip.config import WorldConfig, params_from_dict
 from sdsclip.diagnose import swap_effects, teacher_binding, verdict_line
 from sdsclip.synth import _write_winoground
-from tiny_params import tiny_params
-from train_helpers import TINY_TEACHER, vocabulary
 
 
 def test_swap_effect_is_error_under_swapped_minus_true_caption():
@@ -29,8 +29,9 @@ def setup(tmp_path_factory):
     from sdsclip.models.teacher import build_tiny_teacher, save_teacher
 
     torch.manual_seed(0)
-    teacher = save_teacher(build_tiny_teacher(TeacherConfig(**TINY_TEACHER), vocabulary()).freeze(),
-                           root / "teacher", {"source": "test"})
+    teacher = save_teacher(
+        build_tiny_teacher(TeacherConfig(**TINY_TEACHER), vocabulary()).freeze(), root / "teacher", {"source": "test"}
+    )
     wino = root / "winoground"
     _write_winoground(WorldConfig(image_size=32, winoground_items=6), wino, seed=0)
     params_file = root / "params.yaml"
@@ -65,20 +66,42 @@ def test_teacher_binding_reports_effects_scores_and_verdict(setup):
 def test_cli_diagnose_teacher_writes_json_and_strict_exit_code(setup):
     runner = CliRunner()
     out = setup["root"] / "diag.json"
-    args = ["diagnose", "teacher", "--model", str(setup["teacher"]), "--data", str(setup["wino"]), "--items", "2",
-            "--params", str(setup["params"])]
+    args = [
+        "diagnose",
+        "teacher",
+        "--model",
+        str(setup["teacher"]),
+        "--data",
+        str(setup["wino"]),
+        "--items",
+        "2",
+        "--params",
+        str(setup["params"]),
+    ]
     ok = runner.invoke(app, [*args, "--out", str(out)])
     assert ok.exit_code == 0, ok.output
     assert "teacher binding PASS" in ok.output and json.loads(out.read_text())["n"] == 2
     strict_params = setup["root"] / "strict.yaml"
     import yaml
 
-    strict_params.write_text(yaml.safe_dump({**setup["raw"], "teacher": {**setup["raw"]["teacher"],
-                                                                          "binding_min_text_score": 1.0}}))
+    strict_params.write_text(
+        yaml.safe_dump({**setup["raw"], "teacher": {**setup["raw"]["teacher"], "binding_min_text_score": 1.0}})
+    )
     failed = runner.invoke(app, [*args[:-2], "--params", str(strict_params), "--strict"])
     assert failed.exit_code == 1 and "teacher binding FAIL" in failed.output
-    bad = runner.invoke(app, ["diagnose", "teacher", "--model", str(setup["root"] / "nope"), "--data",
-                              str(setup["wino"]), "--params", str(setup["params"])])
+    bad = runner.invoke(
+        app,
+        [
+            "diagnose",
+            "teacher",
+            "--model",
+            str(setup["root"] / "nope"),
+            "--data",
+            str(setup["wino"]),
+            "--params",
+            str(setup["params"]),
+        ],
+    )
     assert bad.exit_code == 2 and "--model must be a student directory" in bad.output
 
 

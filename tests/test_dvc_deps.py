@@ -96,8 +96,13 @@ def function_imports(module: str, function: str, seen: set[tuple[str, str]] | No
             elif isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) and fn.value.id in aliases:
                 needed |= function_imports(aliases[fn.value.id], fn.attr, seen)
     # module-level sdsclip imports of the dispatcher itself run too
-    needed |= {mod for mod, _ in _imports(ast.Module(body=[n for n in tree.body if isinstance(
-        n, (ast.Import, ast.ImportFrom))], type_ignores=[]), module)}
+    needed |= {
+        mod
+        for mod, _ in _imports(
+            ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[]),
+            module,
+        )
+    }
     return needed
 
 
@@ -154,4 +159,5 @@ def test_derivation_follows_the_stage_not_the_whole_cli():
     aro = {str(p.relative_to(SRC)) for p in stage_code_files("sdsclip evaluate aro --data d")}
     assert {"sdsclip/evaluate/aro.py", "sdsclip/scoring.py", "sdsclip/evaluate/__init__.py"} <= aro
     assert "sdsclip/evaluate/winoground.py" not in aro or "sdsclip/evaluate/winoground.py" in {
-        str(p.relative_to(SRC)) for p in {module_file(m) for m in module_closure({"sdsclip.evaluate.aro"})}}
+        str(p.relative_to(SRC)) for p in {module_file(m) for m in module_closure({"sdsclip.evaluate.aro"})}
+    }

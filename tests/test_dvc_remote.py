@@ -43,9 +43,12 @@ def _dvc(args, cwd, env, check=True):
 
 def _dvc_tracked_files(root: Path) -> dict[str, bytes]:
     """Contents of the data and checkpoint files (not the git-tracked .dvc / .gitignore next to them)."""
-    return {str(p.relative_to(root)): p.read_bytes()
-            for d in ("data/raw", "models") for p in sorted((root / d).rglob("*"))
-            if p.is_file() and p.suffix != ".dvc" and p.name != ".gitignore"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for d in ("data/raw", "models")
+        for p in sorted((root / d).rglob("*"))
+        if p.is_file() and p.suffix != ".dvc" and p.name != ".gitignore"
+    }
 
 
 @pytest.fixture()
@@ -54,8 +57,11 @@ def pushed(tmp_path):
     pushed to a local directory remote. Returns (project, remote, env)."""
     project, remote = tmp_path / "project", tmp_path / "remote"
     project.mkdir()
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     _run([*GIT, "init", "-q"], project, env)
     _dvc(["init", "-q"], project, env)
 
@@ -70,8 +76,24 @@ def pushed(tmp_path):
     save_file({"proj": rng.standard_normal((4, 8)).astype(np.float32)}, str(project / "models" / "sigma.safetensors"))
 
     _dvc(["add", "-q", "data/raw", "models/sigma.safetensors"], project, env)
-    _dvc(["stage", "add", "-q", "-n", "train", "-d", "data/raw", "-d", "make_checkpoint.py",
-          "-o", "models/student.safetensors", "python make_checkpoint.py models/student.safetensors"], project, env)
+    _dvc(
+        [
+            "stage",
+            "add",
+            "-q",
+            "-n",
+            "train",
+            "-d",
+            "data/raw",
+            "-d",
+            "make_checkpoint.py",
+            "-o",
+            "models/student.safetensors",
+            "python make_checkpoint.py models/student.safetensors",
+        ],
+        project,
+        env,
+    )
     _dvc(["repro", "-q"], project, env)
     _dvc(["remote", "add", "-d", "local", str(remote)], project, env)
     _run([*GIT, "add", "-A"], project, env)

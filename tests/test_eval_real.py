@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from eval_fixtures import HashScorer, tiny_world
 from PIL import Image
 
-from eval_fixtures import HashScorer, tiny_world
 from sdsclip import stages
 from sdsclip.config import params_from_dict
 from sdsclip.evaluate.aro import SYMMETRIC_RELATIONS, evaluate_aro
@@ -40,13 +40,25 @@ def write_cifar10(root: Path, per_class: int = 6) -> Path:
     folder.mkdir(parents=True)
     labels = [c for c in range(10) for _ in range(per_class)]
     rng = np.random.default_rng(0)
-    data = np.stack([np.full((3, 32, 32), 20 * c, dtype=np.uint8) + rng.integers(0, 10, (3, 32, 32), dtype=np.uint8)
-                     for c in labels]).reshape(len(labels), 3072)
+    data = np.stack(
+        [
+            np.full((3, 32, 32), 20 * c, dtype=np.uint8) + rng.integers(0, 10, (3, 32, 32), dtype=np.uint8)
+            for c in labels
+        ]
+    ).reshape(len(labels), 3072)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"num_cases_per_batch": len(labels), "label_names": CIFAR10, "num_vis": 3072}, f, protocol=2)
     with open(folder / "test_batch", "wb") as f:
-        pickle.dump({"batch_label": "testing batch 1 of 1", "labels": labels, "data": data,
-                     "filenames": [f"img_{i:05d}.png" for i in range(len(labels))]}, f, protocol=2)
+        pickle.dump(
+            {
+                "batch_label": "testing batch 1 of 1",
+                "labels": labels,
+                "data": data,
+                "filenames": [f"img_{i:05d}.png" for i in range(len(labels))],
+            },
+            f,
+            protocol=2,
+        )
     return root
 
 
@@ -59,8 +71,9 @@ class PromptCounter:
         self.prompts = []
 
     def embed_images(self, images):
-        return torch.nn.functional.normalize(torch.stack(
-            [torch.tensor(np.asarray(im, dtype=np.float32).mean((0, 1))) + 1.0 for im in images]), dim=-1)
+        return torch.nn.functional.normalize(
+            torch.stack([torch.tensor(np.asarray(im, dtype=np.float32).mean((0, 1))) + 1.0 for im in images]), dim=-1
+        )
 
     def embed_texts(self, texts):
         self.prompts.extend(texts)
@@ -80,8 +93,12 @@ def test_shipped_params_score_real_cifar10_with_the_clip_ensemble(tmp_path):
     root = write_cifar10(tmp_path / "c")
     scorer = PromptCounter()
     m = evaluate_zeroshot(scorer, root, tmp_path / "m.json", prompt_set=params.eval.zeroshot_prompt_set)
-    assert (m["format"], m["prompt_set"], m["prompt_set_source"], m["templates"]) == ("cifar10", "cifar10",
-                                                                                       "detected", 18)
+    assert (m["format"], m["prompt_set"], m["prompt_set_source"], m["templates"]) == (
+        "cifar10",
+        "cifar10",
+        "detected",
+        18,
+    )
     assert len(scorer.prompts) == 18 * 10 and "a blurry photo of a truck." in scorer.prompts
     assert m["n"] == 60 and m["n_classes"] == 10
 
@@ -136,8 +153,15 @@ def test_capped_zeroshot_covers_every_class_of_an_ordered_batch(tmp_path, monkey
     params = params.model_copy(update={"seed": 7})
     m = stages.evaluate_zeroshot(params, tmp_path / "teacher", root, tmp_path / "m.json")
     assert m["n"] == 20 and set(m["per_class_recall"]) == set(CIFAR10)  # the first 20 would be 4 classes
-    assert m["subset"] == {"n": 20, "total": 60, "seed": 7, "max_items": 20, "stratified_by": "class",
-                           "groups_total": 10, "groups_covered": 10}
+    assert m["subset"] == {
+        "n": 20,
+        "total": 60,
+        "seed": 7,
+        "max_items": 20,
+        "stratified_by": "class",
+        "groups_total": 10,
+        "groups_covered": 10,
+    }
     again = stages.evaluate_zeroshot(params, tmp_path / "teacher", root, tmp_path / "m2.json")
     assert again == m  # seeded: the same subset
 
@@ -149,14 +173,36 @@ def _vg_fixture(root: Path) -> Path:
     for k in range(4):
         Image.new("RGB", (40, 40), (60 * k, 255 - 60 * k, 90)).save(root / "images" / f"{k}.jpg")
     relations = ["above", "below", "to the left of", "on", "wearing", "next to"]  # "next to" is symmetric
-    rel = [{"image_path": f"{(i + j) % 4}.jpg", "bbox_x": 2, "bbox_y": 3, "bbox_w": 30, "bbox_h": 30,
-            "true_caption": f"the cup is {r} the table {j}", "false_caption": f"the table is {r} the cup {j}",
-            "relation_name": r} for i, r in enumerate(relations) for j in range(10)]
+    rel = [
+        {
+            "image_path": f"{(i + j) % 4}.jpg",
+            "bbox_x": 2,
+            "bbox_y": 3,
+            "bbox_w": 30,
+            "bbox_h": 30,
+            "true_caption": f"the cup is {r} the table {j}",
+            "false_caption": f"the table is {r} the cup {j}",
+            "relation_name": r,
+        }
+        for i, r in enumerate(relations)
+        for j in range(10)
+    ]
     pairs = [("red", "blue"), ("big", "small"), ("wet", "dry")]
     counts = {("red", "blue"): 30, ("big", "small"): 30, ("wet", "dry"): 3}  # the last below min_count 25
-    att = [{"image_path": f"{j % 4}.jpg", "bbox_x": 0, "bbox_y": 0, "bbox_w": 40, "bbox_h": 40,
-            "true_caption": f"the {a} cup and the {b} plate {j}", "false_caption": f"the {b} cup and the {a} plate {j}",
-            "attributes": [a, b]} for a, b in pairs for j in range(counts[(a, b)])]
+    att = [
+        {
+            "image_path": f"{j % 4}.jpg",
+            "bbox_x": 0,
+            "bbox_y": 0,
+            "bbox_w": 40,
+            "bbox_h": 40,
+            "true_caption": f"the {a} cup and the {b} plate {j}",
+            "false_caption": f"the {b} cup and the {a} plate {j}",
+            "attributes": [a, b],
+        }
+        for a, b in pairs
+        for j in range(counts[(a, b)])
+    ]
     (root / "visual_genome_relation.json").write_text(json.dumps(rel))
     (root / "visual_genome_attribution.json").write_text(json.dumps(att))
     return root
@@ -164,17 +210,26 @@ def _vg_fixture(root: Path) -> Path:
 
 def test_capped_vg_covers_every_relation_and_keeps_the_files_attribute_pairs(tmp_path):
     root = _vg_fixture(tmp_path / "aro")
-    m = evaluate_aro(HashScorer(), root, tmp_path / "m.json", ["vg_relation", "vg_attribution"], seed=3,
-                     max_items=12, min_count=25)
+    m = evaluate_aro(
+        HashScorer(), root, tmp_path / "m.json", ["vg_relation", "vg_attribution"], seed=3, max_items=12, min_count=25
+    )
     r = m["vg_relation"]
     kept = {"above", "below", "to the left of", "on", "wearing"}
     assert "next to" in SYMMETRIC_RELATIONS and r["n"] == 12
     # every non-symmetric relation is in the macro average (the first 12 records: "above" and "below" only);
     # the budget goes to the relations the macro average uses before the symmetric ones it leaves out
     assert set(r["by_relation"]) == kept and r["n_relations_kept"] == 5
-    assert r["subset"] == {"n": 12, "total": 60, "seed": 3, "max_items": 12, "stratified_by": "relation",
-                           "groups_total": 6, "groups_covered": 5, "eligible_groups_total": 5,
-                           "eligible_groups_covered": 5}
+    assert r["subset"] == {
+        "n": 12,
+        "total": 60,
+        "seed": 3,
+        "max_items": 12,
+        "stratified_by": "relation",
+        "groups_total": 6,
+        "groups_covered": 5,
+        "eligible_groups_total": 5,
+        "eligible_groups_covered": 5,
+    }
     a = m["vg_attribution"]
     # the macro keeps the pairs with >= 25 items in the FILE, though the subset has 6 of each
     assert a["n"] == 12 and a["n_pairs_kept"] == 2 and a["min_count_on"] == "file counts"
@@ -230,10 +285,21 @@ def _winoground_fixture(root: Path) -> Path:
     for k in range(4):
         Image.new("RGB", (8, 8), (230, 20, 200 + 10 * k)).save(root / "images" / f"ex_{k}_img_0.png")
         Image.new("RGB", (8, 8), (20, 230, 10 * k)).save(root / "images" / f"ex_{k}_img_1.png")
-        lines.append(json.dumps({"id": k, "caption_0": f"a red thing {k}", "caption_1": f"a green thing {k}",
-                                 "image_0": f"ex_{k}_img_0", "image_1": f"ex_{k}_img_1", "tag": "t",
-                                 "secondary_tag": "", "num_main_preds": 1,
-                                 "collapsed_tag": ["Object", "Relation"][k % 2]}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": k,
+                    "caption_0": f"a red thing {k}",
+                    "caption_1": f"a green thing {k}",
+                    "image_0": f"ex_{k}_img_0",
+                    "image_1": f"ex_{k}_img_1",
+                    "tag": "t",
+                    "secondary_tag": "",
+                    "num_main_preds": 1,
+                    "collapsed_tag": ["Object", "Relation"][k % 2],
+                }
+            )
+        )
     (root / "examples.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
@@ -251,7 +317,8 @@ def test_uncond_correction_fixes_the_image_score_and_leaves_the_text_score(tmp_p
     # text scores identical with and without (a per-image constant), overall and per subset
     assert on["text_score"] == off["text_score"] == 1.0
     assert {t: v["text_score"] for t, v in on["by_collapsed_tag"].items()} == {
-        t: v["text_score"] for t, v in off["by_collapsed_tag"].items()}
+        t: v["text_score"] for t, v in off["by_collapsed_tag"].items()
+    }
     # score file: `score` reproduces the reported metrics, `raw_score` is the uncorrected run's `score`
     lines_on = [json.loads(x) for x in (tmp_path / "sTrue.jsonl").read_text().splitlines()]
     lines_off = [json.loads(x) for x in (tmp_path / "sFalse.jsonl").read_text().splitlines()]
@@ -296,14 +363,29 @@ def vae_teacher(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vae") / "vae"
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  norm_num_groups=8, sample_size=16).save_pretrained(path)
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ).save_pretrained(path)
     vae = AutoencoderKL.from_pretrained(path)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
     return Teacher(unet, torch.nn.Identity(), None, DDPMScheduler(), latent="vae", image_size=16, vae=vae)
 
 
@@ -385,11 +467,13 @@ def test_capped_sugarcrepe_is_a_seeded_sample_not_the_first_items(tmp_path):
 
     (tmp_path / "val2017").mkdir()
     Image.new("RGB", (8, 8), "red").save(tmp_path / "val2017" / "a.png")
-    items = {str(k): {"filename": "a.png", "caption": f"caption {k}", "negative_caption": f"negative {k}"}
-             for k in range(40)}
+    items = {
+        str(k): {"filename": "a.png", "caption": f"caption {k}", "negative_caption": f"negative {k}"} for k in range(40)
+    }
     (tmp_path / "swap_att.json").write_text(json.dumps(items))
-    m = evaluate_sugarcrepe(HashScorer(), tmp_path, tmp_path / "m.json", max_items=10, seed=4,
-                            scores_out=tmp_path / "s.jsonl")
+    m = evaluate_sugarcrepe(
+        HashScorer(), tmp_path, tmp_path / "m.json", max_items=10, seed=4, scores_out=tmp_path / "s.jsonl"
+    )
     ids = [json.loads(x)["id"] for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(ids) == 10 and ids != [str(k) for k in range(10)] and ids == sorted(ids, key=int)
     assert m["subset"] == {"swap_att": {"n": 10, "total": 40, "seed": 4, "max_items": 10, "stratified_by": None}}

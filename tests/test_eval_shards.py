@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from eval_fixtures import tiny_world
+from test_teacher_real import write_sd_dir
+from tiny_params import tiny_params
+
 from sdsclip import stages
 from sdsclip.config import params_from_dict
 from sdsclip.evaluate.shards import ShardError
-from test_teacher_real import write_sd_dir
-from tiny_params import tiny_params
 
 SHARDS = 3
 
@@ -24,14 +24,21 @@ SHARDS = 3
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    world = tiny_world(root / "world", winoground_items=10, aro_relation_items=8, aro_attribution_items=8,
-                       coco_order_images=3)
+    world = tiny_world(
+        root / "world", winoground_items=10, aro_relation_items=8, aro_attribution_items=8, coco_order_images=3
+    )
     sd = write_sd_dir(root / "stable-diffusion-v1-5")
     raw = tiny_params()
     raw["teacher"] = {**raw["teacher"], "pretrained_dir": str(sd), "latent": "vae", "image_size": 16}
     # 4 items per scorer call: every benchmark makes several calls, the last one short (10 Winoground examples)
-    raw["eval"] = {**raw["eval"], "teacher_t_min": 10, "teacher_t_max": 99, "teacher_chunk_items": 4,
-                   "teacher_max_items": 10, "shards": SHARDS}
+    raw["eval"] = {
+        **raw["eval"],
+        "teacher_t_min": 10,
+        "teacher_t_max": 99,
+        "teacher_chunk_items": 4,
+        "teacher_max_items": 10,
+        "shards": SHARDS,
+    }
     params = params_from_dict(raw)
     data = {"winoground": world / "winoground", "aro": world / "aro", "sugarcrepe": root / "sugarcrepe"}
     stages.derive_sugarcrepe(params, data["winoground"], data["sugarcrepe"])
@@ -65,8 +72,9 @@ def test_merged_shards_equal_the_whole_evaluation(setup, benchmark, tmp_path):
     parts = _parts(setup, benchmark, tmp_path / "parts")
     merged_dir = tmp_path / "merged"
     scores = None if benchmark == "aro" else merged_dir / "scores.jsonl"
-    merged = stages.merge_shards(setup["params"], benchmark, setup["data"][benchmark], parts,
-                                 merged_dir / "metrics.json", scores)
+    merged = stages.merge_shards(
+        setup["params"], benchmark, setup["data"][benchmark], parts, merged_dir / "metrics.json", scores
+    )
     assert merged == whole
     assert (merged_dir / "metrics.json").read_bytes() == (tmp_path / "whole" / "metrics.json").read_bytes()
     if scores is not None:

@@ -9,25 +9,31 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_params import tiny_params
+from train_helpers import make_dataset, make_models, train_params, write_params
 from typer.testing import CliRunner
 
 from sdsclip.cli import app
 from sdsclip.config import WorldConfig, params_from_dict
 from sdsclip.synth import CLASS_NAMES, generate_world
-from tiny_params import tiny_params
-from train_helpers import make_dataset, make_models, train_params, write_params
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("headroom")
     student, teacher = make_models(root)
-    cfg = WorldConfig(image_size=32, winoground_items=12, aro_relation_items=8, aro_attribution_items=8,
-                      coco_order_images=4)
+    cfg = WorldConfig(
+        image_size=32, winoground_items=12, aro_relation_items=8, aro_attribution_items=8, coco_order_images=4
+    )
     generate_world(cfg, root / "train_items", seed=5, families=["winoground"])
     generate_world(cfg, root / "eval_items", seed=6, families=["winoground", "aro"])
-    return {"root": root, "student": student, "teacher": teacher, "train": root / "train_items" / "winoground",
-            "eval": root / "eval_items" / "winoground"}
+    return {
+        "root": root,
+        "student": student,
+        "teacher": teacher,
+        "train": root / "train_items" / "winoground",
+        "eval": root / "eval_items" / "winoground",
+    }
 
 
 def test_world_families_render_only_what_is_asked(world):
@@ -41,9 +47,17 @@ def test_text_order_targets_read_the_scene_in_canonical_order():
     from sdsclip.text_order import text_order_targets
 
     rc, bs = CLASS_NAMES.index("red circle"), CLASS_NAMES.index("blue square")
-    t = text_order_targets(["a red circle to the left of a blue square", "a blue square to the right of a red circle",
-                            "a blue square to the left of a red circle", "a red circle below a blue square",
-                            "a red circle and a blue square", "a red circle", "a dog on a sofa"])
+    t = text_order_targets(
+        [
+            "a red circle to the left of a blue square",
+            "a blue square to the right of a red circle",
+            "a blue square to the left of a red circle",
+            "a red circle below a blue square",
+            "a red circle and a blue square",
+            "a red circle",
+            "a dog on a sofa",
+        ]
+    )
     assert t[0].tolist() == [rc, bs, 0] and t[1].tolist() == [rc, bs, 0]  # a caption and its converse: one scene
     assert t[2].tolist() == [bs, rc, 0]  # the object swap: another scene
     assert t[3].tolist() == [bs, rc, 1]  # vertical: the top object first
@@ -68,16 +82,20 @@ def _tensors(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 
 
-@pytest.mark.parametrize("rung,moves,stays", [
-    ("image_layernorms", ("visual.ln_pre",), ("visual.conv1", "transformer.", "token_embedding")),
-    ("image_tower", ("visual.conv1", "visual.ln_pre"), ("transformer.", "token_embedding")),
-    ("both_towers", ("visual.conv1", "transformer.", "token_embedding"), ("logit_scale",)),
-])
+@pytest.mark.parametrize(
+    "rung,moves,stays",
+    [
+        ("image_layernorms", ("visual.ln_pre",), ("visual.conv1", "transformer.", "token_embedding")),
+        ("image_tower", ("visual.conv1", "visual.ln_pre"), ("transformer.", "token_embedding")),
+        ("both_towers", ("visual.conv1", "transformer.", "token_embedding"), ("logit_scale",)),
+    ],
+)
 def test_oracle_rungs_train_exactly_their_parameters(world, tmp_path, rung, moves, stays):
     from sdsclip.headroom import oracle_finetune
 
-    meta = oracle_finetune(world["student"], world["train"], tmp_path / rung, rung, steps=3, batch_items=4, lr=1e-2,
-                           seed=0, warmup_steps=0)
+    meta = oracle_finetune(
+        world["student"], world["train"], tmp_path / rung, rung, steps=3, batch_items=4, lr=1e-2, seed=0, warmup_steps=0
+    )
     assert meta["rung"] == rung and meta["train_items"] == 12 and meta["seconds_per_step"] > 0
     before, after = _tensors(world["student"]), _tensors(tmp_path / rung)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -102,13 +120,37 @@ def test_student_diagnostic_measures_both_towers_and_the_cli_prints_it(world, tm
     assert probe["train_images"] == 24 and probe["eval_images"] == 24 and 0 <= probe["layout_probe_accuracy"] <= 1
     params_file = write_params(tmp_path / "params.yaml", tiny_params())
     out = tmp_path / "sep.json"
-    res = CliRunner().invoke(app, ["diagnose", "student", "--model", str(world["student"]), "--data",
-                                   str(world["eval"]), "--out", str(out), "--params", str(params_file)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "diagnose",
+            "student",
+            "--model",
+            str(world["student"]),
+            "--data",
+            str(world["eval"]),
+            "--out",
+            str(out),
+            "--params",
+            str(params_file),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "Object-Swap (n=6): text cos distance" in res.output
     assert json.loads(out.read_text())["by_tag"]["Object-Swap"]["n"] == 6
-    bad = CliRunner().invoke(app, ["diagnose", "student", "--model", str(world["teacher"]), "--data",
-                                   str(world["eval"]), "--params", str(params_file)])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "diagnose",
+            "student",
+            "--model",
+            str(world["teacher"]),
+            "--data",
+            str(world["eval"]),
+            "--params",
+            str(params_file),
+        ],
+    )
     assert bad.exit_code == 2 and "not a student directory" in bad.output and "Traceback" not in bad.output
 
 
@@ -160,15 +202,24 @@ def test_text_order_phase_trains_the_text_tower_alone_after_pretraining(tmp_path
     from sdsclip.train import pretrain_student
 
     shards, accepted = make_dataset(tmp_path / "data", n_images=8)
-    raw = tiny_params(student={"text_order_steps": 2, "text_order_weight": 3.0,
-                               "pretrain": {"steps": 2, "batch_size": 4, "warmup_steps": 0}})
+    raw = tiny_params(
+        student={
+            "text_order_steps": 2,
+            "text_order_weight": 3.0,
+            "pretrain": {"steps": 2, "batch_size": 4, "warmup_steps": 0},
+        }
+    )
     meta = pretrain_student(params_from_dict(raw), shards, accepted, tmp_path / "s", tmp_path / "logs")
     assert meta["text_order"]["steps"] == 2 and meta["text_order"]["weight"] == 3.0
     rows = (tmp_path / "logs" / "plots" / "metrics" / "loss_text_order.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == ["2", "3"]  # after the 2 contrastive steps
-    plain = pretrain_student(params_from_dict(tiny_params(student={"pretrain": {"steps": 2, "batch_size": 4,
-                                                                                  "warmup_steps": 0}})),
-                             shards, accepted, tmp_path / "p", tmp_path / "plogs")
+    plain = pretrain_student(
+        params_from_dict(tiny_params(student={"pretrain": {"steps": 2, "batch_size": 4, "warmup_steps": 0}})),
+        shards,
+        accepted,
+        tmp_path / "p",
+        tmp_path / "plogs",
+    )
     assert "text_order" not in plain
     a, b = _tensors(tmp_path / "s"), _tensors(tmp_path / "p")
     visual = [k for k in a if ".visual." in f".{k}"]

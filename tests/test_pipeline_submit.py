@@ -60,18 +60,34 @@ class FakeKfp:
                     return self._answer(200, {"multi_user": False})
                 if route == ("GET", f"{API}/experiments"):
                     wanted = json.loads(parse_qs(url.query)["filter"][0])["predicates"][0]["stringValue"]
-                    found = [{"experiment_id": i, "display_name": n} for n, i in fake.experiments.items() if n == wanted]
+                    found = [
+                        {"experiment_id": i, "display_name": n} for n, i in fake.experiments.items() if n == wanted
+                    ]
                     return self._answer(200, {"experiments": found, "total_size": len(found)} if found else {})
                 if route == ("POST", f"{API}/experiments"):
                     fake.experiments[body["display_name"]] = f"exp-{len(fake.experiments) + 1}"
-                    return self._answer(200, {"experiment_id": fake.experiments[body["display_name"]],
-                                              "display_name": body["display_name"]})
+                    return self._answer(
+                        200,
+                        {"experiment_id": fake.experiments[body["display_name"]], "display_name": body["display_name"]},
+                    )
                 if route == ("POST", f"{API}/runs"):
-                    return self._answer(200, {"run_id": "run-1", "experiment_id": body["experiment_id"],
-                                              "display_name": body["display_name"]})
+                    return self._answer(
+                        200,
+                        {
+                            "run_id": "run-1",
+                            "experiment_id": body["experiment_id"],
+                            "display_name": body["display_name"],
+                        },
+                    )
                 if route == ("POST", f"{API}/recurringruns"):
-                    return self._answer(200, {"recurring_run_id": "rr-1", "experiment_id": body["experiment_id"],
-                                              "display_name": body["display_name"]})
+                    return self._answer(
+                        200,
+                        {
+                            "recurring_run_id": "rr-1",
+                            "experiment_id": body["experiment_id"],
+                            "display_name": body["display_name"],
+                        },
+                    )
                 return self._answer(404, {"error": f"not implemented: {method} {url.path}"})
 
             def do_GET(self):
@@ -118,13 +134,15 @@ def submit(*args):
 
 def printed_json(stdout: str) -> dict:
     """The command's result: the JSON object it prints last (kfp.Client prints its links before it)."""
-    return json.loads(stdout[stdout.rindex("\n{") + 1:] if "\n{" in stdout else stdout)
+    return json.loads(stdout[stdout.rindex("\n{") + 1 :] if "\n{" in stdout else stdout)
 
 
 def committed_spec() -> tuple[pipeline_spec_pb2.PipelineSpec, pipeline_spec_pb2.PlatformSpec]:
     pipeline_doc, platform_doc = yaml.safe_load_all(PACKAGE.read_text())
-    return (json_format.ParseDict(pipeline_doc, pipeline_spec_pb2.PipelineSpec()),
-            json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec()))
+    return (
+        json_format.ParseDict(pipeline_doc, pipeline_spec_pb2.PipelineSpec()),
+        json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec()),
+    )
 
 
 def assert_sent_spec_is_committed(body: dict) -> None:
@@ -138,21 +156,46 @@ def assert_sent_spec_is_committed(body: dict) -> None:
 
 def test_submit_run_creates_experiment_and_sends_the_compiled_pipeline(kfp_server):
     server = kfp_server()
-    r = submit("--host", server.url, "--experiment", "nightly", "--run-name", "try-1",
-               "--param", "lambda_sds=0.5", "--param", "seed=3", "--param", "ingest_splits=[train2017]",
-               "--param", "gpu_count=2")
+    r = submit(
+        "--host",
+        server.url,
+        "--experiment",
+        "nightly",
+        "--run-name",
+        "try-1",
+        "--param",
+        "lambda_sds=0.5",
+        "--param",
+        "seed=3",
+        "--param",
+        "ingest_splits=[train2017]",
+        "--param",
+        "gpu_count=2",
+    )
     assert r.exit_code == 0, r.output
-    assert server.calls() == [("GET", f"{API}/healthz"), ("GET", f"{API}/healthz"), ("GET", f"{API}/experiments"),
-                              ("POST", f"{API}/experiments"), ("POST", f"{API}/runs")]
+    assert server.calls() == [
+        ("GET", f"{API}/healthz"),
+        ("GET", f"{API}/healthz"),
+        ("GET", f"{API}/experiments"),
+        ("POST", f"{API}/experiments"),
+        ("POST", f"{API}/runs"),
+    ]
     (query,) = [q for m, p, q, _ in server.requests if (m, p) == ("GET", f"{API}/experiments")]
     assert json.loads(query["filter"][0])["predicates"][0] == {
-        "operation": 1, "key": "display_name", "stringValue": "nightly"}  # 1 = EQUALS
+        "operation": 1,
+        "key": "display_name",
+        "stringValue": "nightly",
+    }  # 1 = EQUALS
     assert server.body("POST", f"{API}/experiments")["display_name"] == "nightly"
 
     run = server.body("POST", f"{API}/runs")
     assert run["display_name"] == "try-1" and run["experiment_id"] == "exp-1"
-    assert run["runtime_config"]["parameters"] == {"lambda_sds": 0.5, "seed": 3, "ingest_splits": ["train2017"],
-                                                   "gpu_count": "2"}
+    assert run["runtime_config"]["parameters"] == {
+        "lambda_sds": 0.5,
+        "seed": 3,
+        "ingest_splits": ["train2017"],
+        "gpu_count": "2",
+    }
     assert_sent_spec_is_committed(run)
     assert printed_json(r.stdout) == {"run_id": "run-1", "experiment_id": "exp-1", "name": "try-1"}
 
@@ -172,11 +215,15 @@ def test_submit_finds_an_existing_experiment_by_name(kfp_server):
 
 def test_submit_schedule_creates_a_recurring_run_with_the_cron(kfp_server):
     server = kfp_server()
-    r = submit("--host", server.url, "--schedule", "0 0 2 * * *", "--run-name", "nightly-sds",
-               "--param", "train_steps=300")
+    r = submit(
+        "--host", server.url, "--schedule", "0 0 2 * * *", "--run-name", "nightly-sds", "--param", "train_steps=300"
+    )
     assert r.exit_code == 0, r.output
-    assert server.calls()[-3:] == [("GET", f"{API}/experiments"), ("POST", f"{API}/experiments"),
-                                   ("POST", f"{API}/recurringruns")]
+    assert server.calls()[-3:] == [
+        ("GET", f"{API}/experiments"),
+        ("POST", f"{API}/experiments"),
+        ("POST", f"{API}/recurringruns"),
+    ]
     job = server.body("POST", f"{API}/recurringruns")
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * *"
     assert job["mode"] == "ENABLE" and job["display_name"] == "nightly-sds" and job["experiment_id"] == "exp-1"
@@ -186,14 +233,17 @@ def test_submit_schedule_creates_a_recurring_run_with_the_cron(kfp_server):
     assert printed_json(r.stdout)["cron"] == "0 0 2 * * *"
 
 
-@pytest.mark.parametrize("cron, says", [
-    ("0 2 * * *", "5 fields"),              # classic 5-field cron: KFP would read it as sec..month
-    ("0 0 25 * * *", "hour field '25'"),
-    ("0 0 2 * * MON-XYZ", "day of week field"),
-    ("*/0 * * * * *", "step '0'"),
-    ("0 ? * * * *", "'?' is only for"),
-    ("@fortnightly", "unknown descriptor"),
-])
+@pytest.mark.parametrize(
+    "cron, says",
+    [
+        ("0 2 * * *", "5 fields"),  # classic 5-field cron: KFP would read it as sec..month
+        ("0 0 25 * * *", "hour field '25'"),
+        ("0 0 2 * * MON-XYZ", "day of week field"),
+        ("*/0 * * * * *", "step '0'"),
+        ("0 ? * * * *", "'?' is only for"),
+        ("@fortnightly", "unknown descriptor"),
+    ],
+)
 def test_bad_cron_is_one_line_and_sends_nothing(kfp_server, cron, says):
     server = kfp_server()
     r = submit("--host", server.url, "--schedule", cron)
@@ -203,21 +253,26 @@ def test_bad_cron_is_one_line_and_sends_nothing(kfp_server, cron, says):
     assert server.requests == []
 
 
-@pytest.mark.parametrize("cron", ["0 0 2 * * *", "*/30 * * * * ?", "0 0 9 ? * MON-FRI", "0 15,45 8-18/2 1 JAN,jul *",
-                                  "@daily", "@every 1h30m"])
+@pytest.mark.parametrize(
+    "cron",
+    ["0 0 2 * * *", "*/30 * * * * ?", "0 0 9 ? * MON-FRI", "0 15,45 8-18/2 1 JAN,jul *", "@daily", "@every 1h30m"],
+)
 def test_kfp_cron_forms_are_accepted(cron):
     assert validate_cron(cron) == cron
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--param", "no_such=1"], "--param no_such: not a parameter of the pipeline"),
-    (["--param", "seed=abc"], "--param seed=abc: expected an integer"),
-    (["--param", "ingest_splits=train2017"], "expected a JSON/YAML list"),
-    (["--param", "lambda_sds"], "expected key=value"),
-    (["--param", "lambda_sds=-1"], "train.lambda_sds"),       # checked here as resolve-params will check it
-    (["--param", "device=tpu"], "device"),
-    (["--params-file", "missing.yaml"], "missing.yaml: params file not found"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--param", "no_such=1"], "--param no_such: not a parameter of the pipeline"),
+        (["--param", "seed=abc"], "--param seed=abc: expected an integer"),
+        (["--param", "ingest_splits=train2017"], "expected a JSON/YAML list"),
+        (["--param", "lambda_sds"], "expected key=value"),
+        (["--param", "lambda_sds=-1"], "train.lambda_sds"),  # checked here as resolve-params will check it
+        (["--param", "device=tpu"], "device"),
+        (["--params-file", "missing.yaml"], "missing.yaml: params file not found"),
+    ],
+)
 def test_bad_parameters_are_one_line_before_any_request(kfp_server, args, says):
     server = kfp_server()
     r = submit("--host", server.url, *args)
@@ -276,8 +331,15 @@ def test_form_defaults_leave_params_yaml_alone():
 
 
 def test_changed_form_fields_win_and_map_to_their_keys():
-    out = merged(PARAMS_YAML, lambda_sds=0.25, coco_root="/mnt/data/coco", ingest_splits=["train2017"],
-                 train_split="train2017", student_checkpoint="/mnt/data/ViT-B-32.pt", teacher_latent="vae")
+    out = merged(
+        PARAMS_YAML,
+        lambda_sds=0.25,
+        coco_root="/mnt/data/coco",
+        ingest_splits=["train2017"],
+        train_split="train2017",
+        student_checkpoint="/mnt/data/ViT-B-32.pt",
+        teacher_latent="vae",
+    )
     assert out["train"]["lambda_sds"] == 0.25 and out["data"]["coco_root"] == "/mnt/data/coco"
     assert out["ingest"]["splits"] == ["train2017"] and out["data"]["train_split"] == "train2017"
     assert out["student"]["checkpoint"] == "/mnt/data/ViT-B-32.pt" and out["teacher"]["latent"] == "vae"

@@ -31,8 +31,14 @@ NS = "team-a"
 
 
 def make_job(name="sdsclip-sds-test", num_nodes=3, gpus_per_node=0, control=False, **section):
-    cfg = pj.job_config(section, name=name, image="registry.example/sdsclip:0.1", num_nodes=num_nodes,
-                        gpus_per_node=gpus_per_node, namespace=section.pop("namespace", NS))
+    cfg = pj.job_config(
+        section,
+        name=name,
+        image="registry.example/sdsclip:0.1",
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        namespace=section.pop("namespace", NS),
+    )
     return pj.render_job(cfg, pj.TrainPaths.standard(f"/mnt/data/sdsclip-runs/{name}", name), control=control)
 
 
@@ -50,8 +56,12 @@ def container(job, rtype="Master"):
 
 @pytest.mark.parametrize("num_nodes,gpus", [(1, 0), (2, 1), (4, 8)])
 def test_rendered_job_passes_the_crd_and_pod_schemas(num_nodes, gpus):
-    job = make_job(num_nodes=num_nodes, gpus_per_node=gpus, node_selector={"nvidia.com/gpu.product": "H100"},
-                   tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}])
+    job = make_job(
+        num_nodes=num_nodes,
+        gpus_per_node=gpus,
+        node_selector={"nvidia.com/gpu.product": "H100"},
+        tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    )
     for version in K8S_VERSIONS:
         pj.validate_job(job, kubernetes_version=version)
 
@@ -62,17 +72,24 @@ def test_rendered_job_passes_the_crd_and_pod_schemas(num_nodes, gpus):
     assert replicas.get("Worker", {}).get("replicas", 0) == num_nodes - 1
     assert {r["restartPolicy"] for r in replicas.values()} == {"OnFailure"}
     assert job["spec"]["nprocPerNode"] == str(max(1, gpus))
-    assert job["spec"]["runPolicy"] == {"backoffLimit": 3, "cleanPodPolicy": "Running",
-                                        "ttlSecondsAfterFinished": 86400}
+    assert job["spec"]["runPolicy"] == {
+        "backoffLimit": 3,
+        "cleanPodPolicy": "Running",
+        "ttlSecondsAfterFinished": 86400,
+    }
     for rtype in replicas:
         pod, c = pod_spec(job, rtype), container(job, rtype)
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-                  for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+        }
         assert claims == {"data": "sdsclip-data", "checkpoints": "sdsclip-checkpoints"}
         assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]} == {
-            "data": "/mnt/data", "checkpoints": "/mnt/checkpoints", "dshm": "/dev/shm"}
+            "data": "/mnt/data",
+            "checkpoints": "/mnt/checkpoints",
+            "dshm": "/dev/shm",
+        }
         assert c["envFrom"] == [{"secretRef": {"name": "sdsclip-mlflow"}}]
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
         assert [t["key"] for t in pod["tolerations"]] == ["dedicated"]
@@ -104,8 +121,17 @@ def test_the_template_itself_and_knobs():
     template = yaml.safe_load(pj.k8s_file(pj.TEMPLATE_NAME).read_text())
     for version in K8S_VERSIONS:  # valid as it stands (defaults in place of the filled fields)
         pj.validate_job(template, kubernetes_version=version)
-    job = make_job(num_nodes=2, control=True, mlflow_secret=None, ttl_seconds_after_finished=None,
-                   active_deadline_seconds=3600, clean_pod_policy="All", cpu="500m", memory="3Gi", run_as_user=4242)
+    job = make_job(
+        num_nodes=2,
+        control=True,
+        mlflow_secret=None,
+        ttl_seconds_after_finished=None,
+        active_deadline_seconds=3600,
+        clean_pod_policy="All",
+        cpu="500m",
+        memory="3Gi",
+        run_as_user=4242,
+    )
     pj.validate_job(job, kubernetes_version=K8S_VERSIONS[-1])
     c = container(job, "Worker")
     assert "envFrom" not in c and c["args"][-1] == "--control"
@@ -114,7 +140,8 @@ def test_the_template_itself_and_knobs():
     assert pod_spec(job, "Worker")["securityContext"]["fsGroup"] == 4242
     assert "nodeSelector" not in pod_spec(job) and "tolerations" not in pod_spec(job)  # CPU job: no GPU taint
     assert pod_spec(make_job(gpus_per_node=1))["tolerations"] == [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
 
 
 def _mutate(job, path, value):
@@ -128,22 +155,51 @@ def _mutate(job, path, value):
 POD = ["spec", "pytorchReplicaSpecs", "Worker", "template", "spec"]
 
 
-@pytest.mark.parametrize("path,value,pod_check,error", [
-    (["spec", "runPolicy", "cleanPodPolicyy"], "All", False,
-     r"spec\.runPolicy: Additional properties are not allowed \('cleanPodPolicyy'"),
-    (["spec", "pytorchReplicaSpecs", "Worker", "replicas"], "2", False,
-     r"Worker\.replicas: '2' is not of type 'integer'"),
-    (["spec", "runPolicy", "backoffLimit"], 1.5, False, r"backoffLimit: 1\.5 is not of type 'integer'"),
-    (["spec", "pytorchReplicaSpecs", "Worker", "template", "metadata", "labelz"], {}, False, r"Additional properties"),
-    (["spec", "pytorchReplicaSpecs", "Master", "replicas"], 2, False, r"Master replicas must be 1"),
-    (["spec", "pytorchReplicaSpecs", "Chief"], {"replicas": 1}, False, r"replica type 'Chief' is not Master or Worker"),
-    ([*POD, "containers", 0, "name"], "trainer", False, r"no container named 'pytorch'"),
-    ([*POD, "tolerations"], [{"key": "k", "operator": "Exists", "effects": "NoSchedule"}], True,
-     r"Worker pod template: spec\.tolerations\.0: Additional properties are not allowed \('effects'"),
-    ([*POD, "containers", 0, "resources", "limits", "cpu"], "lots", False,
-     r"Worker pod template: spec\.containers\.0\.resources\.limits\.cpu: 'lots' is not a Kubernetes quantity"),
-    ([*POD, "containers", 0, "volumeMounts", 0, "mountPath"], 5, True, r"mountPath: 5 is not of type 'string'"),
-])
+@pytest.mark.parametrize(
+    "path,value,pod_check,error",
+    [
+        (
+            ["spec", "runPolicy", "cleanPodPolicyy"],
+            "All",
+            False,
+            r"spec\.runPolicy: Additional properties are not allowed \('cleanPodPolicyy'",
+        ),
+        (
+            ["spec", "pytorchReplicaSpecs", "Worker", "replicas"],
+            "2",
+            False,
+            r"Worker\.replicas: '2' is not of type 'integer'",
+        ),
+        (["spec", "runPolicy", "backoffLimit"], 1.5, False, r"backoffLimit: 1\.5 is not of type 'integer'"),
+        (
+            ["spec", "pytorchReplicaSpecs", "Worker", "template", "metadata", "labelz"],
+            {},
+            False,
+            r"Additional properties",
+        ),
+        (["spec", "pytorchReplicaSpecs", "Master", "replicas"], 2, False, r"Master replicas must be 1"),
+        (
+            ["spec", "pytorchReplicaSpecs", "Chief"],
+            {"replicas": 1},
+            False,
+            r"replica type 'Chief' is not Master or Worker",
+        ),
+        ([*POD, "containers", 0, "name"], "trainer", False, r"no container named 'pytorch'"),
+        (
+            [*POD, "tolerations"],
+            [{"key": "k", "operator": "Exists", "effects": "NoSchedule"}],
+            True,
+            r"Worker pod template: spec\.tolerations\.0: Additional properties are not allowed \('effects'",
+        ),
+        (
+            [*POD, "containers", 0, "resources", "limits", "cpu"],
+            "lots",
+            False,
+            r"Worker pod template: spec\.containers\.0\.resources\.limits\.cpu: 'lots' is not a Kubernetes quantity",
+        ),
+        ([*POD, "containers", 0, "volumeMounts", 0, "mountPath"], 5, True, r"mountPath: 5 is not of type 'string'"),
+    ],
+)
 def test_schema_rejects_bad_jobs_naming_the_field(path, value, pod_check, error):
     job = make_job(num_nodes=2)
     _mutate(job, path, value)
@@ -154,18 +210,22 @@ def test_schema_rejects_bad_jobs_naming_the_field(path, value, pod_check, error)
         pj.validate_job(job)
 
 
-@pytest.mark.parametrize("section,error", [
-    ({"name": "SDS_train"}, r"multinode\.name: String should match pattern"),
-    ({"cpu": "eight"}, r"multinode\.cpu: String should match pattern .* \(got 'eight'\)"),
-    ({"gpus": 2}, r"multinode\.gpus: Extra inputs are not permitted"),
-    ({"num_nodes": 0}, r"multinode\.num_nodes: Input should be greater than or equal to 1"),
-    ({"clean_pod_policy": "Always"}, r"multinode\.clean_pod_policy: Input should be 'None', 'Running' or 'All'"),
-])
+@pytest.mark.parametrize(
+    "section,error",
+    [
+        ({"name": "SDS_train"}, r"multinode\.name: String should match pattern"),
+        ({"cpu": "eight"}, r"multinode\.cpu: String should match pattern .* \(got 'eight'\)"),
+        ({"gpus": 2}, r"multinode\.gpus: Extra inputs are not permitted"),
+        ({"num_nodes": 0}, r"multinode\.num_nodes: Input should be greater than or equal to 1"),
+        ({"clean_pod_policy": "Always"}, r"multinode\.clean_pod_policy: Input should be 'None', 'Running' or 'All'"),
+    ],
+)
 def test_bad_job_settings_are_one_line_errors(section, error):
     fields = {"name": "sdsclip-x", "image": "img", **section}
     with pytest.raises(pj.PyTorchJobError, match=error):
-        pj.job_config({k: v for k, v in fields.items() if k not in ("name", "image")},
-                      name=fields["name"], image=fields["image"])
+        pj.job_config(
+            {k: v for k, v in fields.items() if k not in ("name", "image")}, name=fields["name"], image=fields["image"]
+        )
     with pytest.raises(pj.PyTorchJobError, match="multinode: must be a mapping"):
         pj.job_config(["cpu"], name="x", image="img")
 
@@ -181,8 +241,15 @@ def test_paths_must_be_on_the_shared_pvcs():
 def test_render_job_file_for_kubectl(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 0, "multinode": {"namespace": "ml", "cpu": "16", "nproc_per_node": 2}}))
-    out = pj.render_job_file(tmp_path / "job.yaml", name="sdsclip-by-hand", image="reg/sdsclip:1",
-                             run_dir="/mnt/data/sdsclip-runs/by-hand", num_nodes=2, gpus_per_node=2, params_path=params)
+    out = pj.render_job_file(
+        tmp_path / "job.yaml",
+        name="sdsclip-by-hand",
+        image="reg/sdsclip:1",
+        run_dir="/mnt/data/sdsclip-runs/by-hand",
+        num_nodes=2,
+        gpus_per_node=2,
+        params_path=params,
+    )
     text = out.read_text()
     assert text.startswith("# kubectl create -f job.yaml")
     job = yaml.safe_load(text)
@@ -200,8 +267,21 @@ def test_render_job_cli(tmp_path):
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 0, "multinode": {"namespace": "ml"}}))
-    args = ["pipeline", "render-job", "--out", str(tmp_path / "job.yaml"), "--run-dir", "/mnt/data/sdsclip-runs/r1",
-            "--num-nodes", "3", "--gpus-per-node", "4", "--control", "--params", str(params)]
+    args = [
+        "pipeline",
+        "render-job",
+        "--out",
+        str(tmp_path / "job.yaml"),
+        "--run-dir",
+        "/mnt/data/sdsclip-runs/r1",
+        "--num-nodes",
+        "3",
+        "--gpus-per-node",
+        "4",
+        "--control",
+        "--params",
+        str(params),
+    ]
     ok = CliRunner().invoke(app, [*args, "--name", "sdsclip-r1"])
     assert ok.exit_code == 0, ok.output
     job = yaml.safe_load((tmp_path / "job.yaml").read_text())
@@ -223,9 +303,16 @@ def operator_env(job, rtype, index, pet_master=True):
     rank = index + (1 if rtype == "Worker" else 0)
     (port,) = [p["containerPort"] for p in container(job)["ports"] if p["name"] == "pytorchjob-port"]
     addr = f"{job['metadata']['name']}-master-0"
-    env = {"PYTHONUNBUFFERED": "0", "MASTER_PORT": str(port), "MASTER_ADDR": addr,
-           "WORLD_SIZE": str(total * (int(nproc) if nproc.isdigit() else 1)), "RANK": str(rank),
-           "PET_NPROC_PER_NODE": nproc, "PET_NODE_RANK": str(rank), "PET_NNODES": str(total)}
+    env = {
+        "PYTHONUNBUFFERED": "0",
+        "MASTER_PORT": str(port),
+        "MASTER_ADDR": addr,
+        "WORLD_SIZE": str(total * (int(nproc) if nproc.isdigit() else 1)),
+        "RANK": str(rank),
+        "PET_NPROC_PER_NODE": nproc,
+        "PET_NODE_RANK": str(rank),
+        "PET_NNODES": str(total),
+    }
     if pet_master:
         env.update(PET_MASTER_PORT=str(port), PET_MASTER_ADDR=addr)
     for item in container(job, rtype).get("env", []):
@@ -265,7 +352,9 @@ def test_several_processes_per_pod_run_under_torchrun_reading_the_pet_variables(
             with pytest.raises(LaunchError, match="PET_NPROC_PER_NODE=4"):  # `sdsclip train` alone would refuse
                 normalize_dist_env(dict(env))
             c = container(job, rtype)
-            argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["command"] + c["args"]]  # kubelet
+            argv = [
+                re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m.group(1)], a) for a in c["command"] + c["args"]
+            ]  # kubelet
             assert argv[0] == "torchrun"
             for key in [k for k in list(os.environ) if k.startswith("PET_")]:
                 monkeypatch.delenv(key)
@@ -289,9 +378,16 @@ def conditions(*states, reason="", message=""):
             for c in out:
                 if c["type"] == "Running":
                     c["status"] = "False"
-        out.append({"type": state, "status": "True", "reason": reason or f"PyTorchJob{state}",
-                    "message": message or f"PyTorchJob is {state.lower()}.",
-                    "lastUpdateTime": "2026-01-01T10:00:00Z", "lastTransitionTime": "2026-01-01T10:00:00Z"})
+        out.append(
+            {
+                "type": state,
+                "status": "True",
+                "reason": reason or f"PyTorchJob{state}",
+                "message": message or f"PyTorchJob is {state.lower()}.",
+                "lastUpdateTime": "2026-01-01T10:00:00Z",
+                "lastTransitionTime": "2026-01-01T10:00:00Z",
+            }
+        )
     return out
 
 
@@ -346,14 +442,19 @@ class FakeKubeAPI:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
         self.thread.start()
 
     @staticmethod
     def status(code, reason, message):
-        return code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
-                      "message": message, "code": code}
+        return code, {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "reason": reason,
+            "message": message,
+            "code": code,
+        }
 
     def handle(self, method, path, query, body):
         if m := self.JOBS.match(path):
@@ -386,8 +487,11 @@ class FakeKubeAPI:
         if m := self.PODS.match(path):
             selector = query["labelSelector"][0]
             key, _, value = selector.partition("=")
-            items = [p for p in self.pods if p["metadata"]["namespace"] == m.group(1)
-                     and p["metadata"]["labels"].get(key) == value]
+            items = [
+                p
+                for p in self.pods
+                if p["metadata"]["namespace"] == m.group(1) and p["metadata"]["labels"].get(key) == value
+            ]
             return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
         if m := self.LOG.match(path):
             previous = query.get("previous", ["false"])[0].lower() == "true"
@@ -414,17 +518,37 @@ def fake():
 
 
 def pod(job_name, rtype, index, phase="Running", state=None, last_state=None, restarts=0, namespace=NS):
-    return {"metadata": {"name": f"{job_name}-{rtype}-{index}", "namespace": namespace,
-                         "labels": {pj.JOB_NAME_LABEL: job_name, pj.REPLICA_TYPE_LABEL: rtype,
-                                    "training.kubeflow.org/replica-index": str(index)}},
-            "status": {"phase": phase, "containerStatuses": [{
-                "name": "pytorch", "image": "img", "imageID": "", "ready": False, "restartCount": restarts,
-                "state": state or {"running": {"startedAt": "2026-01-01T09:00:00Z"}}, "lastState": last_state or {}}]}}
+    return {
+        "metadata": {
+            "name": f"{job_name}-{rtype}-{index}",
+            "namespace": namespace,
+            "labels": {
+                pj.JOB_NAME_LABEL: job_name,
+                pj.REPLICA_TYPE_LABEL: rtype,
+                "training.kubeflow.org/replica-index": str(index),
+            },
+        },
+        "status": {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": "pytorch",
+                    "image": "img",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": restarts,
+                    "state": state or {"running": {"startedAt": "2026-01-01T09:00:00Z"}},
+                    "lastState": last_state or {},
+                }
+            ],
+        },
+    }
 
 
 def wait(fake, job, **kw):
-    return pj.submit_and_wait(job, NS, poll_s=kw.pop("poll_s", 0.001), timeout_s=kw.pop("timeout_s", 30),
-                              api_client=fake.client(), **kw)
+    return pj.submit_and_wait(
+        job, NS, poll_s=kw.pop("poll_s", 0.001), timeout_s=kw.pop("timeout_s", 30), api_client=fake.client(), **kw
+    )
 
 
 # ------------------------------------------------------------------------------------------ submit + wait
@@ -451,23 +575,34 @@ def test_transient_api_errors_are_retried(fake):
 def test_failed_job_raises_one_line_with_reason_and_the_failing_pods_log(fake, tmp_path):
     job = make_job(num_nodes=2)
     name = job["metadata"]["name"]
-    fake.lifecycles[name] = [*RUNNING, conditions("Created", "Running", "Failed", reason="PyTorchJobFailed",
-                                                  message=f"PyTorchJob {NS}/{name} is failed because 1 Worker "
-                                                          "replica(s) failed.")]
+    fake.lifecycles[name] = [
+        *RUNNING,
+        conditions(
+            "Created",
+            "Running",
+            "Failed",
+            reason="PyTorchJobFailed",
+            message=f"PyTorchJob {NS}/{name} is failed because 1 Worker replica(s) failed.",
+        ),
+    ]
     crashed = {"terminated": {"exitCode": 1, "reason": "Error", "finishedAt": "2026-01-01T10:00:00Z"}}
     later = {"terminated": {"exitCode": 1, "reason": "Error", "finishedAt": "2026-01-01T10:30:00Z"}}
-    fake.pods = [pod(name, "master", 0, phase="Failed", state=later),  # died later, waiting on the worker
-                 pod(name, "worker", 0, state={"waiting": {"reason": "CrashLoopBackOff"}}, last_state=crashed,
-                     restarts=3),
-                 pod("other-job", "master", 0, phase="Failed", state=crashed)]
-    fake.logs[NS, f"{name}-worker-0", True] = "".join(f"step {i}\n" for i in range(500)) + \
-        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+    fake.pods = [
+        pod(name, "master", 0, phase="Failed", state=later),  # died later, waiting on the worker
+        pod(name, "worker", 0, state={"waiting": {"reason": "CrashLoopBackOff"}}, last_state=crashed, restarts=3),
+        pod("other-job", "master", 0, phase="Failed", state=crashed),
+    ]
+    fake.logs[NS, f"{name}-worker-0", True] = (
+        "".join(f"step {i}\n" for i in range(500))
+        + "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+    )
     with pytest.raises(pj.PyTorchJobFailed) as err:
         wait(fake, job, log_dir=tmp_path / "logs")
     message = str(err.value)
     assert "\n" not in message
-    assert (f"PyTorchJob {NS}/{name} failed: PyTorchJobFailed: PyTorchJob {NS}/{name} is failed because "
-            "1 Worker") in message
+    assert (
+        f"PyTorchJob {NS}/{name} failed: PyTorchJobFailed: PyTorchJob {NS}/{name} is failed because 1 Worker"
+    ) in message
     assert f"last log line of pod {name}-worker-0: 'torch.OutOfMemoryError: CUDA out of memory." in message
     tail = tmp_path / "logs" / f"{name}-worker-0.previous.log"
     assert f"log tail (200 lines): {tail}" in message
@@ -483,8 +618,9 @@ def test_failed_job_raises_one_line_with_reason_and_the_failing_pods_log(fake, t
 
 def test_failed_job_without_pods_still_reports_the_reason(fake):
     job = make_job()
-    fake.lifecycles[job["metadata"]["name"]] = [conditions("Created", "Failed", reason="PyTorchJobFailed",
-                                                           message="ImagePullBackOff")]
+    fake.lifecycles[job["metadata"]["name"]] = [
+        conditions("Created", "Failed", reason="PyTorchJobFailed", message="ImagePullBackOff")
+    ]
     with pytest.raises(pj.PyTorchJobFailed, match=r"failed: PyTorchJobFailed: ImagePullBackOff; no pod left"):
         wait(fake, job)
 
@@ -494,13 +630,20 @@ def test_timeout_deletes_the_job_or_leaves_it(fake, delete):
     job = make_job(num_nodes=2)
     name = job["metadata"]["name"]
     fake.lifecycles[name] = list(RUNNING)  # never finishes
-    fake.pods = [pod(name, "master", 0, phase="Pending", state={"waiting": {
-        "reason": "CreateContainerConfigError", "message": 'secret "sdsclip-mlflow" not found'}})]
+    fake.pods = [
+        pod(
+            name,
+            "master",
+            0,
+            phase="Pending",
+            state={"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "sdsclip-mlflow" not found'}},
+        )
+    ]
     with pytest.raises(pj.PyTorchJobTimeout) as err:
         wait(fake, job, poll_s=0.01, timeout_s=0.05, delete_on_timeout=delete)
     message = str(err.value)
     assert f"PyTorchJob {NS}/{name} did not finish within 0.05 s (last state Running" in message
-    assert f"{name}-master-0 Pending CreateContainerConfigError (secret \"sdsclip-mlflow\" not found)" in message
+    assert f'{name}-master-0 Pending CreateContainerConfigError (secret "sdsclip-mlflow" not found)' in message
     deletes = fake.calls("DELETE")
     if delete:
         ((_, path, query, _),) = deletes
@@ -529,16 +672,22 @@ def test_conflict_adopts_the_same_job_and_refuses_another(fake):
     fake.requests.clear()
 
     other = make_job(num_nodes=4)  # same name, different spec
-    with pytest.raises(pj.PyTorchJobError, match=rf"PyTorchJob {NS}/{name} already exists with a different spec: "
-                                                 rf"delete it \(kubectl delete pytorchjob {name} -n {NS}\)"):
+    with pytest.raises(
+        pj.PyTorchJobError,
+        match=rf"PyTorchJob {NS}/{name} already exists with a different spec: "
+        rf"delete it \(kubectl delete pytorchjob {name} -n {NS}\)",
+    ):
         wait(fake, other)
     assert not fake.calls("DELETE")
 
 
 def test_rejected_create_and_vanished_job_are_one_line_errors(fake):
     fake.create_error = (422, "Invalid", 'PyTorchJob.kubeflow.org "x" is invalid: spec.runPolicy: Invalid value')
-    with pytest.raises(pj.PyTorchJobError, match=r"cannot create PyTorchJob team-a/sdsclip-sds-test: 422 .*: "
-                                                 r"PyTorchJob.kubeflow.org \"x\" is invalid"):
+    with pytest.raises(
+        pj.PyTorchJobError,
+        match=r"cannot create PyTorchJob team-a/sdsclip-sds-test: 422 .*: "
+        r"PyTorchJob.kubeflow.org \"x\" is invalid",
+    ):
         wait(fake, make_job())
     fake.create_error = None
     fake.on_state = lambda name, state: fake.jobs.pop((NS, name)) if state == "Running" else None
@@ -557,11 +706,18 @@ def test_component_stages_inputs_submits_and_copies_the_model_back(fake, tmp_pat
 
     # credentials from a kubeconfig (not in a cluster), whose context names the namespace
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "fake", "user": "u", "namespace": NS}}]}))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "fake", "user": "u", "namespace": NS}}],
+            }
+        )
+    )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # restored afterwards
@@ -585,12 +741,14 @@ def test_component_stages_inputs_submits_and_copies_the_model_back(fake, tmp_pat
             out.mkdir(parents=True)
             (out / "student.json").write_text(json.dumps({"arch": "tiny", "steps": 7, "processes": 4}))
             (out / "model.safetensors").write_bytes(b"w")
+
     fake.on_state = pods_train
 
     def run():
         model = Model(name="model", uri=str(tmp_path / "out" / "model"))
-        train_multinode(params=params, control=False, num_nodes=2, gpus_per_node=2, image="reg/sdsclip:1",
-                        model=model, **artifacts)
+        train_multinode(
+            params=params, control=False, num_nodes=2, gpus_per_node=2, image="reg/sdsclip:1", model=model, **artifacts
+        )
         return model
 
     model = run()
@@ -604,8 +762,10 @@ def test_component_stages_inputs_submits_and_copies_the_model_back(fake, tmp_pat
         assert (run_dir / "inputs" / key / "sub" / "weights.bin").read_bytes() == key.encode() * 100
     staged = yaml.safe_load((run_dir / "params.yaml").read_text())  # no multinode section; the secret's URI
     assert "multinode" not in staged
-    assert staged == {**{k: v for k, v in raw.items() if k != "multinode"},
-                      "registry": {**raw["registry"], "tracking_uri": "http://sdsclip-mlflow.sdsclip:5000"}}
+    assert staged == {
+        **{k: v for k, v in raw.items() if k != "multinode"},
+        "registry": {**raw["registry"], "tracking_uri": "http://sdsclip-mlflow.sdsclip:5000"},
+    }
     ((_, path, _, created),) = fake.calls("POST")
     assert path == f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"
     pj.validate_job(created, kubernetes_version=K8S_VERSIONS[-1])
@@ -620,13 +780,30 @@ def test_component_stages_inputs_submits_and_copies_the_model_back(fake, tmp_pat
 
     # as a kfp component: the signature the lead wires into the pipeline
     spec = dsl.component(base_image="reg/sdsclip:1", install_kfp_package=False)(train_multinode).component_spec
-    assert set(spec.inputs) == {"params", "student", "teacher", "shards", "validated", "control", "num_nodes",
-                                "gpus_per_node", "image"}
+    assert set(spec.inputs) == {
+        "params",
+        "student",
+        "teacher",
+        "shards",
+        "validated",
+        "control",
+        "num_nodes",
+        "gpus_per_node",
+        "image",
+    }
     assert set(spec.outputs) == {"model"}
 
 
 def test_component_rejects_bad_params_before_staging(tmp_path):
     with pytest.raises(pj.PyTorchJobError, match=r"train\.lr"):
-        pj.run_multinode_training(yaml.safe_dump({"train": {"lr": -1}}), {}, tmp_path / "out", control=False,
-                                  num_nodes=2, gpus_per_node=1, image="img", data_root=tmp_path / "pvc")
+        pj.run_multinode_training(
+            yaml.safe_dump({"train": {"lr": -1}}),
+            {},
+            tmp_path / "out",
+            control=False,
+            num_nodes=2,
+            gpus_per_node=1,
+            image="img",
+            data_root=tmp_path / "pvc",
+        )
     assert not (tmp_path / "pvc").exists()

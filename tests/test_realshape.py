@@ -9,11 +9,11 @@ import json
 import os
 
 import pytest
+from tiny_params import ROOT
 
 from sdsclip import realshape
 from sdsclip.realshape import SCALES, RealshapeError
 from sdsclip.science import load_science_params
-from tiny_params import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,14 @@ def test_real_scale_is_vit_b32_and_sd15(params):
     assert real.text_encoder["max_position_embeddings"] == 77 and real.text_encoder["hidden_size"] == 768
     assert open_clip.get_model_config(real.student_arch)["quick_gelu"] is True
     with torch.device("meta"):  # shapes only: no memory, no init time
-        counts = [sum(p.numel() for p in m.parameters()) for m in (
-            UNet2DConditionModel(**real.unet), AutoencoderKL(**real.vae),
-            CLIPTextModel(CLIPTextConfig(**{k: v for k, v in real.text_encoder.items() if k != "architectures"})))]
+        counts = [
+            sum(p.numel() for p in m.parameters())
+            for m in (
+                UNet2DConditionModel(**real.unet),
+                AutoencoderKL(**real.vae),
+                CLIPTextModel(CLIPTextConfig(**{k: v for k, v in real.text_encoder.items() if k != "architectures"})),
+            )
+        ]
     assert counts == [859_520_964, 83_653_863, 123_060_480]
     p = realshape.realshape_params(params, ROOT / "realshape", real)
     assert p.teacher.latent == "vae" and p.teacher.image_size == 512 and p.student.arch == "ViT-B-32-quickgelu"
@@ -71,7 +76,11 @@ def test_tokenizer_is_openai_clips_bpe(tmp_path):
 
     realshape.write_clip_tokenizer(tmp_path / "tokenizer")
     assert sorted(p.name for p in (tmp_path / "tokenizer").iterdir()) == [
-        "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]  # SD-1.5's files
+        "merges.txt",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]  # SD-1.5's files
     tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     assert len(tok) == 49408 and tok.model_max_length == 77
     captions = ["A red circle to the LEFT of a blue square.", "two dogs, playing frisbee!! on 3 beaches"]

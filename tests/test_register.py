@@ -9,8 +9,9 @@ from sdsclip.register import register_model
 
 
 def _metrics(path, group):
-    path.write_text(json.dumps({"n": 10, "text_score": 0.5, "image_score": 0.4, "group_score": group,
-                                "by_collapsed_tag": {}}))
+    path.write_text(
+        json.dumps({"n": 10, "text_score": 0.5, "image_score": 0.4, "group_score": group, "by_collapsed_tag": {}})
+    )
     return path
 
 

@@ -49,20 +49,41 @@ def server(tmp_path_factory):
         "[mlflow]\ndefault_permission = READ\n"
         f"database_uri = sqlite:///{root}/auth.db\nadmin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        "auth_cache_ttl_seconds = 300\n")  # else every request re-runs the PBKDF2 check: ~0.5 s each here
+        "auth_cache_ttl_seconds = 300\n"
+    )  # else every request re-runs the PBKDF2 check: ~0.5 s each here
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_AUTH_CONFIG_PATH=str(root / "auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORD,
-               MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
-               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no background job runners for a test server
+    env.update(
+        MLFLOW_AUTH_CONFIG_PATH=str(root / "auth.ini"),
+        MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORD,
+        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )  # no background job runners for a test server
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
-        [_mlflow_cli(), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts")],  # --serve-artifacts is the default
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)  # its own process group: the finalizer ends the server and its workers
+        [
+            _mlflow_cli(),
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],  # --serve-artifacts is the default
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # its own process group: the finalizer ends the server and its workers
 
     def stop():
         try:
@@ -87,8 +108,10 @@ def server(tmp_path_factory):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {STARTUP_DEADLINE_S} s:\n"
-                            f"{(root / 'server.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"mlflow server not healthy after {STARTUP_DEADLINE_S} s:\n"
+                    f"{(root / 'server.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield url, root
     finally:
@@ -113,14 +136,24 @@ def workdir(tmp_path, monkeypatch):
 def _params(tracking_uri: str, name: str):
     """The repo's params.yaml with only the registry section changed (one model/experiment per test)."""
     base = load_params(ROOT / "params.yaml")
-    registry = base.registry.model_copy(update={"tracking_uri": tracking_uri, "experiment": f"exp-{name}",
-                                                "model_name": f"sdsclip-{name}"})
+    registry = base.registry.model_copy(
+        update={"tracking_uri": tracking_uri, "experiment": f"exp-{name}", "model_name": f"sdsclip-{name}"}
+    )
     return base.model_copy(update={"registry": registry})
 
 
 def _metrics(path: Path, group: float) -> Path:
-    path.write_text(json.dumps({"n": 10, "text_score": 0.5, "image_score": 0.4, "group_score": group,
-                                "by_collapsed_tag": {"Object": {"group_score": group / 2}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "n": 10,
+                "text_score": 0.5,
+                "image_score": 0.4,
+                "group_score": group,
+                "by_collapsed_tag": {"Object": {"group_score": group / 2}},
+            }
+        )
+    )
     return path
 
 
@@ -177,7 +210,7 @@ def test_env_tracking_uri_from_the_secret_overrides_params(server, workdir, monk
     tmp, model = workdir
     local_db = tmp / "params-store.db"
     params = _params(f"sqlite:///{local_db}", "env")  # what params.yaml says: a local file
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)    # what the cluster's secret says: the server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # what the cluster's secret says: the server
     base = _metrics(tmp / "base.json", 0.30)
     result = register_model(params, model, _metrics(tmp / "a.json", 0.30), base, tmp / "r.json")
     assert result["tracking_uri"] == url and result["alias_moved"]  # equal passes (>=)
@@ -211,8 +244,7 @@ def test_password_in_the_uri_is_not_written_to_the_result(server, workdir, monke
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     with_creds = url.replace("http://", f"http://{ADMIN}:{PASSWORD}@")
     base = _metrics(tmp / "base.json", 0.30)
-    result = register_model(_params(with_creds, "uricreds"), model, _metrics(tmp / "a.json", 0.4), base,
-                            tmp / "r.json")
+    result = register_model(_params(with_creds, "uricreds"), model, _metrics(tmp / "a.json", 0.4), base, tmp / "r.json")
     assert result["version"] == 1
     assert PASSWORD not in (tmp / "r.json").read_text()
     assert result["tracking_uri"] == url.replace("http://", f"http://{ADMIN}:***@")
@@ -224,24 +256,29 @@ def test_unreachable_server_is_one_line_error(workdir, monkeypatch):
     host = f"127.0.0.1:{_free_port()}"  # nothing listens there
     base = _metrics(tmp / "base.json", 0.30)
     with pytest.raises(RegistryError) as err:
-        register_model(_params(f"http://ci:hunter2@{host}", "down"), model, _metrics(tmp / "a.json", 0.4), base,
-                       tmp / "r.json")
+        register_model(
+            _params(f"http://ci:hunter2@{host}", "down"), model, _metrics(tmp / "a.json", 0.4), base, tmp / "r.json"
+        )
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"MLflow at http://ci:***@{host}: cannot connect ([Errno ")
     assert "hunter2" not in message
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("{not json", "not valid JSON (line 1"),
-    ("[0.3]", "expected a JSON object"),
-    (json.dumps({"group_score": "high"}), "group_score must be a number"),
-    (json.dumps({"text_score": 0.3}), "registry.gate_metric: 'group_score' is not in"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("{not json", "not valid JSON (line 1"),
+        ("[0.3]", "expected a JSON object"),
+        (json.dumps({"group_score": "high"}), "group_score must be a number"),
+        (json.dumps({"text_score": 0.3}), "registry.gate_metric: 'group_score' is not in"),
+    ],
+)
 def test_bad_metrics_file_is_named_before_any_server_call(workdir, content, expected):
     tmp, model = workdir
     bad = tmp / "bad.json"
     bad.write_text(content)
     with pytest.raises(RegistryError, match="^" if expected.startswith("registry") else str(bad)) as err:
-        register_model(_params("http://127.0.0.1:9", "bad"), model, bad, _metrics(tmp / "base.json", 0.3),
-                       tmp / "r.json")
+        register_model(
+            _params("http://127.0.0.1:9", "bad"), model, bad, _metrics(tmp / "base.json", 0.3), tmp / "r.json"
+        )
     assert expected in str(err.value)

@@ -4,12 +4,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from eval_fixtures import HashScorer, tiny_world
 from PIL import Image
 
-from eval_fixtures import HashScorer, tiny_world
 from sdsclip.evaluate.aro import evaluate_aro
 from sdsclip.evaluate.report import MODELS, write_report
 from sdsclip.evaluate.sugarcrepe import derive_from_winoground, evaluate_sugarcrepe
@@ -53,8 +52,10 @@ def test_report_files_and_flat_metrics(metrics_dir, tmp_path):
     wino = json.loads((metrics_dir / "winoground_sds.json").read_text())
     assert flat["winoground.sds.group_score"] == wino["group_score"]
     assert flat["winoground.sds.collapsed_tag.Object.group_score"] == wino["by_collapsed_tag"]["Object"]["group_score"]
-    assert flat["winoground.teacher.num_main_preds.1.text_score"] == json.loads(
-        (metrics_dir / "winoground_teacher.json").read_text())["by_num_main_preds"]["1"]["text_score"]
+    assert (
+        flat["winoground.teacher.num_main_preds.1.text_score"]
+        == json.loads((metrics_dir / "winoground_teacher.json").read_text())["by_num_main_preds"]["1"]["text_score"]
+    )
     aro = json.loads((metrics_dir / "aro_baseline.json").read_text())
     assert flat["aro.baseline.vg_relation.macro_accuracy"] == aro["vg_relation"]["macro_accuracy"]
     assert flat["aro.baseline.coco_order.precision_at_1"] == aro["coco_order"]["precision_at_1"]
@@ -91,8 +92,14 @@ def test_missing_metrics_dir_is_a_clear_error(tmp_path):
 def test_dvc_metrics_diff_reads_one_row_per_number(metrics_dir, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
 
     def run(*args):
         proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import yaml
+from tiny_params import ROOT
 
 from sdsclip import science
 from sdsclip.config import ConfigError, params_from_dict
-from tiny_params import ROOT
 
 
 def _shipped(arms_only: bool = True) -> dict:
@@ -46,12 +46,19 @@ def test_science_profile_sets_an_experiment_and_paper_stays_train_only(tmp_path)
         params_from_dict(raw)
 
 
-ROWS = {"winoground": {"text_score": 0.5, "image_score": 0.4, "group_score": 0.3,
-                       "collapsed_tag.Object.group_score": 0.1, "collapsed_tag.Relation.group_score": 0.5,
-                       "collapsed_tag.Object.text_score": 0.2, "collapsed_tag.Relation.text_score": 0.6},
-        "aro": {"vg_relation.macro_accuracy": 0.5, "vg_attribution.macro_accuracy": 0.7,
-                "coco_order.precision_at_1": 0.3},
-        "zeroshot": {"acc1": 0.9}}
+ROWS = {
+    "winoground": {
+        "text_score": 0.5,
+        "image_score": 0.4,
+        "group_score": 0.3,
+        "collapsed_tag.Object.group_score": 0.1,
+        "collapsed_tag.Relation.group_score": 0.5,
+        "collapsed_tag.Object.text_score": 0.2,
+        "collapsed_tag.Relation.text_score": 0.6,
+    },
+    "aro": {"vg_relation.macro_accuracy": 0.5, "vg_attribution.macro_accuracy": 0.7, "coco_order.precision_at_1": 0.3},
+    "zeroshot": {"acc1": 0.9},
+}
 
 
 @pytest.fixture
@@ -64,6 +71,7 @@ def fake_stages(monkeypatch):
         def run(params, *args, **kw):
             calls.append(name)
             return {"ok": name}
+
         return run
 
     for name in ("synth", "ingest", "validate", "pretrain_student", "pretrain_teacher"):
@@ -73,8 +81,13 @@ def fake_stages(monkeypatch):
         calls.append(f"train:{params.seed}:{params.train.lambda_sds}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "lam").write_text(str(params.train.lambda_sds))
-        return {"seconds": 1.0, "seconds_per_step": 0.5 if control else 2.0, "steps": 2, "loss_clip": 1.0,
-                "loss_sds": 0.0}
+        return {
+            "seconds": 1.0,
+            "seconds_per_step": 0.5 if control else 2.0,
+            "steps": 2,
+            "loss_clip": 1.0,
+            "loss_sds": 0.0,
+        }
 
     def evaluate(params, model, out, holdout=None, oracle_train=None):
         calls.append(f"eval:{model.name}")
@@ -94,19 +107,38 @@ def fake_stages(monkeypatch):
     monkeypatch.setattr(stages, "train", train)
     monkeypatch.setattr(headroom, "oracle_finetune", oracle)
     monkeypatch.setattr(science, "evaluate_student", evaluate)
+
     def binding(params, ref, data, items=None, threshold=None):
         calls.append("diagnose")
-        return {"text_score": 0.6, "image_score": 0.1, "group_score": 0.1, "swap_effect": 1e-3,
-                "swap_effect_sem": 1e-4, "caption_effect": 1e-2, "swap_to_caption_ratio": 0.1,
-                "threshold_text_score": 0.5, "passed": True, "n": 10, "by_tag": {}}
+        return {
+            "text_score": 0.6,
+            "image_score": 0.1,
+            "group_score": 0.1,
+            "swap_effect": 1e-3,
+            "swap_effect_sem": 1e-4,
+            "caption_effect": 1e-2,
+            "swap_to_caption_ratio": 0.1,
+            "threshold_text_score": 0.5,
+            "passed": True,
+            "n": 10,
+            "by_tag": {},
+        }
 
     monkeypatch.setattr(diagnose, "teacher_binding", binding)
 
     def shortcut(params, ref, data, items=None):
         calls.append("shortcut")
-        return {"images": 4, "error_true_latent": 0.2, "error_swapped_caption": 0.21, "error_blank_canvas": 0.1,
-                "error_mean_latent": 0.2, "blank_beats_true_fraction": 1.0, "latent_mean": -0.9, "latent_std": 0.3,
-                "blank_latent_mean": -1.0}
+        return {
+            "images": 4,
+            "error_true_latent": 0.2,
+            "error_swapped_caption": 0.21,
+            "error_blank_canvas": 0.1,
+            "error_mean_latent": 0.2,
+            "blank_beats_true_fraction": 1.0,
+            "latent_mean": -0.9,
+            "latent_std": 0.3,
+            "blank_latent_mean": -1.0,
+        }
 
     monkeypatch.setattr(diagnose, "sds_shortcut", shortcut)
     return calls
@@ -163,8 +195,9 @@ def test_cli_science_applies_the_profile_and_reports_bad_params_in_one_line(tmp_
     raw = _shipped()
     raw["science"] = {**raw["science"], "seeds": [0], "lambdas": [1.0]}
     params_file.write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(app, ["science", "--params", str(params_file), "--workdir", str(tmp_path / "w"),
-                                      "--profile", "-"])
+    result = CliRunner().invoke(
+        app, ["science", "--params", str(params_file), "--workdir", str(tmp_path / "w"), "--profile", "-"]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "w" / "report" / "science.md").is_file()
     assert sorted(c for c in fake_stages if c.startswith("train:")) == ["train:0:0.0", "train:0:1.0"]
@@ -187,8 +220,13 @@ def test_full_experiment_runs_probes_the_ladder_and_the_plain_students_premise(t
     monkeypatch.setattr(stages, "train", train)
     raw = _shipped(arms_only=False)
     raw["student"]["text_order_steps"] = 5
-    raw["science"] = {**raw["science"], "seeds": [0, 1], "lambdas": [1.0], "sds_gradients": ["full"],
-                      "probe_lambda": 2.0}
+    raw["science"] = {
+        **raw["science"],
+        "seeds": [0, 1],
+        "lambdas": [1.0],
+        "sds_gradients": ["full"],
+        "probe_lambda": 2.0,
+    }
     logged = []
     summary = science.run_science(params_from_dict(raw), tmp_path / "sci", log=logged.append)
     steps = raw["train"]["steps"]
@@ -198,19 +236,34 @@ def test_full_experiment_runs_probes_the_ladder_and_the_plain_students_premise(t
         + [(s, 1.0, "image_layernorms", 0, d["t_min"], d["t_max"]) for s in (0, 1)]
         + [(s, 2.0, "sigma_only", 0, d["t_min"], d["t_max"]) for s in (0, 1)]
         + [(s, 2.0, "image_layernorms", steps // 4, d["t_min"], d["t_max"]) for s in (0, 1)]
-        + [(s, 2.0, "image_tower", 0, d["t_min"], d["t_max"]) for s in (0, 1)])
+        + [(s, 2.0, "image_tower", 0, d["t_min"], d["t_max"]) for s in (0, 1)]
+    )
     assert any("probe best_t skipped" in line for line in logged)  # the fake diagnostic has no per-t rows
     oracles = sorted(c for c in fake_stages if c.startswith("oracle:"))
-    assert oracles == sorted(f"oracle:{s}:{r}:{d}" for s in (0, 1) for r in ("image_layernorms", "image_tower",
-                                                                              "both_towers")
-                             for d in ("student_pretrained", "student_pretrained_text_order"))
-    assert set(summary["arms"]) == {"control", "sds_lambda_1", "probe_sigma_only_lambda_2",
-                                    "probe_sigma_first_lambda_2", "probe_image_tower_lambda_2",
-                                    "oracle_a_image_layernorms", "oracle_b_image_tower", "negclip_c_both_towers"}
+    assert oracles == sorted(
+        f"oracle:{s}:{r}:{d}"
+        for s in (0, 1)
+        for r in ("image_layernorms", "image_tower", "both_towers")
+        for d in ("student_pretrained", "student_pretrained_text_order")
+    )
+    assert set(summary["arms"]) == {
+        "control",
+        "sds_lambda_1",
+        "probe_sigma_only_lambda_2",
+        "probe_sigma_first_lambda_2",
+        "probe_image_tower_lambda_2",
+        "oracle_a_image_layernorms",
+        "oracle_b_image_tower",
+        "negclip_c_both_towers",
+    }
     obj = "Wino group: object swap"
     assert summary["arms"]["oracle_a_image_layernorms"]["subsets"][obj]["mean"] == pytest.approx(0.1 + 0.3 + 0.0005)
-    assert set(summary["plain_student"]["arms"]) == {"control", "oracle_a_image_layernorms", "oracle_b_image_tower",
-                                                     "negclip_c_both_towers"}
+    assert set(summary["plain_student"]["arms"]) == {
+        "control",
+        "oracle_a_image_layernorms",
+        "oracle_b_image_tower",
+        "negclip_c_both_towers",
+    }
     md = (tmp_path / "sci" / "report" / "science.md").read_text()
     assert "**0.1000 for a blank canvas** (lower on 100% of the images)" in md
     assert "## The plain student" in md and "| probe_sigma_only_lambda_2 (λ=2, trainable=sigma_only) |" in md
@@ -221,8 +274,10 @@ def test_full_experiment_runs_probes_the_ladder_and_the_plain_students_premise(t
 
 
 def test_best_t_window_is_where_the_teacher_binds_object_order_best():
-    rows = [{"t": t, "swap_effect": 0.0, "by_tag": {"Object-Swap": {"text_score": s}}}
-            for t, s in ((100, 0.5), (300, 0.9), (500, 0.8), (700, 0.85), (900, 0.2))]
+    rows = [
+        {"t": t, "swap_effect": 0.0, "by_tag": {"Object-Swap": {"text_score": s}}}
+        for t, s in ((100, 0.5), (300, 0.9), (500, 0.8), (700, 0.85), (900, 0.2))
+    ]
     assert science.best_binding_t_window({"by_t": rows}) == {"t_min": 300, "t_max": 701}
     assert science.best_binding_t_window({}) is None
 
@@ -233,8 +288,9 @@ def test_paired_bootstrap_interval_covers_the_effect_and_excludes_zero_only_when
     ctrl = {"tag": tags, "text": [0] * n, "image": [0] * n, "group": [0] * n}
     wins = [1 if (i % 2 == 0 and i < 24) else 0 for i in range(n)]  # 12 of 30 object swaps
     arm = {"tag": tags, "text": wins, "image": [0] * n, "group": wins}
-    out = science.paired_bootstrap({0: {"world": arm}, 1: {"world": arm}}, {0: {"world": ctrl}, 1: {"world": ctrl}},
-                                   samples=500)
+    out = science.paired_bootstrap(
+        {0: {"world": arm}, 1: {"world": arm}}, {0: {"world": ctrl}, 1: {"world": ctrl}}, samples=500
+    )
     row = out["object swap group"]
     assert row["mean"] == pytest.approx(0.4) and 0 < row["lo"] < 0.4 < row["hi"] and row["items"] == 30
     assert out["object swap image"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "items": 30, "seeds": 2}

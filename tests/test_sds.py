@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from open_clip.loss import ClipLoss
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 
 from sdsclip.config import Params
 from sdsclip.models.student import build_student, image_tower_layernorms
@@ -43,8 +43,9 @@ def test_only_layernorms_and_sigma_get_gradients(models):
     trainable = select_trainable(student.model, sigma)
     images, tokens, cond = _batch(student, teacher)
     student.model.zero_grad(set_to_none=True)
-    terms = sds_clip_loss(student.model, sigma, teacher, images, tokens, cond, 1.0, 20, 980, 2,
-                          torch.Generator().manual_seed(0))
+    terms = sds_clip_loss(
+        student.model, sigma, teacher, images, tokens, cond, 1.0, 20, 980, 2, torch.Generator().manual_seed(0)
+    )
     terms.total.backward()
 
     ln_params = {id(p) for ln in image_tower_layernorms(student.model) for p in ln.parameters()}
@@ -110,9 +111,11 @@ def test_lambda_scales_only_the_sds_term(models):
     sigma = LatentProjection(student.embed_dim, teacher.latent_shape)
     images, tokens, cond = _batch(student, teacher)
     with torch.no_grad():
-        one = sds_clip_loss(student.model, sigma, teacher, images, tokens, cond, 1.0, 20, 980, 1,
-                            torch.Generator().manual_seed(5))
-        ten = sds_clip_loss(student.model, sigma, teacher, images, tokens, cond, 10.0, 20, 980, 1,
-                            torch.Generator().manual_seed(5))
+        one = sds_clip_loss(
+            student.model, sigma, teacher, images, tokens, cond, 1.0, 20, 980, 1, torch.Generator().manual_seed(5)
+        )
+        ten = sds_clip_loss(
+            student.model, sigma, teacher, images, tokens, cond, 10.0, 20, 980, 1, torch.Generator().manual_seed(5)
+        )
     assert torch.allclose(one.sds, ten.sds)
     assert torch.allclose(ten.total - ten.clip, 10 * (one.total - one.clip), rtol=1e-5)

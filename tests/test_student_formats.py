@@ -13,6 +13,8 @@ import open_clip
 import pytest
 import torch
 import yaml
+from tiny_params import tiny_params
+from train_helpers import make_dataset, make_models, train_params, write_params
 from typer.testing import CliRunner
 
 from sdsclip.cli import app
@@ -25,24 +27,30 @@ from sdsclip.models.student import (
 )
 from sdsclip.sds import LatentProjection, select_trainable
 from sdsclip.weights import WeightFileError
-from tiny_params import tiny_params
-from train_helpers import make_dataset, make_models, train_params, write_params
 
-TINY_VIT = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},  # head_width 64: 1 head
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}}
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},  # head_width 64: 1 head
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
+}
 # RN50's config (ModifiedResNet image tower: BatchNorms, no LayerNorm) with small widths and depths.
-TINY_RN = {**open_clip.get_model_config("RN50"), "embed_dim": 32,
-           "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_RN = {
+    **open_clip.get_model_config("RN50"),
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def fixture_archs(tmp_path_factory):
     """Tiny configs registered with open_clip: a GELU ViT, its -quickgelu variant, a ResNet."""
     root = tmp_path_factory.mktemp("archs")
-    for name, cfg in {"fx-vit": TINY_VIT, "fx-vit-quickgelu": {**TINY_VIT, "quick_gelu": True},
-                      "fx-rn": TINY_RN}.items():
+    for name, cfg in {
+        "fx-vit": TINY_VIT,
+        "fx-vit-quickgelu": {**TINY_VIT, "quick_gelu": True},
+        "fx-rn": TINY_RN,
+    }.items():
         (root / f"{name}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(root)
 
@@ -53,7 +61,7 @@ def _inputs(context: int = 16, n: int = 3, side: int = 32):
     tokens = torch.randint(1, 49000, (n, context), generator=g)
     for i in range(n):  # EOT (the largest id) at a different position per row, zero padding after it
         tokens[i, 4 + i] = 49407
-        tokens[i, 5 + i:] = 0
+        tokens[i, 5 + i :] = 0
     return images, tokens
 
 
@@ -71,8 +79,9 @@ def _openai_torchscript(path: Path) -> torch.jit.ScriptModule:
     model = open_clip.create_model("fx-vit-quickgelu").eval()
     images = torch.ones(2, 3, 32, 32)
     text = torch.zeros(2, 16, dtype=torch.int)
-    traced = torch.jit.trace_module(model, inputs={"forward": (images, text), "encode_text": (text,),
-                                                   "encode_image": (images,)})
+    traced = torch.jit.trace_module(
+        model, inputs={"forward": (images, text), "encode_text": (text,), "encode_image": (images,)}
+    )
     torch.jit.save(traced, str(path))
     return traced
 
@@ -130,8 +139,11 @@ def test_open_clip_state_dicts_still_load_and_unreadable_files_say_so(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all\n" * 40)
     (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "s" / "model.safetensors").read_bytes()[:5000])
-    for bad, reason in (("garbage.pt", "unreadable"), ("truncated.pt", "unreadable"),
-                        ("truncated.safetensors", "corrupt or truncated")):
+    for bad, reason in (
+        ("garbage.pt", "unreadable"),
+        ("truncated.pt", "unreadable"),
+        ("truncated.safetensors", "corrupt or truncated"),
+    ):
         with pytest.raises(WeightFileError, match=reason) as err:
             build_student("fx-vit", tmp_path / bad)
         assert "does not fit" not in str(err.value) and "\n" not in str(err.value)
@@ -158,23 +170,43 @@ def _clip_bpe_tokenizer(out: Path):
     simple = SimpleTokenizer()
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # OpenAI's spelling
     (out / "vocab.json").write_text(json.dumps({names.get(k, k): v for k, v in simple.encoder.items()}))
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1: 49152 - 256 - 2 + 1]
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), pad_token="<|endoftext|>")
 
 
-def _hf_clip_dir(root: Path, eos_token_id: int, vocab_size: int = 49408, tokenizer: bool = False,
-                 act: str = "quick_gelu") -> Path:
+def _hf_clip_dir(
+    root: Path, eos_token_id: int, vocab_size: int = 49408, tokenizer: bool = False, act: str = "quick_gelu"
+) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 80, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "max_position_embeddings": 12, "eos_token_id": eos_token_id,
-                     "bos_token_id": 0, "pad_token_id": 1, "hidden_act": act, "layer_norm_eps": 1e-6},
-        vision_config={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "image_size": 32, "patch_size": 8, "hidden_act": act},
-        projection_dim=24, logit_scale_init_value=2.0)
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 80,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 12,
+            "eos_token_id": eos_token_id,
+            "bos_token_id": 0,
+            "pad_token_id": 1,
+            "hidden_act": act,
+            "layer_norm_eps": 1e-6,
+        },
+        vision_config={
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_act": act,
+        },
+        projection_dim=24,
+        logit_scale_init_value=2.0,
+    )
     model = CLIPModel(cfg).eval()
     with torch.no_grad():  # random, non-trivial LayerNorms and logit scale, so a mis-mapped tensor shows
         for name, p in model.named_parameters():
@@ -201,7 +233,7 @@ def test_hf_clipmodel_dir_converts_to_open_clip_and_matches_transformers(case, t
     ids = torch.randint(4, 49000, (3, 12), generator=g)
     for i in range(3):
         ids[i, 3 + 2 * i] = 49407 if legacy else 3
-        ids[i, 4 + 2 * i:] = 0
+        ids[i, 4 + 2 * i :] = 0
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=pixels)
 
@@ -248,8 +280,11 @@ def test_hf_dir_errors_are_one_line(tmp_path):
     with pytest.raises(WeightFileError, match="model.safetensors: corrupt or truncated"):
         build_student("x", broken)
     # A registered open_clip name must describe the converted model; the fixture's is another one.
-    with pytest.raises(StudentLoadError, match=r"student\.arch 'fx-vit' is a registered open_clip architecture "
-                                               r"that is not this CLIPModel \(embed_dim 32 vs 24"):
+    with pytest.raises(
+        StudentLoadError,
+        match=r"student\.arch 'fx-vit' is a registered open_clip architecture "
+        r"that is not this CLIPModel \(embed_dim 32 vs 24",
+    ):
         build_student("fx-vit", broken)
     (tmp_path / "empty").mkdir()
     with pytest.raises(StudentLoadError, match="not a Hugging Face CLIPModel"):
@@ -283,14 +318,36 @@ def train_world(tmp_path_factory):
     student, teacher = make_models(root)
     torch.manual_seed(0)
     rn = save_student(build_student("fx-rn"), root / "rn-student")
-    return {"root": root, "shards": root / "shards_root", "validated": root / "validated", "student": student,
-            "rn": rn, "teacher": teacher}
+    return {
+        "root": root,
+        "shards": root / "shards_root",
+        "validated": root / "validated",
+        "student": student,
+        "rn": rn,
+        "teacher": teacher,
+    }
 
 
 def _train(w, student: Path, out: Path, params: Path, *extra: str):
-    return CliRunner().invoke(app, ["train", "--student", str(student), "--teacher", str(w["teacher"]), "--shards",
-                                    str(w["shards"]), "--validated", str(w["validated"]), "--out", str(out),
-                                    "--params", str(params), *extra])
+    return CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--student",
+            str(student),
+            "--teacher",
+            str(w["teacher"]),
+            "--shards",
+            str(w["shards"]),
+            "--validated",
+            str(w["validated"]),
+            "--out",
+            str(out),
+            "--params",
+            str(params),
+            *extra,
+        ],
+    )
 
 
 def test_resnet_student_is_refused_unless_another_trainable_set_is_chosen(train_world, tmp_path):
@@ -311,8 +368,12 @@ def test_resnet_student_is_refused_unless_another_trainable_set_is_chosen(train_
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     model = build_student("fx-rn").model
-    bn = {f"visual.{n}.{p}" for n, m in model.visual.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
-          for p in ("weight", "bias")}
+    bn = {
+        f"visual.{n}.{p}"
+        for n, m in model.visual.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for p in ("weight", "bias")
+    }
     assert changed and changed <= bn, sorted(changed - bn)[:5]  # BatchNorm affine params only, stats untouched
 
 
@@ -336,9 +397,23 @@ def test_broken_student_weight_file_is_one_line_exit_2(broken, train_world, tmp_
     _truncate(student / broken)
     params = tmp_path / "eval.yaml"
     params.write_text(yaml.safe_dump(tiny_params()))
-    runs = {"evaluate": CliRunner().invoke(app, ["evaluate", "winoground", "--data", str(tmp_path / "wino"),
-                                                 "--model", str(student), "--out", str(tmp_path / "m.json"),
-                                                 "--params", str(params)])}
+    runs = {
+        "evaluate": CliRunner().invoke(
+            app,
+            [
+                "evaluate",
+                "winoground",
+                "--data",
+                str(tmp_path / "wino"),
+                "--model",
+                str(student),
+                "--out",
+                str(tmp_path / "m.json"),
+                "--params",
+                str(params),
+            ],
+        )
+    }
     train_p = write_params(tmp_path / "t.yaml", train_params(tmp_path, steps=2, batch_size=4))
     runs["train"] = _train(w, student, tmp_path / "out", train_p)
     for name, result in runs.items():

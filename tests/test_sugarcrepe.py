@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_fixtures import ConstantScorer, HashScorer, hash_score, tiny_world
 from PIL import Image
 
-from eval_fixtures import ConstantScorer, HashScorer, hash_score, tiny_world
 from sdsclip.evaluate.sugarcrepe import (
     SugarCrepeDataError,
     derive_from_winoground,
@@ -131,16 +131,42 @@ def test_matches_clip_benchmark_image_caption_selection(sugarcrepe, tmp_path):
     student = build_student("sdsclip-tiny-vit")
     ckpt_dir = save_student(student, tmp_path / "student")
     ckpt = ckpt_dir / "model.safetensors"
-    ours = evaluate_sugarcrepe(StudentScorer(build_student("sdsclip-tiny-vit", ckpt)), root, tmp_path / "ours.json",
-                               scores_out=tmp_path / "ours.jsonl")
+    ours = evaluate_sugarcrepe(
+        StudentScorer(build_student("sdsclip-tiny-vit", ckpt)),
+        root,
+        tmp_path / "ours.json",
+        scores_out=tmp_path / "ours.jsonl",
+    )
     subsets = sorted(counts)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-c", CLIP_BENCHMARK, "eval", "--dataset", *[f"sugar_crepe/{s}" for s in subsets],
-         "--task", "image_caption_selection", "--model", "sdsclip-tiny-vit", "--pretrained", str(ckpt),
-         "--dataset_root", str(root), "--output", str(tmp_path / "cb_{dataset}.json"), "--num_workers", "0",
-         "--batch_size", "16"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            CLIP_BENCHMARK,
+            "eval",
+            "--dataset",
+            *[f"sugar_crepe/{s}" for s in subsets],
+            "--task",
+            "image_caption_selection",
+            "--model",
+            "sdsclip-tiny-vit",
+            "--pretrained",
+            str(ckpt),
+            "--dataset_root",
+            str(root),
+            "--output",
+            str(tmp_path / "cb_{dataset}.json"),
+            "--num_workers",
+            "0",
+            "--batch_size",
+            "16",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = [json.loads(x) for x in (tmp_path / "ours.jsonl").read_text().splitlines()]
@@ -164,14 +190,43 @@ def test_teacher_as_matcher_shared_draws_and_batching(sugarcrepe, tmp_path):
 
     root, _ = sugarcrepe
     torch.manual_seed(0)
-    teacher = build_tiny_teacher(TeacherConfig(), ["a", "red", "green", "blue", "yellow", "circle", "square",
-                                                   "triangle", "to", "the", "left", "right", "of", "above", "below"])
-    m = evaluate_sugarcrepe(TeacherScorer(teacher, draws=2, t_min=100, t_max=900, batch_size=5), root,
-                            tmp_path / "t.json", subsets=["swap_att", "replace_rel"], max_items=4)
+    teacher = build_tiny_teacher(
+        TeacherConfig(),
+        [
+            "a",
+            "red",
+            "green",
+            "blue",
+            "yellow",
+            "circle",
+            "square",
+            "triangle",
+            "to",
+            "the",
+            "left",
+            "right",
+            "of",
+            "above",
+            "below",
+        ],
+    )
+    m = evaluate_sugarcrepe(
+        TeacherScorer(teacher, draws=2, t_min=100, t_max=900, batch_size=5),
+        root,
+        tmp_path / "t.json",
+        subsets=["swap_att", "replace_rel"],
+        max_items=4,
+    )
     assert {k: v["n"] for k, v in m["subsets"].items()} == {"swap_att": 4, "replace_rel": 4}
     data = json.loads((root / "swap_att.json").read_text())
-    items = [OptionItem(r["filename"], lambda f=r["filename"]: Image.open(root / "val2017" / f).convert("RGB"),
-                        (r["caption"], r["negative_caption"])) for r in list(data.values())[:4]]
+    items = [
+        OptionItem(
+            r["filename"],
+            lambda f=r["filename"]: Image.open(root / "val2017" / f).convert("RGB"),
+            (r["caption"], r["negative_caption"]),
+        )
+        for r in list(data.values())[:4]
+    ]
     one = score_options(TeacherScorer(teacher, 2, 100, 900, batch_size=3), items, chunk_items=1)
     all_ = score_options(TeacherScorer(teacher, 2, 100, 900, batch_size=64), items)
     assert torch.allclose(one, all_, atol=1e-5) and (one < 0).all()  # negative errors

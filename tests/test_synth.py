@@ -36,7 +36,12 @@ from sdsclip.synth import (
 # Contract constants, restated on purpose (not imported) so a drift in the module fails the tests.
 NOMINAL_RGB = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (50, 90, 235), "yellow": (235, 220, 40)}
 MAX_JITTER = 20
-CONVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+CONVERSE = {
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
 
 SEED = 7
 SMALL_WORLD = WorldConfig(
@@ -242,7 +247,14 @@ def test_coco_format(world_dir: Path) -> None:
         assert len(coco["images"]) == expected
         for record in coco["images"]:
             assert set(record) == {
-                "id", "width", "height", "file_name", "license", "flickr_url", "coco_url", "date_captured"
+                "id",
+                "width",
+                "height",
+                "file_name",
+                "license",
+                "flickr_url",
+                "coco_url",
+                "date_captured",
             }
             assert isinstance(record["id"], int) and record["id"] not in image_ids
             image_ids.add(record["id"])
@@ -312,7 +324,14 @@ def test_winoground(world_dir: Path) -> None:
     for line in lines:
         item = json.loads(line)
         assert set(item) == {
-            "id", "caption_0", "caption_1", "image_0", "image_1", "tag", "secondary_tag", "num_main_preds",
+            "id",
+            "caption_0",
+            "caption_1",
+            "image_0",
+            "image_1",
+            "tag",
+            "secondary_tag",
+            "num_main_preds",
             "collapsed_tag",
         }
         assert isinstance(item["id"], int) and isinstance(item["num_main_preds"], int)
@@ -354,7 +373,12 @@ def _check_bbox(record: dict, canvas: int) -> None:
 def _aro_objects(world_dir: Path, record: dict, key: str = "image_path") -> list[Detected]:
     image = Image.open(world_dir / "aro" / "images" / record[key])
     if "bbox_x" in record:  # score what ARO's loader sees: the crop to the box
-        box = (record["bbox_x"], record["bbox_y"], record["bbox_x"] + record["bbox_w"], record["bbox_y"] + record["bbox_h"])
+        box = (
+            record["bbox_x"],
+            record["bbox_y"],
+            record["bbox_x"] + record["bbox_w"],
+            record["bbox_y"] + record["bbox_h"],
+        )
         assert image.crop(box).size == image.size  # whole canvas, see synth._whole_canvas_bbox
     objects = detect(image)
     check_scene_geometry(objects, 32)
@@ -366,7 +390,14 @@ def test_aro_relation(world_dir: Path) -> None:
     assert len(records) == SMALL_WORLD.aro_relation_items
     for record in records:
         assert set(record) == {
-            "image_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "relation_name", "true_caption", "false_caption"
+            "image_path",
+            "bbox_x",
+            "bbox_y",
+            "bbox_w",
+            "bbox_h",
+            "relation_name",
+            "true_caption",
+            "false_caption",
         }
         _check_bbox(record, 32)
         assert record["relation_name"] in RELATIONS
@@ -384,7 +415,14 @@ def test_aro_attribution(world_dir: Path) -> None:
     assert len(records) == SMALL_WORLD.aro_attribution_items
     for record in records:
         assert set(record) == {
-            "image_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "attributes", "true_caption", "false_caption"
+            "image_path",
+            "bbox_x",
+            "bbox_y",
+            "bbox_w",
+            "bbox_h",
+            "attributes",
+            "true_caption",
+            "false_caption",
         }
         _check_bbox(record, 32)
         true_m = DEFINITE_CONJUNCTIVE_RE.match(record["true_caption"])
@@ -456,8 +494,15 @@ def test_world_json_and_counts(world_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 TINY_WORLD = WorldConfig(
-    image_size=32, pretrain_images=6, train_images=4, winoground_items=2, aro_relation_items=2,
-    aro_attribution_items=2, coco_order_images=2, zeroshot_per_class=1, single_object_fraction=0.5,
+    image_size=32,
+    pretrain_images=6,
+    train_images=4,
+    winoground_items=2,
+    aro_relation_items=2,
+    aro_attribution_items=2,
+    coco_order_images=2,
+    zeroshot_per_class=1,
+    single_object_fraction=0.5,
 )
 
 

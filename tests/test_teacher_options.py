@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import TINY_TEACHER, vocabulary
 
 from sdsclip.config import ConfigError, TeacherConfig, params_from_dict
 from sdsclip.models.teacher import build_tiny_teacher, load_teacher, save_teacher
-from train_helpers import TINY_TEACHER, vocabulary
 
 
 def _tiny(**tiny) -> TeacherConfig:
@@ -16,8 +16,9 @@ def _tiny(**tiny) -> TeacherConfig:
 
 def test_unshuffle_factor_and_pooled_conditioning_survive_save_and_load(tmp_path):
     torch.manual_seed(0)
-    teacher = build_tiny_teacher(_tiny(unshuffle_factor=4, pooled_conditioning=True, position_embedding_std=0.5),
-                                 vocabulary()).freeze()
+    teacher = build_tiny_teacher(
+        _tiny(unshuffle_factor=4, pooled_conditioning=True, position_embedding_std=0.5), vocabulary()
+    ).freeze()
     assert teacher.latent_shape == (48, 8, 8)
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     z = teacher.encode_images(pixels)
@@ -74,7 +75,9 @@ def test_hard_negative_captions_swap_words_not_the_bag():
     cap = "a red circle to the left of a blue square"
     assert hard_negative_caption(cap, object_swap=True) == "a blue square to the left of a red circle"
     assert hard_negative_caption(cap, object_swap=False) == "a blue circle to the left of a red square"
-    assert hard_negative_caption("a red circle and a blue square", object_swap=False) == "a blue circle and a red square"
+    assert (
+        hard_negative_caption("a red circle and a blue square", object_swap=False) == "a blue circle and a red square"
+    )
     # no negative: a conjunction's object swap is the same scene; equal colours swap to the same caption
     assert hard_negative_caption("a red circle and a blue square", object_swap=True) is None
     assert hard_negative_caption("a red circle below a red square", object_swap=False) is None
@@ -89,17 +92,25 @@ def test_hard_negative_ranking_loss_only_when_asked():
     from sdsclip.train import teacher_pretrain_loss
 
     images = torch.rand(4, 3, 32, 32)
-    captions = ["a red circle to the left of a blue square", "a green square above a yellow triangle",
-                "a red circle", "a blue circle and a blue square"]
-    plain_cfg, hard_cfg = _tiny(), TeacherConfig(**{**_tiny().model_dump(), "hard_negative_weight": 1.0,
-                                                    "caption_dropout": 0.0})
+    captions = [
+        "a red circle to the left of a blue square",
+        "a green square above a yellow triangle",
+        "a red circle",
+        "a blue circle and a blue square",
+    ]
+    plain_cfg, hard_cfg = (
+        _tiny(),
+        TeacherConfig(**{**_tiny().model_dump(), "hard_negative_weight": 1.0, "caption_dropout": 0.0}),
+    )
     torch.manual_seed(0)
     teacher = build_tiny_teacher(plain_cfg, vocabulary())
-    plain, parts = teacher_pretrain_loss(teacher, plain_cfg, images, captions, (0, 1000),
-                                         torch.Generator().manual_seed(0))
+    plain, parts = teacher_pretrain_loss(
+        teacher, plain_cfg, images, captions, (0, 1000), torch.Generator().manual_seed(0)
+    )
     assert set(parts) == {"loss_denoise"} and plain.item() == pytest.approx(parts["loss_denoise"])
-    loss, parts = teacher_pretrain_loss(teacher, hard_cfg, images, captions, (0, 1000),
-                                        torch.Generator().manual_seed(0))
+    loss, parts = teacher_pretrain_loss(
+        teacher, hard_cfg, images, captions, (0, 1000), torch.Generator().manual_seed(0)
+    )
     assert {"loss_denoise", "loss_hard_negative", "hard_negative_order_correct"} <= set(parts)
     assert parts["loss_hard_negative"] >= 0
     assert loss.item() == pytest.approx(parts["loss_denoise"] + parts["loss_hard_negative"], rel=1e-5)
@@ -157,16 +168,19 @@ def test_coordinate_channels_reach_the_unet_but_not_sigma(tmp_path):
     loaded = load_teacher(out)
     assert loaded.coord_channels == 2
     with torch.no_grad():
-        assert torch.allclose(err, loaded.epsilon_error(z, loaded.encode_text(["a red circle to the left of a blue "
-                                                                              "square"] * 2), t, noise))
+        assert torch.allclose(
+            err,
+            loaded.epsilon_error(z, loaded.encode_text(["a red circle to the left of a blue square"] * 2), t, noise),
+        )
 
 
 def test_caption_map_gives_each_position_its_own_caption_weights(tmp_path):
     """caption_map_channels: the caption's pooled state becomes k maps beside x_t; it is trained with the teacher
     (trainable_modules), frozen with it, and survives save/load; a broken caption_map dir is a one-line error."""
     torch.manual_seed(0)
-    teacher = build_tiny_teacher(_tiny(caption_map_channels=3, pooled_conditioning=True,
-                                       resnet_time_scale_shift="scale_shift"), vocabulary())
+    teacher = build_tiny_teacher(
+        _tiny(caption_map_channels=3, pooled_conditioning=True, resnet_time_scale_shift="scale_shift"), vocabulary()
+    )
     assert teacher.unet.config.in_channels == 12 + 3 and teacher.latent_shape == (12, 16, 16)
     assert teacher.unet.config.resnet_time_scale_shift == "scale_shift"
     assert set(teacher.trainable_modules()) == {"unet", "text_encoder", "caption_map"}
@@ -211,15 +225,20 @@ def test_high_noise_share_and_hard_negative_selection():
     with pytest.raises(ConfigError, match=r"pretrain_high_t_min \(1000\) must be in"):
         params_from_dict({"teacher": {"pretrain_high_t_share": 0.5, "pretrain_high_t_min": 1000}})
 
-    captions = ["a red circle to the left of a blue square", "a green square above a yellow triangle",
-                "a red circle and a blue square", "a red circle"]
+    captions = [
+        "a red circle to the left of a blue square",
+        "a green square above a yellow triangle",
+        "a red circle and a blue square",
+        "a red circle",
+    ]
     hard = {**base, "hard_negative_weight": 1.0, "caption_dropout": 0.0}
     rows = {}
     for swap, t_min in (("both", 0), ("object", 0), ("object", 1000)):
         cfg = TeacherConfig(**{**hard, "hard_negative_swap": swap, "hard_negative_t_min": t_min})
         with torch.no_grad():
-            _, parts = teacher_pretrain_loss(teacher, cfg, images[:4], captions, (0, 1000),
-                                             torch.Generator().manual_seed(0))
+            _, parts = teacher_pretrain_loss(
+                teacher, cfg, images[:4], captions, (0, 1000), torch.Generator().manual_seed(0)
+            )
         rows[(swap, t_min)] = parts["hard_negative_rows"]
     # both: the conjunction has a colour swap too; object: relational captions only; t_min 1000: no row qualifies
     assert rows == {("both", 0): 3.0, ("object", 0): 2.0, ("object", 1000): 0.0}

@@ -13,21 +13,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import make_dataset, make_models, train_params, write_params
 from typer.testing import CliRunner
 
 from sdsclip.config import params_from_dict
-from sdsclip.models.teacher import (TeacherLoadError, TextConditioningCache, check_t_range, load_teacher,
-                                    teacher_files)
-from train_helpers import make_dataset, make_models, train_params, write_params
+from sdsclip.models.teacher import TeacherLoadError, TextConditioningCache, check_t_range, load_teacher, teacher_files
 
-LOADED = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-          "text_encoder/config.json", "text_encoder/model.safetensors", "vae/config.json",
-          "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
-          "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
-          "tokenizer/tokenizer_config.json"}
-JUNK = ("unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
-        "text_encoder/pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.safetensors",
-        "v1-5-pruned-emaonly.ckpt", "safety_checker/model.safetensors")
+LOADED = {
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+}
+JUNK = (
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "text_encoder/pytorch_model.bin",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "v1-5-pruned-emaonly.ckpt",
+    "safety_checker/model.safetensors",
+)
 CAPTIONS = ["a red circle", "a blue square", "a red circle", "blue red"]
 
 
@@ -55,38 +68,83 @@ def write_sd_dir(root: Path, timesteps: int = 1000, max_tokens: int = 16) -> Pat
     tok = sd / "tokenizer"
     tok.mkdir(parents=True)
     chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + ["re", "red</w>", "bl", "blu", "blue</w>",
-                                                    "<|startoftext|>", "<|endoftext|>"]
+    vocab = (
+        chars
+        + [c + "</w>" for c in chars]
+        + ["re", "red</w>", "bl", "blu", "blue</w>", "<|startoftext|>", "<|endoftext|>"]
+    )
     (tok / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (tok / "merges.txt").write_text("#version: 0.2\nr e\nre d</w>\nb l\nbl u\nblu e</w>\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (tok / "special_tokens_map.json").write_text(json.dumps(special))
-    (tok / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_tokens, "do_lower_case": True, **special}))
-    CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=max_tokens, bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1,
-        pad_token_id=len(vocab) - 1)).save_pretrained(sd / "text_encoder")
+    (tok / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_tokens, "do_lower_case": True, **special}
+        )
+    )
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=max_tokens,
+            bos_token_id=len(vocab) - 2,
+            eos_token_id=len(vocab) - 1,
+            pad_token_id=len(vocab) - 1,
+        )
+    ).save_pretrained(sd / "text_encoder")
     UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).save_pretrained(sd / "unet")
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).save_pretrained(sd / "unet")
     AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
-        sample_size=16).save_pretrained(sd / "vae")
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ).save_pretrained(sd / "vae")
     if timesteps == 1000:
-        PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                      steps_offset=1).save_pretrained(sd / "scheduler")
+        PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+        ).save_pretrained(sd / "scheduler")
     else:
-        DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2").save_pretrained(sd / "scheduler")
-    (sd / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
-        "feature_extractor": ["transformers", "CLIPImageProcessor"]}))
+        DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2").save_pretrained(
+            sd / "scheduler"
+        )
+    (sd / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+                "feature_extractor": ["transformers", "CLIPImageProcessor"],
+            }
+        )
+    )
     (sd / "feature_extractor").mkdir()
     (sd / "feature_extractor" / "preprocessor_config.json").write_text("{}")
     (sd / "safety_checker").mkdir()
@@ -111,8 +169,13 @@ def world(tmp_path_factory):
     (root / "shards_root" / "train").symlink_to(shards)
     accepted.rename(root / "validated" / "train" / "accepted.csv")
     student, teacher = make_models(root)
-    return {"root": root, "shards": root / "shards_root", "validated": root / "validated", "student": student,
-            "teacher": teacher}
+    return {
+        "root": root,
+        "shards": root / "shards_root",
+        "validated": root / "validated",
+        "student": student,
+        "teacher": teacher,
+    }
 
 
 def _sd_params(tmp: Path, sd: Path, **train) -> dict:
@@ -135,16 +198,44 @@ def _one_line(result, command: str) -> str:
 def _cli_train(w: dict, teacher: Path, params: Path, out: Path):
     from sdsclip.cli import app
 
-    return CliRunner().invoke(app, ["train", "--student", str(w["student"]), "--teacher", str(teacher), "--shards",
-                                    str(w["shards"]), "--validated", str(w["validated"]), "--out", str(out),
-                                    "--params", str(params)])
+    return CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--student",
+            str(w["student"]),
+            "--teacher",
+            str(teacher),
+            "--shards",
+            str(w["shards"]),
+            "--validated",
+            str(w["validated"]),
+            "--out",
+            str(out),
+            "--params",
+            str(params),
+        ],
+    )
 
 
 def _cli_winoground(model: Path, params: Path, tmp: Path):
     from sdsclip.cli import app
 
-    return CliRunner().invoke(app, ["evaluate", "winoground", "--data", str(tmp / "winoground"), "--model",
-                                    str(model), "--out", str(tmp / "wino.json"), "--params", str(params)])
+    return CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "winoground",
+            "--data",
+            str(tmp / "winoground"),
+            "--model",
+            str(model),
+            "--out",
+            str(tmp / "wino.json"),
+            "--params",
+            str(params),
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------------ 1. hashing
@@ -158,8 +249,9 @@ def test_pretrain_teacher_hashes_only_loaded_files_once(sd, tmp_path, monkeypatc
     sd = Path(shutil.copytree(sd, tmp_path / "sd"))
     hashed: list[str] = []
     real = hashing.file_sha256
-    monkeypatch.setattr(hashing, "file_sha256", lambda p: (hashed.append(Path(p).relative_to(sd.resolve()).as_posix()),
-                                                           real(p))[1])
+    monkeypatch.setattr(
+        hashing, "file_sha256", lambda p: (hashed.append(Path(p).relative_to(sd.resolve()).as_posix()), real(p))[1]
+    )
     params = params_from_dict(_sd_params(tmp_path, sd))
 
     def run(name: str) -> dict:
@@ -197,13 +289,22 @@ def test_the_loaded_weight_files_follow_diffusers_and_transformers_preference(sd
     assert "vae/diffusion_pytorch_model.safetensors" not in teacher_files(sd, "vae", with_vae=False).weights
     (sd / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # no safetensors: diffusers reads the .bin
     assert "unet/diffusion_pytorch_model.bin" in teacher_files(sd, "vae").weights
-    (sd / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors",
-                        "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}}))
+    (sd / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a": "diffusion_pytorch_model-00001-of-00002.safetensors",
+                    "b": "diffusion_pytorch_model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     files = teacher_files(sd, "vae")  # a sharded index wins: the index and both shards
     assert "unet/diffusion_pytorch_model.safetensors.index.json" in files.configs
     assert [w for w in files.weights if w.startswith("unet/")] == [
-        "unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model-00002-of-00002.safetensors"]
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+    ]
 
 
 # ------------------------------------------------------------------------------------- 2. t range
@@ -226,9 +327,14 @@ def test_t_range_is_checked_against_the_teachers_scheduler(world, tmp_path, monk
     assert check_t_range(sd100, 20, 99, "train.t_min", "train.t_max") == 100
 
     with pytest.raises(AssertionError, match="compute was spent"):  # t_max 99 passes the whole preflight
-        train_mod.finetune(params_from_dict(_sd_params(tmp_path, sd100, t_max=99)),
-                                           world["student"], sd100, world["shards"] / "train",
-                                           world["validated"] / "train" / "accepted.csv", tmp_path / "out99")
+        train_mod.finetune(
+            params_from_dict(_sd_params(tmp_path, sd100, t_max=99)),
+            world["student"],
+            sd100,
+            world["shards"] / "train",
+            world["validated"] / "train" / "accepted.csv",
+            tmp_path / "out99",
+        )
 
     monkeypatch.setattr(load_teacher.__globals__["UNet2DConditionModel"], "from_pretrained", _no_compute)
     line = _one_line(_cli_winoground(sd100, params, tmp_path), "evaluate winoground")
@@ -342,8 +448,9 @@ def test_finetune_with_bf16_mixed_precision(world, tmp_path, monkeypatch, fresh_
         seen.clear()
         AcceleratorState._reset_state(reset_partial_state=True)
         params = params_from_dict(train_params(tmp_path, steps=3, mixed_precision=precision))
-        results[precision] = stages.train(params, world["student"], world["teacher"], world["shards"],
-                                          world["validated"], tmp_path / precision)
+        results[precision] = stages.train(
+            params, world["student"], world["teacher"], world["shards"], world["validated"], tmp_path / precision
+        )
         assert len(seen) == 3 and all(dtype == torch.float32 for _, dtype in seen)
         assert all(on == (precision == "bf16") for on, _ in seen)
         assert sigma_out == [torch.float32] * 3
@@ -398,9 +505,14 @@ def test_truncated_teacher_weights_are_one_line_before_any_compute(component, sd
 
     if component == "vae":  # SDS never loads the VAE: its preflight does not read it, so it reaches compute
         with pytest.raises(AssertionError, match="compute was spent"):
-            train_mod.finetune(params_from_dict(train_params(tmp_path)), world["student"], sd,
-                               world["shards"] / "train", world["validated"] / "train" / "accepted.csv",
-                               tmp_path / "out")
+            train_mod.finetune(
+                params_from_dict(train_params(tmp_path)),
+                world["student"],
+                sd,
+                world["shards"] / "train",
+                world["validated"] / "train" / "accepted.csv",
+                tmp_path / "out",
+            )
         return
     line = _one_line(_cli_train(world, sd, params, tmp_path / "out"), "train")
     assert f"{weight}: corrupt or truncated safetensors file" in line

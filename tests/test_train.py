@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_params import ROOT
+from train_helpers import TINY_TEACHER, make_dataset, make_models, train_params, vocabulary, write_params
 from typer.testing import CliRunner
 
 from sdsclip.config import ConfigError, Params, params_from_dict
@@ -27,8 +29,6 @@ from sdsclip.models.teacher import (
     latent_shape_of,
 )
 from sdsclip.sds import LatentProjection
-from tiny_params import ROOT
-from train_helpers import TINY_TEACHER, make_dataset, make_models, train_params, vocabulary, write_params
 
 STEPS = 24  # 40 pairs / batch 8 = 5 batches per epoch: runs cross epoch boundaries, resume lands mid-epoch
 
@@ -42,21 +42,50 @@ def world(tmp_path_factory):
     (root / "shards_root" / "train").symlink_to(shards)
     accepted.rename(root / "validated" / "train" / "accepted.csv")
     student, teacher = make_models(root)
-    return {"root": root, "shards": root / "shards_root", "validated": root / "validated", "student": student,
-            "teacher": teacher}
+    return {
+        "root": root,
+        "shards": root / "shards_root",
+        "validated": root / "validated",
+        "student": student,
+        "teacher": teacher,
+    }
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
-    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(ROOT / "src")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    }
+    return {
+        **env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
 
 
 def _train_cmd(w: dict, out: Path, params: Path, *extra: str) -> list[str]:
-    return ["-m", "sdsclip.cli", "train", "--student", str(w["student"]), "--teacher", str(w["teacher"]),
-            "--shards", str(w["shards"]), "--validated", str(w["validated"]), "--out", str(out),
-            "--log-dir", str(out.parent / f"{out.name}-logs"), "--params", str(params), *extra]
+    return [
+        "-m",
+        "sdsclip.cli",
+        "train",
+        "--student",
+        str(w["student"]),
+        "--teacher",
+        str(w["teacher"]),
+        "--shards",
+        str(w["shards"]),
+        "--validated",
+        str(w["validated"]),
+        "--out",
+        str(out),
+        "--log-dir",
+        str(out.parent / f"{out.name}-logs"),
+        "--params",
+        str(params),
+        *extra,
+    ]
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -66,8 +95,10 @@ def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return {**{f"model.{k}": v for k, v in load_file(str(out / "model.safetensors")).items()},
-            **{f"sigma.{k}": v for k, v in load_file(str(out / "sigma.safetensors")).items()}}
+    return {
+        **{f"model.{k}": v for k, v in load_file(str(out / "model.safetensors")).items()},
+        **{f"sigma.{k}": v for k, v in load_file(str(out / "sigma.safetensors")).items()},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +110,15 @@ def reference(world):
     root = world["root"]
     params = write_params(root / "ref.yaml", train_params(root, steps=STEPS, checkpoint_every=5, log_mlflow=True))
     out = root / "reference"
-    stages.train(params_from_dict(yaml.safe_load(params.read_text())), world["student"], world["teacher"],
-                 world["shards"], world["validated"], out, log_dir=root / "reference-logs")
+    stages.train(
+        params_from_dict(yaml.safe_load(params.read_text())),
+        world["student"],
+        world["teacher"],
+        world["shards"],
+        world["validated"],
+        out,
+        log_dir=root / "reference-logs",
+    )
     return {"out": out, "params": params, "weights": _weights(out)}
 
 
@@ -187,8 +225,11 @@ def test_v_and_sample_prediction_teachers_score_epsilon_error():
         def forward(self, *args, **kw):
             return type("Out", (), {"sample": self.out})()
 
-    for kind, target in (("v_prediction", abar.sqrt() * noise - (1 - abar).sqrt() * z), ("sample", z),
-                         ("epsilon", noise)):
+    for kind, target in (
+        ("v_prediction", abar.sqrt() * noise - (1 - abar).sqrt() * z),
+        ("sample", z),
+        ("epsilon", noise),
+    ):
         teacher.scheduler.register_to_config(prediction_type=kind)
         teacher.unet = Oracle(target)
         assert teacher.epsilon_error(z, cond, t, noise).max() < 1e-8, kind
@@ -219,34 +260,78 @@ def make_sd_dir(root: Path, max_tokens: int = 16) -> Path:
     tok = sd / "tokenizer"
     tok.mkdir(parents=True)
     chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + ["re", "red</w>", "bl", "blu", "blue</w>",
-                                                    "<|startoftext|>", "<|endoftext|>"]
+    vocab = (
+        chars
+        + [c + "</w>" for c in chars]
+        + ["re", "red</w>", "bl", "blu", "blue</w>", "<|startoftext|>", "<|endoftext|>"]
+    )
     (tok / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (tok / "merges.txt").write_text("#version: 0.2\nr e\nre d</w>\nb l\nbl u\nblu e</w>\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (tok / "special_tokens_map.json").write_text(json.dumps(special))
-    (tok / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_tokens, "do_lower_case": True, **special}))
-    CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=max_tokens, bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1,
-        pad_token_id=len(vocab) - 1)).save_pretrained(sd / "text_encoder")
+    (tok / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_tokens, "do_lower_case": True, **special}
+        )
+    )
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=max_tokens,
+            bos_token_id=len(vocab) - 2,
+            eos_token_id=len(vocab) - 1,
+            pad_token_id=len(vocab) - 1,
+        )
+    ).save_pretrained(sd / "text_encoder")
     UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).save_pretrained(sd / "unet")
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).save_pretrained(sd / "unet")
     AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
-        sample_size=16).save_pretrained(sd / "vae")
-    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                  steps_offset=1).save_pretrained(sd / "scheduler")
-    (sd / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None]}))
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ).save_pretrained(sd / "vae")
+    PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    ).save_pretrained(sd / "scheduler")
+    (sd / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+            }
+        )
+    )
     return sd
 
 
@@ -296,13 +381,25 @@ def test_sd15_latent_shape_is_read_from_the_unet_config(tmp_path):
     """SD-1.x at 512 px: sigma maps a CLIP embedding to 4 x 64 x 64, known without building the 860M UNet."""
     unet = tmp_path / "sd15" / "unet"
     unet.mkdir(parents=True)
-    unet.joinpath("config.json").write_text(json.dumps({
-        "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
-        "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768}))
+    unet.joinpath("config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "UNet2DConditionModel",
+                "sample_size": 64,
+                "in_channels": 4,
+                "out_channels": 4,
+                "block_out_channels": [320, 640, 1280, 1280],
+                "cross_attention_dim": 768,
+            }
+        )
+    )
     assert latent_shape_of(tmp_path / "sd15") == (4, 64, 64)
     assert LatentProjection(512, (4, 64, 64))(torch.randn(2, 512)).shape == (2, 4, 64, 64)
-    with pytest.raises(TeacherLoadError, match=r"missing Stable Diffusion subfolder\(s\) text_encoder, tokenizer, "
-                                               r"scheduler, vae"):
+    with pytest.raises(
+        TeacherLoadError,
+        match=r"missing Stable Diffusion subfolder\(s\) text_encoder, tokenizer, "
+        r"scheduler, vae",
+    ):
         check_teacher_dir(tmp_path / "sd15", "vae")
 
 
@@ -347,9 +444,24 @@ def test_bad_input_is_one_line_before_any_compute(case, world, tmp_path, monkeyp
         monkeypatch.setattr(train_mod, "load_student", no_compute)  # stopped before even loading the student
     params = write_params(tmp_path / "p.yaml", raw)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["train", "--student", str(student), "--teacher", str(teacher), "--shards",
-                                      str(world["shards"]), "--validated", str(validated), "--out", str(out),
-                                      "--params", str(params)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--student",
+            str(student),
+            "--teacher",
+            str(teacher),
+            "--shards",
+            str(world["shards"]),
+            "--validated",
+            str(validated),
+            "--out",
+            str(out),
+            "--params",
+            str(params),
+        ],
+    )
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sdsclip train: error:"), result.output
@@ -368,12 +480,22 @@ def test_launch_environments_map_to_torch_distributed():
     pytorchjob = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456"}
     env = dict(pytorchjob)
     assert normalize_dist_env(env) == {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}  # one process per pod
-    pet = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "m", "PET_MASTER_PORT": "29400",
-           "PET_NPROC_PER_NODE": "1"}
+    pet = {
+        "PET_NNODES": "2",
+        "PET_NODE_RANK": "1",
+        "PET_MASTER_ADDR": "m",
+        "PET_MASTER_PORT": "29400",
+        "PET_NPROC_PER_NODE": "1",
+    }
     env = dict(pet)
     normalize_dist_env(env)
     assert {k: env[k] for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")} == {
-        "WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "m", "MASTER_PORT": "29400", "LOCAL_RANK": "0"}
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "MASTER_ADDR": "m",
+        "MASTER_PORT": "29400",
+        "LOCAL_RANK": "0",
+    }
     assert normalize_dist_env({}) == {}  # single process
     with pytest.raises(LaunchError, match="PET_NPROC_PER_NODE=4: .*torchrun"):
         normalize_dist_env({**pet, "PET_NPROC_PER_NODE": "4"})
@@ -423,7 +545,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(world, reference, t
         assert "param.sigma.linear.weight" in load_file(str(path))
 
     done = _run([sys.executable, *_train_cmd(world, out, params, "--checkpoint-dir", str(ckpts), "--resume")])
-    result = json.loads(done.stdout[done.stdout.index("{"):])
+    result = json.loads(done.stdout[done.stdout.index("{") :])
     assert 4 <= result["resumed_from_step"] < STEPS
     got = _weights(out)
     assert got.keys() == reference["weights"].keys()
@@ -450,16 +572,27 @@ def test_two_process_ddp_matches_one_process(world, reference, tmp_path):
     raw["train"].update(log_mlflow=False, checkpoint_every=0)  # neither changes the weights
     params = write_params(tmp_path / "p.yaml", raw)
     out = tmp_path / "ddp"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          *_train_cmd(world, out, params)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *_train_cmd(world, out, params),
+        ]
+    )
     meta = json.loads((out / "student.json").read_text())
     assert meta["processes"] == 2 and meta["steps"] == STEPS
     got = _weights(out)
     worst = max((got[k].double() - v.double()).abs().max().item() for k, v in reference["weights"].items())
     initial = load_file(str(world["student"] / "model.safetensors"))
     moved = max((reference["weights"][f"model.{k}"] - v).abs().max().item() for k, v in initial.items())
-    print(f"2-process DDP vs 1 process, max |delta weight| over model + sigma: {worst:.3g} "
-          f"(training moved weights by up to {moved:.3g})")
+    print(
+        f"2-process DDP vs 1 process, max |delta weight| over model + sigma: {worst:.3g} "
+        f"(training moved weights by up to {moved:.3g})"
+    )
     assert worst <= DDP_ATOL and moved > 50 * DDP_ATOL
     ref_rows = (reference["out"].parent / "reference-logs" / "plots" / "metrics" / "loss.tsv").read_text()
     ddp_rows = (out.parent / "ddp-logs" / "plots" / "metrics" / "loss.tsv").read_text()

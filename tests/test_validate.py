@@ -31,8 +31,10 @@ def manifest(tmp_path_factory) -> Path:
         name = f"{i:012d}.{ext}"
         (img_dir / name).write_bytes(buf.getvalue())
         images.append({"id": i, "file_name": name, "width": 32, "height": 32})
-        anns += [{"id": i * 100 + k, "image_id": i, "caption": f"a red circle above a blue square {k}"}
-                 for k in range(CAPTIONS)]
+        anns += [
+            {"id": i * 100 + k, "image_id": i, "caption": f"a red circle above a blue square {k}"}
+            for k in range(CAPTIONS)
+        ]
     ann = root / "captions_train.json"
     ann.write_text(json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns}))
     out = root / "shards"
@@ -60,8 +62,7 @@ def _corrupt(manifest: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     rows[0]["sha256"] = "NOT-A-HASH"
     rows[4]["caption"] = "   "
     rows[7]["width"] = "2"
-    bad = {rows[0]["annotation_id"]: "sha256", rows[4]["annotation_id"]: "caption",
-           rows[7]["annotation_id"]: "width"}
+    bad = {rows[0]["annotation_id"]: "sha256", rows[4]["annotation_id"]: "caption", rows[7]["annotation_id"]: "width"}
     return _write(tmp_path / "manifest.csv", rows), bad
 
 
@@ -75,9 +76,13 @@ def test_good_manifest_passes(manifest, tmp_path):
     gx = json.loads((out / "gx_result.json").read_text())
     assert gx["success"] is True and len(gx["results"]) == s["expectations"]
     types = {r["expectation_config"]["type"] for r in gx["results"]}
-    assert {"expect_table_columns_to_match_set", "expect_column_values_to_match_regex",
-            "expect_column_values_to_be_between", "expect_column_values_to_be_unique",
-            "expect_column_values_to_not_be_null"} <= types
+    assert {
+        "expect_table_columns_to_match_set",
+        "expect_column_values_to_match_regex",
+        "expect_column_values_to_be_between",
+        "expect_column_values_to_be_unique",
+        "expect_column_values_to_not_be_null",
+    } <= types
     accepted = _read(out / "accepted.csv")
     assert accepted == _read(manifest)  # accepted rows are the manifest rows, unchanged
     assert _read(out / "quarantine.csv") == []
@@ -90,10 +95,12 @@ def test_bad_rows_are_quarantined_with_reasons(manifest, tmp_path):
     assert s["passed"] is True
     q = {r["annotation_id"]: r for r in _read(out / "quarantine.csv")}
     assert set(q) == set(bad)
-    assert q[next(k for k, c in bad.items() if c == "sha256")]["reason"] == \
-        "expect_column_values_to_match_regex(sha256)"
-    assert "expect_column_values_to_not_be_null(caption)" in q[next(k for k, c in bad.items() if c == "caption")][
-        "reason"]
+    assert (
+        q[next(k for k, c in bad.items() if c == "sha256")]["reason"] == "expect_column_values_to_match_regex(sha256)"
+    )
+    assert (
+        "expect_column_values_to_not_be_null(caption)" in q[next(k for k, c in bad.items() if c == "caption")]["reason"]
+    )
     assert q[next(k for k, c in bad.items() if c == "width")]["reason"] == "expect_column_values_to_be_between(width)"
     accepted = _read(out / "accepted.csv")
     assert not set(bad) & {r["annotation_id"] for r in accepted}
@@ -101,9 +108,11 @@ def test_bad_rows_are_quarantined_with_reasons(manifest, tmp_path):
     assert len(accepted) + len(q) == s["rows_in"] == N_IMAGES * CAPTIONS
     assert (s["accepted"], s["quarantined"]) == (len(accepted), 3)
     assert s["rejected_fraction"] == pytest.approx(3 / (N_IMAGES * CAPTIONS), abs=1e-6)
-    assert set(s["failed_expectations"]) == {"expect_column_values_to_match_regex(sha256)",
-                                             "expect_column_values_to_not_be_null(caption)",
-                                             "expect_column_values_to_be_between(width)"}
+    assert set(s["failed_expectations"]) == {
+        "expect_column_values_to_match_regex(sha256)",
+        "expect_column_values_to_not_be_null(caption)",
+        "expect_column_values_to_be_between(width)",
+    }
 
 
 def test_threshold_exceeded_raises_after_writing_files(manifest, tmp_path):
@@ -123,15 +132,20 @@ def test_threshold_exceeded_raises_after_writing_files(manifest, tmp_path):
 def test_config_thresholds_are_applied(manifest, tmp_path):
     """${...} placeholders come from ValidateConfig: 32 px images fail min_image_side=40; 3 captions < 4."""
     suite = load_suite(ValidateConfig(min_image_side=40, min_captions_per_image=4))
-    kw = [e["kwargs"] for e in suite["expectations"]
-          if e["kwargs"].get("column") == "width" and "min_value" in e["kwargs"]]
+    kw = [
+        e["kwargs"]
+        for e in suite["expectations"]
+        if e["kwargs"].get("column") == "width" and "min_value" in e["kwargs"]
+    ]
     assert kw == [{"column": "width", "min_value": 40, "max_value": 8192}]
     out = tmp_path / "val"
     with pytest.raises(ValidationFailed, match="rejected fraction 1.0000"):
         validate_manifest(manifest, out, ValidateConfig(min_image_side=40, min_captions_per_image=4))
     reasons = {r["reason"] for r in _read(out / "quarantine.csv")}
-    assert reasons == {"expect_column_values_to_be_between(width); expect_column_values_to_be_between(height); "
-                       "expect_column_values_to_be_between(captions_per_image)"}
+    assert reasons == {
+        "expect_column_values_to_be_between(width); expect_column_values_to_be_between(height); "
+        "expect_column_values_to_be_between(captions_per_image)"
+    }
 
 
 def test_missing_column_is_a_table_level_failure(manifest, tmp_path):
@@ -180,8 +194,12 @@ def test_data_docs_and_metrics_are_written(manifest, tmp_path):
     assert list((out / "data_docs" / "expectations").glob("*.html"))
     m = json.loads((out / "validation_metrics.json").read_text())
     assert m["rows"] == m["accepted"] == s["rows_in"] and m["quarantined"] == 0 and m["pass_rate"] == 1.0
-    assert m["end_to_end"] == {"annotations_in": N_IMAGES * CAPTIONS, "accepted": N_IMAGES * CAPTIONS,
-                               "quarantined": 0, "pass_rate": 1.0}  # ingest_summary.json sits next to the manifest
+    assert m["end_to_end"] == {
+        "annotations_in": N_IMAGES * CAPTIONS,
+        "accepted": N_IMAGES * CAPTIONS,
+        "quarantined": 0,
+        "pass_rate": 1.0,
+    }  # ingest_summary.json sits next to the manifest
     assert m["ingest"]["conversions"] == {"none": N_IMAGES}
 
     validate_manifest(manifest, out, ValidateConfig())  # a re-run replaces the site: still one validation page
@@ -198,14 +216,15 @@ def test_data_docs_and_metrics_are_written(manifest, tmp_path):
 def test_bad_captions_end_to_end_invariant(tmp_path):
     """Ingest drops what is not text (empty, whitespace, not UTF-8, wrong type, unknown image); the GX suite
     drops what is too short or too long; accepted + quarantined by either == every caption in the file."""
-    from sdsclip.validate import METRICS_FILE
     from test_ingest import make_coco
+
+    from sdsclip.validate import METRICS_FILE
 
     fx = make_coco(tmp_path / "coco", n_images=4, captions=5)
     anns = fx["coco"]["annotations"]
-    anns[0]["caption"] = "x" * 1001           # over-long -> expect_column_values_to_be_between(caption_chars)
-    anns[1]["caption"] = "ab"                 # too short -> same expectation
-    anns[2]["caption"] = "   "                # whitespace -> ingest: empty_caption
+    anns[0]["caption"] = "x" * 1001  # over-long -> expect_column_values_to_be_between(caption_chars)
+    anns[1]["caption"] = "ab"  # too short -> same expectation
+    anns[2]["caption"] = "   "  # whitespace -> ingest: empty_caption
     anns.append({"id": 1, "image_id": 999, "caption": "orphan"})  # -> ingest: unknown_image_id
     fx["json"].write_text(json.dumps(fx["coco"]))
     out = tmp_path / "shards"
@@ -213,8 +232,10 @@ def test_bad_captions_end_to_end_invariant(tmp_path):
     val = tmp_path / "val"
     s = validate_manifest(out / "manifest.csv", val, ValidateConfig(max_rejected_fraction=0.5))
     q = {r["annotation_id"]: r["reason"] for r in _read(val / "quarantine.csv")}
-    assert q == {str(anns[0]["id"]): "expect_column_values_to_be_between(caption_chars)",
-                 str(anns[1]["id"]): "expect_column_values_to_be_between(caption_chars)"}
+    assert q == {
+        str(anns[0]["id"]): "expect_column_values_to_be_between(caption_chars)",
+        str(anns[1]["id"]): "expect_column_values_to_be_between(caption_chars)",
+    }
     m = json.loads((val / METRICS_FILE).read_text())
     assert m["quarantined_by_reason"] == {"expect_column_values_to_be_between(caption_chars)": 2}
     assert m["ingest"]["quarantined_by_reason"] == {"empty_caption": 1, "unknown_image_id": 1}
@@ -245,8 +266,14 @@ def test_validate_reads_and_writes_fsspec_urls(manifest):
             mem.pipe(f"{root}/in/{name}", (manifest.parent / name).read_bytes())
         s = validate_manifest(f"memory://{root}/in/manifest.csv", f"memory://{root}/out", ValidateConfig())
         assert s["passed"] and s["accepted"] == N_IMAGES * CAPTIONS
-        for name in ("accepted.csv", "quarantine.csv", "summary.json", "gx_result.json", "validation_metrics.json",
-                     "data_docs/index.html"):
+        for name in (
+            "accepted.csv",
+            "quarantine.csv",
+            "summary.json",
+            "gx_result.json",
+            "validation_metrics.json",
+            "data_docs/index.html",
+        ):
             assert mem.isfile(f"{root}/out/{name}"), name
         assert [p for p in mem.find(f"{root}/out/data_docs/validations") if p.endswith(".html")]
         assert json.loads(mem.cat_file(f"{root}/out/validation_metrics.json"))["end_to_end"]["pass_rate"] == 1.0
@@ -262,20 +289,44 @@ def test_stages_cli_and_kfp_component(tmp_path):
 
     import yaml
     from kfp import dsl
+    from test_ingest import make_coco
     from typer.testing import CliRunner
 
     from sdsclip.cli import app
-    from test_ingest import make_coco
 
     fx = make_coco(tmp_path / "coco", n_images=4, captions=2)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"ingest": {"splits": ["train"], "shard_size": 3, "workers": 1}}))
     runner = CliRunner()
-    r = runner.invoke(app, ["ingest", "--coco-root", str(fx["root"]), "--out", str(tmp_path / "shards"),
-                            "--metrics", str(tmp_path / "metrics" / "ingest.json"), "--params", str(params)])
+    r = runner.invoke(
+        app,
+        [
+            "ingest",
+            "--coco-root",
+            str(fx["root"]),
+            "--out",
+            str(tmp_path / "shards"),
+            "--metrics",
+            str(tmp_path / "metrics" / "ingest.json"),
+            "--params",
+            str(params),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["validate", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "validated"),
-                            "--metrics", str(tmp_path / "metrics" / "validation.json"), "--params", str(params)])
+    r = runner.invoke(
+        app,
+        [
+            "validate",
+            "--shards",
+            str(tmp_path / "shards"),
+            "--out",
+            str(tmp_path / "validated"),
+            "--metrics",
+            str(tmp_path / "metrics" / "validation.json"),
+            "--params",
+            str(params),
+        ],
+    )
     assert r.exit_code == 0, r.output
     ingest_m = json.loads((tmp_path / "metrics" / "ingest.json").read_text())
     assert ingest_m["train"]["annotations_written"] == 8 and "seconds" not in ingest_m["train"]
@@ -286,15 +337,22 @@ def test_stages_cli_and_kfp_component(tmp_path):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from components import data as components
-
     from sdsclip.config import params_from_dict, params_to_dict
 
     effective = yaml.safe_dump(params_to_dict(params_from_dict(yaml.safe_load(params.read_text()))))
     out = tmp_path / "kfp"
-    validated, docs, metrics = (dsl.Dataset(uri=str(out / "validated")), dsl.HTML(uri=str(out / "docs" / "page")),
-                                dsl.Metrics(uri=str(out / "metrics")))
-    components.validate(params=effective, shards=dsl.Dataset(uri=str(tmp_path / "shards")), validated=validated,
-                        data_docs=docs, metrics=metrics)
+    validated, docs, metrics = (
+        dsl.Dataset(uri=str(out / "validated")),
+        dsl.HTML(uri=str(out / "docs" / "page")),
+        dsl.Metrics(uri=str(out / "metrics")),
+    )
+    components.validate(
+        params=effective,
+        shards=dsl.Dataset(uri=str(tmp_path / "shards")),
+        validated=validated,
+        data_docs=docs,
+        metrics=metrics,
+    )
     page = Path(docs.path).read_text()
     assert page.startswith("<!DOCTYPE html>") and "PASSED" in page and "<iframe srcdoc=" in page
     assert metrics.metadata["train.pass_rate"] == 1.0 and metrics.metadata["train.rows"] == 8

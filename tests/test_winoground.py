@@ -26,8 +26,12 @@ def test_perfect_and_failing_examples():
         (0.5, 0.9, 0.4, 0.1),  # text: 0.5>0.4, 0.1>0.9 no; image: 0.5>0.9 no
     )
     m = metrics_from_scores(s)
-    assert m == {"n": 3, "text_score": pytest.approx(1 / 3), "image_score": pytest.approx(2 / 3),
-                 "group_score": pytest.approx(1 / 3)}
+    assert m == {
+        "n": 3,
+        "text_score": pytest.approx(1 / 3),
+        "image_score": pytest.approx(2 / 3),
+        "group_score": pytest.approx(1 / 3),
+    }
 
 
 def test_text_right_image_wrong():
@@ -56,11 +60,21 @@ def _write_dataset(root, n=4, bad_line=None):
     for i in range(n):
         for k in (0, 1):
             Image.new("RGB", (8, 8), (40 * i, 100 * k, 0)).save(root / "images" / f"ex_{i}_img_{k}.png")
-        lines.append(json.dumps({
-            "id": i, "caption_0": f"a red circle {i}", "caption_1": f"{i} circle a red",
-            "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1", "tag": "Object-Swap", "secondary_tag": "",
-            "num_main_preds": 1, "collapsed_tag": "Object" if i % 2 else "Relation",
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "id": i,
+                    "caption_0": f"a red circle {i}",
+                    "caption_1": f"{i} circle a red",
+                    "image_0": f"ex_{i}_img_0",
+                    "image_1": f"ex_{i}_img_1",
+                    "tag": "Object-Swap",
+                    "secondary_tag": "",
+                    "num_main_preds": 1,
+                    "collapsed_tag": "Object" if i % 2 else "Relation",
+                }
+            )
+        )
     if bad_line is not None:
         lines.insert(1, bad_line)
     (root / "examples.jsonl").write_text("\n".join(lines) + "\n")
@@ -101,8 +115,17 @@ def test_evaluate_writes_official_outputs(tmp_path):
     result = evaluate_winoground(OracleScorer(), data, out, scores)
     saved = json.loads(out.read_text())
     assert saved == result
-    assert set(saved) == {"n", "text_score", "image_score", "group_score", "by_collapsed_tag", "by_num_main_preds",
-                          "by_secondary_tag", "layout", "skipped"}
+    assert set(saved) == {
+        "n",
+        "text_score",
+        "image_score",
+        "group_score",
+        "by_collapsed_tag",
+        "by_num_main_preds",
+        "by_secondary_tag",
+        "layout",
+        "skipped",
+    }
     assert saved["layout"] == "jsonl" and saved["skipped"]["count"] == 0
     assert saved["group_score"] == 1.0 and saved["n"] == 4
     assert set(saved["by_collapsed_tag"]) == {"Object", "Relation"}
@@ -120,15 +143,28 @@ from sdsclip.evaluate.winoground import load_data, winoground_metrics  # noqa: E
 
 
 def _rec(i, **kw):
-    rec = {"id": i, "caption_0": f"a red circle {i}", "caption_1": f"{i} circle a red", "image_0": f"ex_{i}_img_0",
-           "image_1": f"ex_{i}_img_1", "tag": "Object-Swap", "secondary_tag": "", "num_main_preds": 1,
-           "collapsed_tag": "Object"}
+    rec = {
+        "id": i,
+        "caption_0": f"a red circle {i}",
+        "caption_1": f"{i} circle a red",
+        "image_0": f"ex_{i}_img_0",
+        "image_1": f"ex_{i}_img_1",
+        "tag": "Object-Swap",
+        "secondary_tag": "",
+        "num_main_preds": 1,
+        "collapsed_tag": "Object",
+    }
     return {**rec, **kw}
 
 
 def test_subsets_filter_by_equality_like_the_statistics_script(tmp_path):
-    tags = [("Object", 1, ""), ("Relation", 2, "Symbolic"), ("Both", 1, "Symbolic, Series"), ("Relation", 1, "Series"),
-            ("Object", 2, "Pragmatics")]
+    tags = [
+        ("Object", 1, ""),
+        ("Relation", 2, "Symbolic"),
+        ("Both", 1, "Symbolic, Series"),
+        ("Relation", 1, "Series"),
+        ("Object", 2, "Pragmatics"),
+    ]
     _write_dataset(tmp_path, n=len(tags))
     recs = [_rec(i, collapsed_tag=c, num_main_preds=p, secondary_tag=t) for i, (c, p, t) in enumerate(tags)]
     (tmp_path / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
@@ -142,7 +178,11 @@ def test_subsets_filter_by_equality_like_the_statistics_script(tmp_path):
     assert m["by_num_main_preds"]["1"]["group_score"] == pytest.approx(2 / 3)
     # whole-string equality: "Symbolic, Series" is its own value, in neither the Symbolic nor the Series subset
     assert {k: v["n"] for k, v in m["by_secondary_tag"].items()} == {
-        "Pragmatics": 1, "Series": 1, "Symbolic": 1, "Symbolic, Series": 1}
+        "Pragmatics": 1,
+        "Series": 1,
+        "Symbolic": 1,
+        "Symbolic, Series": 1,
+    }
     assert m["by_secondary_tag"]["Symbolic, Series"]["group_score"] == 1.0
     assert m["by_secondary_tag"]["Symbolic"]["group_score"] == 0.0
 

@@ -30,8 +30,20 @@ def _tool(name: str) -> str:
 
 
 def _actionlint(*files: Path) -> tuple[list[dict], str]:
-    proc = subprocess.run([_tool("actionlint"), "-verbose", "-shellcheck", _tool("shellcheck"),
-                           "-format", "{{json .}}", *map(str, files)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            _tool("actionlint"),
+            "-verbose",
+            "-shellcheck",
+            _tool("shellcheck"),
+            "-format",
+            "{{json .}}",
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode in (0, 1), f"actionlint failed to run ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout or "[]"), proc.stderr
 
@@ -68,8 +80,11 @@ def test_actionlint_catches_the_mistakes_it_guards_against(tmp_path):
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-    ci_run = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
-              if ln.strip() and not ln.lstrip().startswith("#")]
+    ci_run = [
+        ln.strip()
+        for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     test_command = ci_run[-2]
     assert ci_run[-2:] == ["make test", "make realshape"]  # the suite, then the real path at real shapes
     assert re.search(rf"^{re.escape(test_command)}\s+# the test suite", (ROOT / "README.md").read_text(), re.M)
@@ -112,8 +127,17 @@ def test_retrain_takes_credentials_from_secrets_never_literals():
                     used.add(name)
             assert not re.search(r"(s3|gs|https?)://", step.get("run", "")), step["run"]  # no endpoint literal
             assert "${{" not in step.get("run", "")  # values reach scripts through env, not interpolation
-    assert used == {"KFP_HOST", "KFP_TOKEN", "DVC_REMOTE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                    "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    assert used == {
+        "KFP_HOST",
+        "KFP_TOKEN",
+        "DVC_REMOTE_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    }
 
 
 def test_retrain_commands():
@@ -122,8 +146,10 @@ def test_retrain_commands():
     assert 'args=(--host "$KFP_HOST" --experiment retrain' in submit
     assert 'args+=(--param "lambda_sds=$LAMBDA_SDS")' in submit and 'sdsclip pipeline submit "${args[@]}"' in submit
     repro = "\n".join(_runs(wf, "repro"))
-    order = [repro.index(cmd) for cmd in ("make venv", "dvc remote add --local --default storage", "dvc pull",
-                                          "dvc exp run", "dvc push")]
+    order = [
+        repro.index(cmd)
+        for cmd in ("make venv", "dvc remote add --local --default storage", "dvc pull", "dvc exp run", "dvc push")
+    ]
     assert order == sorted(order)
 
 
@@ -173,16 +199,38 @@ def test_submit_job_install_is_enough_for_pipeline_submit(tmp_path):
     assert packages == ["typer", "rich", "pyyaml", "pydantic", "kfp"]
     dists = _install_closure(packages)
     assert not dists & {"torch", "mlflow", "dvc"}
-    allowed = {"sdsclip"} | {top for top, owners in metadata.packages_distributions().items()
-                             if any(canonicalize_name(d) in dists for d in owners)}
+    allowed = {"sdsclip"} | {
+        top
+        for top, owners in metadata.packages_distributions().items()
+        if any(canonicalize_name(d) in dists for d in owners)
+    }
     server = FakeKfp()
     server.thread.start()
     env = {**os.environ, "HOME": str(tmp_path)}  # kfp.Client writes ~/.config/kfp/context.json
 
     def submit(importable: set[str]):
-        proc = subprocess.run([sys.executable, "-c", BLOCK_IMPORTS, ",".join(sorted(importable)), "pipeline",
-                               "submit", "--host", server.url, "--experiment", "retrain", "--run-name", "retrain-1",
-                               "--param", "lambda_sds=0.5"], capture_output=True, text=True, cwd=ROOT, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                BLOCK_IMPORTS,
+                ",".join(sorted(importable)),
+                "pipeline",
+                "submit",
+                "--host",
+                server.url,
+                "--experiment",
+                "retrain",
+                "--run-name",
+                "retrain-1",
+                "--param",
+                "lambda_sds=0.5",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         return proc.returncode, proc.stdout + proc.stderr
 
     try:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from eval_fixtures import HashScorer, hash_score, tiny_world
 from PIL import Image
 
-from eval_fixtures import HashScorer, hash_score, tiny_world
 from sdsclip.evaluate.zeroshot import (
     ZeroShotDataError,
     default_prompts_file,
@@ -66,8 +66,9 @@ def test_imagefolder_world_and_prompt_ensembling(tmp_path):
     world = tiny_world(tmp_path / "w", zeroshot_per_class=3)
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"two": {"templates": ["a {c}", "the {c}"]}}))
-    m = evaluate_zeroshot(ColourScorer(), world / "zeroshot", tmp_path / "m.json", prompt_set="two",
-                          prompts_file=prompts)
+    m = evaluate_zeroshot(
+        ColourScorer(), world / "zeroshot", tmp_path / "m.json", prompt_set="two", prompts_file=prompts
+    )
     assert json.loads((tmp_path / "m.json").read_text()) == m
     assert (m["format"], m["n"], m["n_classes"], m["templates"]) == ("imagefolder", 36, 12, 2)
     # colour is always right, shape is a 3-way tie broken by topk: acc@1 = 1/3, acc@5 >= colour's 3 classes

@@ -8,8 +8,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY_OVERRIDES = {
     "device": "cpu",
-    "world": {"pretrain_images": 160, "train_images": 64, "winoground_items": 12, "aro_relation_items": 8,
-              "aro_attribution_items": 8, "coco_order_images": 4, "zeroshot_per_class": 2},
+    "world": {
+        "pretrain_images": 160,
+        "train_images": 64,
+        "winoground_items": 12,
+        "aro_relation_items": 8,
+        "aro_attribution_items": 8,
+        "coco_order_images": 4,
+        "zeroshot_per_class": 2,
+    },
     "ingest": {"shard_size": 50, "workers": 1},
     "student": {"pretrain": {"steps": 4, "batch_size": 16, "warmup_steps": 1}},
     "teacher": {"pretrain": {"steps": 4, "batch_size": 16, "warmup_steps": 1}},

@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 import yaml
 from PIL import Image
-
 from tiny_params import ROOT, merge
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220), "yellow": (230, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
 
 
-def make_dataset(root: Path, n_images: int = 8, captions_per_image: int = 5, side: int = 32,
-                 shard_size: int = 3) -> tuple[Path, Path]:
+def make_dataset(
+    root: Path, n_images: int = 8, captions_per_image: int = 5, side: int = 32, shard_size: int = 3
+) -> tuple[Path, Path]:
     """(shards dir, accepted.csv): ``n_images`` two-colour images, each with ``captions_per_image`` captions."""
     import webdataset as wds
 
@@ -42,8 +42,13 @@ def make_dataset(root: Path, n_images: int = 8, captions_per_image: int = 5, sid
         im.paste(COLOURS[b], (side // 2, 0, side, side))
         buf = io.BytesIO()
         im.save(buf, format="PNG")
-        caps = [{"id": i * 10 + k, "caption": f"a {a} {s1} {['left of', 'right of', 'above', 'below', 'and'][k % 5]} "
-                 f"a {b} {s2}"} for k in range(captions_per_image)]
+        caps = [
+            {
+                "id": i * 10 + k,
+                "caption": f"a {a} {s1} {['left of', 'right of', 'above', 'below', 'and'][k % 5]} a {b} {s2}",
+            }
+            for k in range(captions_per_image)
+        ]
         key = f"{i:012d}"
         writer.write({"__key__": key, "png": buf.getvalue(), "json": json.dumps({"captions": caps}).encode()})
         rows += [{"annotation_id": c["id"], "caption": c["caption"]} for c in caps]
@@ -61,9 +66,19 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-TINY_TEACHER = {"image_size": 32, "tiny": {"block_out_channels": [16, 32], "layers_per_block": 1,
-                                           "attention_head_dim": 8, "text_width": 32, "text_layers": 1,
-                                           "text_heads": 2, "max_caption_tokens": 12, "train_timesteps": 1000}}
+TINY_TEACHER = {
+    "image_size": 32,
+    "tiny": {
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "attention_head_dim": 8,
+        "text_width": 32,
+        "text_layers": 1,
+        "text_heads": 2,
+        "max_caption_tokens": 12,
+        "train_timesteps": 1000,
+    },
+}
 
 
 def make_models(root: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -75,20 +90,31 @@ def make_models(root: Path, seed: int = 0) -> tuple[Path, Path]:
     torch.manual_seed(seed)
     student_dir, teacher_dir = Path(root) / "student", Path(root) / "teacher"
     save_student(build_student("sdsclip-tiny-vit"), student_dir, {"source": "test"})
-    save_teacher(build_tiny_teacher(TeacherConfig(**TINY_TEACHER), vocabulary()).freeze(), teacher_dir,
-                 {"source": "test"})
+    save_teacher(
+        build_tiny_teacher(TeacherConfig(**TINY_TEACHER), vocabulary()).freeze(), teacher_dir, {"source": "test"}
+    )
     return student_dir, teacher_dir
 
 
 def train_params(tmp: Path, **train) -> dict:
     """The shipped params.yaml with a tiny, CPU-only train section (MLflow in ``tmp``)."""
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return merge(shipped, {
-        "device": "cpu", "teacher": TINY_TEACHER,
-        "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 0, "log_mlflow": False,
-                  **train},
-        "registry": {"tracking_uri": f"sqlite:///{Path(tmp) / 'mlflow.db'}", "experiment": "test"},
-    })
+    return merge(
+        shipped,
+        {
+            "device": "cpu",
+            "teacher": TINY_TEACHER,
+            "train": {
+                "steps": 6,
+                "batch_size": 8,
+                "warmup_steps": 1,
+                "checkpoint_every": 0,
+                "log_mlflow": False,
+                **train,
+            },
+            "registry": {"tracking_uri": f"sqlite:///{Path(tmp) / 'mlflow.db'}", "experiment": "test"},
+        },
+    )
 
 
 def write_params(path: Path, raw: dict) -> Path:

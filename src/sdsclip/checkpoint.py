@@ -12,7 +12,6 @@ complete, never a torn file.
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import json
 import os
 import random
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from sdsclip.errors import UserError
 
 FORMAT = "sdsclip-train-checkpoint/1"
 PATTERN = re.compile(r"^step-(\d{8})\.safetensors$")
@@ -62,8 +63,9 @@ def clear_checkpoints(ckpt_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2
+) -> Path:
     """Write checkpoint ``step`` atomically (temp file + fsync + rename); keep the ``keep`` newest."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -154,8 +156,9 @@ def rng_to_flat(generator: torch.Generator | None = None) -> tuple[dict[str, tor
     return tensors, {"python": [version, gauss], "numpy": [name, int(pos), int(has_gauss), float(cached)]}
 
 
-def rng_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                  generator: torch.Generator | None = None) -> None:
+def rng_from_flat(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator: torch.Generator | None = None
+) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():

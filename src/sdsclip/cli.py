@@ -11,7 +11,6 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -26,7 +25,9 @@ app = typer.Typer(
     add_completion=False,
 )
 evaluate_app = typer.Typer(help="Evaluate a student or the teacher on a benchmark.", no_args_is_help=True)
-pipeline_app = typer.Typer(help="The Kubeflow (kfp v2) pipeline: compile it, submit or schedule runs.", no_args_is_help=True)
+pipeline_app = typer.Typer(
+    help="The Kubeflow (kfp v2) pipeline: compile it, submit or schedule runs.", no_args_is_help=True
+)
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(pipeline_app, name="pipeline")
 
@@ -66,7 +67,7 @@ def _done(result) -> None:
 @app.command()
 def synth(
     out: Path = typer.Option(..., help="output dir for the synthetic world"),
-    seed: Optional[int] = typer.Option(None, help="world seed (default: params seed)"),
+    seed: int | None = typer.Option(None, help="world seed (default: params seed)"),
     params: Path = ParamsOpt,
 ):
     """Render the synthetic compositional world (../shared/toyworld.md) in COCO / Winoground / ARO /
@@ -79,10 +80,11 @@ def synth(
 
 @app.command()
 def ingest(
-    coco_root: str = typer.Option(..., help="dir or fsspec URL with annotations/captions_{split}.json and "
-                                  "images/{split}/ (or {split}/)"),
+    coco_root: str = typer.Option(
+        ..., help="dir or fsspec URL with annotations/captions_{split}.json and images/{split}/ (or {split}/)"
+    ),
     out: str = typer.Option(..., help="output dir or fsspec URL: {split}/shard-*.tar + manifest.csv"),
-    metrics: Optional[Path] = typer.Option(None, help="also write the per-split counts here (DVC metrics JSON)"),
+    metrics: Path | None = typer.Option(None, help="also write the per-split counts here (DVC metrics JSON)"),
     params: Path = ParamsOpt,
 ):
     """COCO captions JSON + images -> WebDataset tar shards + a manifest (source sha256, conversion) + a
@@ -96,9 +98,10 @@ def ingest(
 @app.command()
 def validate(
     shards: str = typer.Option(..., help="ingest output dir or fsspec URL"),
-    out: str = typer.Option(..., help="output dir or fsspec URL: {split}/accepted.csv, quarantine.csv, "
-                            "data_docs/ ..., data_docs.html"),
-    metrics: Optional[Path] = typer.Option(None, help="also write the per-split metrics here (DVC metrics JSON)"),
+    out: str = typer.Option(
+        ..., help="output dir or fsspec URL: {split}/accepted.csv, quarantine.csv, data_docs/ ..., data_docs.html"
+    ),
+    metrics: Path | None = typer.Option(None, help="also write the per-split metrics here (DVC metrics JSON)"),
     params: Path = ParamsOpt,
 ):
     """Great Expectations suite over each manifest; quarantines failing records with a reason, writes GX Data
@@ -114,7 +117,7 @@ def pretrain_student(
     shards: Path = typer.Option(..., help="ingest output dir"),
     validated: Path = typer.Option(..., help="validate output dir"),
     out: Path = typer.Option(..., help="student dir to write"),
-    log_dir: Optional[Path] = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
+    log_dir: Path | None = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
     params: Path = ParamsOpt,
 ):
     """Contrastive CLIP pretraining from scratch on the pretrain split (embedded default), or verify and
@@ -130,7 +133,7 @@ def pretrain_teacher(
     shards: Path = typer.Option(..., help="ingest output dir"),
     validated: Path = typer.Option(..., help="validate output dir"),
     out: Path = typer.Option(..., help="teacher dir to write"),
-    log_dir: Optional[Path] = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
+    log_dir: Path | None = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
     params: Path = ParamsOpt,
 ):
     """Text-conditioned denoising pretraining of the tiny teacher (embedded default), or verify and hash
@@ -149,12 +152,18 @@ def train(
     validated: Path = typer.Option(..., help="validate output dir"),
     out: Path = typer.Option(..., help="fine-tuned student dir to write"),
     control: bool = typer.Option(False, "--control", help="lambda = 0: the contrastive-only baseline"),
-    log_dir: Optional[Path] = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --checkpoint-dir "
-                                "(same params and inputs only); none there: start from step 0"),
-    checkpoint_dir: Optional[Path] = typer.Option(
-        None, help="resumable checkpoints every train.checkpoint_every steps (default OUT/checkpoints, "
-        "deleted after success)"),
+    log_dir: Path | None = typer.Option(None, help="DVCLive dir for loss curves (default OUT/dvclive)"),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="continue from the newest checkpoint in --checkpoint-dir "
+        "(same params and inputs only); none there: start from step 0",
+    ),
+    checkpoint_dir: Path | None = typer.Option(
+        None,
+        help="resumable checkpoints every train.checkpoint_every steps (default OUT/checkpoints, "
+        "deleted after success)",
+    ),
     params: Path = ParamsOpt,
 ):
     """SDS-CLIP fine-tuning: L_CLIP + lambda * L_SDS, only the image tower's LayerNorms + sigma train.
@@ -164,8 +173,18 @@ def train(
     from sdsclip import stages
 
     with _stage("train"):
-        result = stages.train(_params(params), student, teacher, shards, validated, out, control, log_dir,
-                              resume=resume, checkpoint_dir=checkpoint_dir)
+        result = stages.train(
+            _params(params),
+            student,
+            teacher,
+            shards,
+            validated,
+            out,
+            control,
+            log_dir,
+            resume=resume,
+            checkpoint_dir=checkpoint_dir,
+        )
         from accelerate import PartialState
 
         if PartialState().is_main_process:
@@ -177,7 +196,7 @@ def evaluate_winoground(
     data: Path = typer.Option(..., help="Winoground dir: examples.jsonl + images/, or the Hugging Face *.parquet"),
     model: Path = typer.Option(..., help="student dir or teacher dir"),
     out: Path = typer.Option(..., help="metrics JSON to write"),
-    scores: Optional[Path] = typer.Option(None, help="also write per-pair scores (official JSONL form)"),
+    scores: Path | None = typer.Option(None, help="also write per-pair scores (official JSONL form)"),
     params: Path = ParamsOpt,
 ):
     """Winoground text / image / group score (strict >), overall and per collapsed_tag, num_main_preds and
@@ -194,13 +213,16 @@ def evaluate_winoground(
 
 @evaluate_app.command("aro")
 def evaluate_aro(
-    data: Path = typer.Option(..., help="ARO dir: visual_genome_{relation,attribution}.json + images/, "
-                              "coco_karpathy_test.json, flickr30k_test.json (each dataset present is evaluated)"),
+    data: Path = typer.Option(
+        ...,
+        help="ARO dir: visual_genome_{relation,attribution}.json + images/, "
+        "coco_karpathy_test.json, flickr30k_test.json (each dataset present is evaluated)",
+    ),
     model: Path = typer.Option(..., help="student dir or teacher dir"),
     out: Path = typer.Option(..., help="metrics JSON to write"),
     dataset: list[str] = typer.Option([], help="only these: vg_relation, vg_attribution, coco_order, flickr30k_order"),
-    coco_dir: Optional[Path] = typer.Option(None, help="COCO root with coco_karpathy_test.json (default: --data)"),
-    flickr_dir: Optional[Path] = typer.Option(None, help="Flickr30k root with flickr30k_test.json (default: --data)"),
+    coco_dir: Path | None = typer.Option(None, help="COCO root with coco_karpathy_test.json (default: --data)"),
+    flickr_dir: Path | None = typer.Option(None, help="Flickr30k root with flickr30k_test.json (default: --data)"),
     params: Path = ParamsOpt,
 ):
     """ARO with the repository's rules: VG-Relation / VG-Attribution macro accuracy, COCO-/Flickr30k-Order
@@ -216,11 +238,16 @@ def evaluate_aro(
 
 @evaluate_app.command("zeroshot")
 def evaluate_zeroshot(
-    data: Path = typer.Option(..., help="ImageFolder root, or the dir holding cifar-10-batches-py/ or cifar-100-python/"),
+    data: Path = typer.Option(
+        ..., help="ImageFolder root, or the dir holding cifar-10-batches-py/ or cifar-100-python/"
+    ),
     model: Path = typer.Option(..., help="student dir or teacher dir"),
     out: Path = typer.Option(..., help="metrics JSON to write"),
-    prompt_set: Optional[str] = typer.Option(None, help="entry of the prompt file (default: eval.zeroshot_prompt_set, "
-                                             "else the detected format: imagefolder / cifar10 / cifar100)"),
+    prompt_set: str | None = typer.Option(
+        None,
+        help="entry of the prompt file (default: eval.zeroshot_prompt_set, "
+        "else the detected format: imagefolder / cifar10 / cifar100)",
+    ),
     params: Path = ParamsOpt,
 ):
     """Zero-shot classification: acc@1, acc@5 and mean per-class recall (CLIP prompt ensembling)."""
@@ -228,8 +255,10 @@ def evaluate_zeroshot(
 
     with _stage("evaluate zeroshot"):
         r = stages.evaluate_zeroshot(_params(params), model, data, out, prompt_set)
-        console.print(f"{model}: acc@1 {r['acc1']:.3f}  acc@5 {r['acc5']:.3f}  "
-                      f"mean per-class recall {r['mean_per_class_recall']:.3f}  (n={r['n']}, {r['n_classes']} classes)")
+        console.print(
+            f"{model}: acc@1 {r['acc1']:.3f}  acc@5 {r['acc5']:.3f}  "
+            f"mean per-class recall {r['mean_per_class_recall']:.3f}  (n={r['n']}, {r['n_classes']} classes)"
+        )
 
 
 @evaluate_app.command("sugarcrepe")
@@ -237,8 +266,8 @@ def evaluate_sugarcrepe(
     data: Path = typer.Option(..., help="dir with the subset files (add_att.json ... swap_obj.json) and val2017/"),
     model: Path = typer.Option(..., help="student dir or teacher dir"),
     out: Path = typer.Option(..., help="metrics JSON to write"),
-    images: Optional[Path] = typer.Option(None, help="COCO val2017 image dir (default: DATA/val2017)"),
-    scores: Optional[Path] = typer.Option(None, help="also write per-item positive / negative scores (JSONL)"),
+    images: Path | None = typer.Option(None, help="COCO val2017 image dir (default: DATA/val2017)"),
+    scores: Path | None = typer.Option(None, help="also write per-item positive / negative scores (JSONL)"),
     params: Path = ParamsOpt,
 ):
     """SugarCrepe accuracy per subset (strict >), per category (add / replace / swap) and overall."""
@@ -298,7 +327,7 @@ def register(
 @app.command()
 def results(
     metrics_dir: Path = typer.Option(Path("metrics"), help="dir with winoground_{model}.json files"),
-    registration: Optional[Path] = typer.Option(Path("metrics/registration.json"), help="register output"),
+    registration: Path | None = typer.Option(Path("metrics/registration.json"), help="register output"),
 ):
     """Print the results table of a finished run (pretrained, baseline, SDS-CLIP, teacher)."""
     from sdsclip import stages
@@ -316,8 +345,9 @@ def results(
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         per_tag = [f"{r['by_collapsed_tag'].get(t, {}).get('group_score', float('nan')):.3f}" for t in tags]
-        table.add_row(r["model"], f"{r['text_score']:.3f}", f"{r['image_score']:.3f}", f"{r['group_score']:.3f}",
-                      *per_tag)
+        table.add_row(
+            r["model"], f"{r['text_score']:.3f}", f"{r['image_score']:.3f}", f"{r['group_score']:.3f}", *per_tag
+        )
     Console(width=max(console.width, 100)).print(table)
     _other_benchmarks_table(metrics_dir, names)
     if registration and registration.is_file():
@@ -327,9 +357,13 @@ def results(
 
 def _other_benchmarks_table(metrics_dir: Path, names: dict[str, str]) -> None:
     """Headline ARO / SugarCrepe / zero-shot numbers, when their metrics files exist (full: reports/)."""
-    columns = {"VG-Rel": ("aro", "vg_relation", "macro_accuracy"), "VG-Attr": ("aro", "vg_attribution", "macro_accuracy"),
-               "COCO-Order": ("aro", "coco_order", "precision_at_1"), "SugarCrepe": ("sugarcrepe", None, "mean_accuracy"),
-               "zero-shot@1": ("zeroshot", None, "acc1")}
+    columns = {
+        "VG-Rel": ("aro", "vg_relation", "macro_accuracy"),
+        "VG-Attr": ("aro", "vg_attribution", "macro_accuracy"),
+        "COCO-Order": ("aro", "coco_order", "precision_at_1"),
+        "SugarCrepe": ("sugarcrepe", None, "mean_accuracy"),
+        "zero-shot@1": ("zeroshot", None, "acc1"),
+    }
     rows = []
     for label, key in names.items():
         cells = []
@@ -384,19 +418,25 @@ def pipeline_compile(
 
 @pipeline_app.command("submit")
 def pipeline_submit(
-    host: str = typer.Option(..., help="KFP API URL, e.g. http://localhost:8080 (kubectl port-forward "
-                                       "svc/ml-pipeline-ui 8080:80 -n kubeflow)"),
+    host: str = typer.Option(
+        ...,
+        help="KFP API URL, e.g. http://localhost:8080 (kubectl port-forward svc/ml-pipeline-ui 8080:80 -n kubeflow)",
+    ),
     experiment: str = typer.Option("sdsclip", help="experiment (looked up by name, created if missing)"),
-    schedule: Optional[str] = typer.Option(None, help="recurring run: KFP cron, 6 fields with seconds first "
-                                                     "('0 0 2 * * *' = daily 02:00 UTC) or @daily / @every 6h"),
-    run_name: Optional[str] = typer.Option(None, help="name of the run (or recurring run)"),
+    schedule: str | None = typer.Option(
+        None,
+        help="recurring run: KFP cron, 6 fields with seconds first "
+        "('0 0 2 * * *' = daily 02:00 UTC) or @daily / @every 6h",
+    ),
+    run_name: str | None = typer.Option(None, help="name of the run (or recurring run)"),
     param: list[str] = typer.Option([], "--param", help="run parameter key=value (repeatable), e.g. lambda_sds=0.5"),
-    params_file: Optional[Path] = typer.Option(None, help="a params.yaml to send as the params_yaml parameter"),
-    namespace: Optional[str] = typer.Option(None, help="Kubernetes namespace (multi-user Kubeflow)"),
+    params_file: Path | None = typer.Option(None, help="a params.yaml to send as the params_yaml parameter"),
+    namespace: str | None = typer.Option(None, help="Kubernetes namespace (multi-user Kubeflow)"),
     package: Path = typer.Option(Path("pipelines/sdsclip_pipeline.yaml"), help="compiled pipeline to submit"),
     no_cache: bool = typer.Option(False, "--no-cache", help="run every task (data behind a path changed)"),
-    token: Optional[str] = typer.Option(None, envvar="KFP_TOKEN", help="bearer token for an authenticated "
-                                                                      "endpoint (env KFP_TOKEN)"),
+    token: str | None = typer.Option(
+        None, envvar="KFP_TOKEN", help="bearer token for an authenticated endpoint (env KFP_TOKEN)"
+    ),
 ):
     """Submit the compiled pipeline to a Kubeflow Pipelines server: one run, or a recurring run (--schedule)."""
     from sdsclip.config import ConfigError
@@ -411,8 +451,17 @@ def pipeline_submit(
             if not params_file.is_file():
                 raise SubmitError(f"{params_file}: params file not found")
             values["params_yaml"] = params_file.read_text(encoding="utf-8")
-        result = submit(package, host, experiment=experiment, run_name=run_name, params=values, schedule=schedule,
-                        namespace=namespace, enable_caching=False if no_cache else None, token=token)
+        result = submit(
+            package,
+            host,
+            experiment=experiment,
+            run_name=run_name,
+            params=values,
+            schedule=schedule,
+            namespace=namespace,
+            enable_caching=False if no_cache else None,
+            token=token,
+        )
     except (SubmitError, ConfigError) as err:
         err_console.print(f"[red]sdsclip pipeline submit: error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -421,8 +470,7 @@ def pipeline_submit(
 
 # ------------------------------------------------------------------ diagnostics and the science experiment
 
-diagnose_app = typer.Typer(help="Checks that must pass before an SDS-CLIP result means anything.",
-                           no_args_is_help=True)
+diagnose_app = typer.Typer(help="Checks that must pass before an SDS-CLIP result means anything.", no_args_is_help=True)
 app.add_typer(diagnose_app, name="diagnose")
 
 
@@ -430,8 +478,8 @@ app.add_typer(diagnose_app, name="diagnose")
 def diagnose_teacher(
     model: Path = typer.Option(..., help="teacher dir (pretrain-teacher output)"),
     data: Path = typer.Option(..., help="Winoground-format dir (examples.jsonl + images/)"),
-    out: Optional[Path] = typer.Option(None, help="also write the diagnostic as JSON"),
-    items: Optional[int] = typer.Option(None, min=1, help="first N items only (default all)"),
+    out: Path | None = typer.Option(None, help="also write the diagnostic as JSON"),
+    items: int | None = typer.Option(None, min=1, help="first N items only (default all)"),
     strict: bool = typer.Option(False, "--strict", help="exit 1 when below teacher.binding_min_text_score"),
     params: Path = ParamsOpt,
 ):
@@ -454,8 +502,8 @@ def diagnose_teacher(
 def diagnose_student(
     model: Path = typer.Option(..., help="student dir (pretrain-student / train output)"),
     data: Path = typer.Option(..., help="Winoground-format dir (examples.jsonl + images/)"),
-    out: Optional[Path] = typer.Option(None, help="also write the diagnostic as JSON"),
-    items: Optional[int] = typer.Option(None, min=1, help="first N items only (default all)"),
+    out: Path | None = typer.Option(None, help="also write the diagnostic as JSON"),
+    items: int | None = typer.Option(None, min=1, help="first N items only (default all)"),
     params: Path = ParamsOpt,
 ):
     """Can an image-side fine-tune win the swaps at all? Per Winoground tag: how far the text tower separates
@@ -474,7 +522,7 @@ def diagnose_student(
 
 @app.command()
 def science(
-    workdir: Optional[Path] = typer.Option(None, help="experiment dir (default science.workdir)"),
+    workdir: Path | None = typer.Option(None, help="experiment dir (default science.workdir)"),
     profile: str = typer.Option("science", help="profile applied over --params ('-' keeps the file's own)"),
     params: Path = ParamsOpt,
 ):
@@ -487,16 +535,21 @@ def science(
     with _stage("science"):
         p = load_science_params(params, None if profile == "-" else profile)
         summary = run_science(p, workdir, log=lambda line: err_console.print(line, highlight=False))
-    _done({"report": str(Path(workdir or p.science.workdir) / "report" / "science.md"),
-           "object_swap_group": {a: v["subsets"].get("Wino group: object swap") for a, v in summary["arms"].items()}})
+    _done(
+        {
+            "report": str(Path(workdir or p.science.workdir) / "report" / "science.md"),
+            "object_swap_group": {a: v["subsets"].get("Wino group: object swap") for a, v in summary["arms"].items()},
+        }
+    )
 
 
 @app.command()
 def realshape(
     workdir: Path = typer.Option(Path("realshape"), help="fixtures (cached), chain outputs and summary.json"),
     scale: str = typer.Option("real", help="real: ViT-B/32 + SD-1.5 shapes; tiny: the same formats, shrunken"),
-    student_format: str = typer.Option("openai", help="student checkpoint file: openai (TorchScript .pt) | "
-                                       "safetensors (open_clip state dict)"),
+    student_format: str = typer.Option(
+        "openai", help="student checkpoint file: openai (TorchScript .pt) | safetensors (open_clip state dict)"
+    ),
     in_process: bool = typer.Option(False, "--in-process", help="all stages in this process (no per-stage RSS)"),
     profile: str = typer.Option("realshape", help="profile applied over --params ('-' keeps the file's own)"),
     params: Path = ParamsOpt,
@@ -510,13 +563,21 @@ def realshape(
     try:
         with _stage("realshape"):
             p = load_science_params(params, None if profile == "-" else profile)
-            summary = run_realshape(p, workdir, scale, not in_process, student_format,
-                                    log=lambda line: err_console.print(line, highlight=False))
+            summary = run_realshape(
+                p,
+                workdir,
+                scale,
+                not in_process,
+                student_format,
+                log=lambda line: err_console.print(line, highlight=False),
+            )
     except RealshapeError as err:
         err_console.print(f"[red]sdsclip realshape: error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    _done({k: summary[k] for k in ("scale", "seconds", "chain_seconds", "peak_rss_mb", "peak_rss_stage", "shapes")}
-          | {"summary": str(workdir / "summary.json")})
+    _done(
+        {k: summary[k] for k in ("scale", "seconds", "chain_seconds", "peak_rss_mb", "peak_rss_stage", "shapes")}
+        | {"summary": str(workdir / "summary.json")}
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point
@@ -532,12 +593,13 @@ def pipeline_render_job(
     out: Path = typer.Option(..., help="PyTorchJob YAML to write (then: kubectl create -f OUT)"),
     name: str = typer.Option(..., help="job name (pods: NAME-master-0, NAME-worker-0, ...)"),
     image: str = typer.Option("ghcr.io/sdsclip/sdsclip:0.1.0-cuda", help="image with sdsclip installed"),
-    run_dir: str = typer.Option(..., help="run dir on the data PVC holding params.yaml and "
-                                          "inputs/{student,teacher,shards,validated}/"),
+    run_dir: str = typer.Option(
+        ..., help="run dir on the data PVC holding params.yaml and inputs/{student,teacher,shards,validated}/"
+    ),
     num_nodes: int = typer.Option(2, help="pods: 1 Master + NUM_NODES - 1 Workers"),
     gpus_per_node: int = typer.Option(1, help="GPUs per pod"),
     control: bool = typer.Option(False, "--control", help="the lambda = 0 baseline instead of SDS-CLIP"),
-    namespace: Optional[str] = typer.Option(None, help="namespace (default: the kubeconfig's)"),
+    namespace: str | None = typer.Option(None, help="namespace (default: the kubeconfig's)"),
     params: Path = ParamsOpt,
 ):
     """Render the multi-node training PyTorchJob (k8s/training/pytorchjob.yaml; knobs from params.yaml's
@@ -545,9 +607,17 @@ def pipeline_render_job(
     from sdsclip.pytorchjob import PyTorchJobError, render_job_file
 
     try:
-        path = render_job_file(out, name=name, image=image, run_dir=run_dir, num_nodes=num_nodes,
-                               gpus_per_node=gpus_per_node, control=control, namespace=namespace,
-                               params_path=params if params.is_file() else None)
+        path = render_job_file(
+            out,
+            name=name,
+            image=image,
+            run_dir=run_dir,
+            num_nodes=num_nodes,
+            gpus_per_node=gpus_per_node,
+            control=control,
+            namespace=namespace,
+            params_path=params if params.is_file() else None,
+        )
     except PyTorchJobError as err:
         err_console.print(f"[red]sdsclip pipeline render-job: error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

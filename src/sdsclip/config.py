@@ -6,12 +6,13 @@ Unknown keys and bad values are rejected with one line naming the offending key,
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sdsclip.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -34,7 +35,8 @@ class WorldConfig(_Section):
     winoground_items: int = Field(200, ge=1)
     aro_relation_items: int = Field(200, ge=1)
     aro_attribution_items: int = Field(
-        400, ge=1, description="~33 per ordered colour pair: ARO's VG-Attribution macro keeps pairs with >= 25")
+        400, ge=1, description="~33 per ordered colour pair: ARO's VG-Attribution macro keeps pairs with >= 25"
+    )
     coco_order_images: int = Field(100, ge=1)
     zeroshot_per_class: int = Field(20, ge=1)
 
@@ -42,11 +44,17 @@ class WorldConfig(_Section):
 class DataConfig(_Section):
     """Where the datasets live. The embedded default points these into the synthesized world."""
 
-    coco_root: str = Field("data/world/coco", description="dir with annotations/captions_{split}.json + images/{split}/")
+    coco_root: str = Field(
+        "data/world/coco", description="dir with annotations/captions_{split}.json + images/{split}/"
+    )
     winoground_dir: str = Field("data/world/winoground", description="dir with examples.jsonl + images/")
     aro_dir: str = Field("data/world/aro")
-    zeroshot_dir: str = Field("data/world/zeroshot", description="ImageFolder root, or the dir holding cifar-10-batches-py/")
-    sugarcrepe_dir: str = Field("data/sugarcrepe", description="SugarCrepe {subset}.json + val2017/ (default: derived from the world)")
+    zeroshot_dir: str = Field(
+        "data/world/zeroshot", description="ImageFolder root, or the dir holding cifar-10-batches-py/"
+    )
+    sugarcrepe_dir: str = Field(
+        "data/sugarcrepe", description="SugarCrepe {subset}.json + val2017/ (default: derived from the world)"
+    )
     pretrain_split: str = Field("pretrain", description="COCO-format split the embedded models pretrain on")
     train_split: str = Field("train", description="COCO-format split SDS-CLIP fine-tunes on (real: train2017)")
 
@@ -58,9 +66,11 @@ class IngestConfig(_Section):
     shard_size: int = Field(1000, ge=1, description="images planned per WebDataset tar shard")
     workers: int = Field(2, ge=1, description="threads reading + hashing + decoding images")
     max_image_pixels: int = Field(
-        89_478_485, ge=1, description="decompression-bomb guard: larger images are quarantined (PIL's default)")
+        89_478_485, ge=1, description="decompression-bomb guard: larger images are quarantined (PIL's default)"
+    )
     reencode_format: Literal["png", "jpeg"] = Field(
-        "png", description="stored encoding of images that need conversion (non-RGB, 16-bit, EXIF-rotated)")
+        "png", description="stored encoding of images that need conversion (non-RGB, 16-bit, EXIF-rotated)"
+    )
     reencode_quality: int = Field(95, ge=1, le=100, description="JPEG quality when reencode_format is jpeg")
     resume: bool = Field(True, description="re-run: keep finished shards whose planned content is unchanged")
 
@@ -82,23 +92,31 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0)
     batching: Literal["random", "bag_distinct"] = Field(
-        "random", description="random: shuffled pairs; bag_distinct: no two captions of a batch share their bag of "
-        "colours, shapes and relation axis, so batches hold no word-order hard negatives (as web data rarely does)")
+        "random",
+        description="random: shuffled pairs; bag_distinct: no two captions of a batch share their bag of "
+        "colours, shapes and relation axis, so batches hold no word-order hard negatives (as web data rarely does)",
+    )
 
 
 class StudentConfig(_Section):
-    """open_clip model. Embedded default: a tiny config registered with open_clip; real: e.g. ViT-B-32 + a local file."""
+    """open_clip model. Embedded default: a tiny config registered with open_clip; real: e.g. ViT-B-32 + a local
+    file."""
 
     arch: str = "sdsclip-tiny-vit"
     checkpoint: str | None = Field(
-        None, description="real path, a local: open_clip state dict (.pt/.bin/.safetensors), OpenAI TorchScript .pt "
-        "(needs a -quickgelu arch) or Hugging Face CLIPModel dir (config.json + model.safetensors); null = pretrain")
+        None,
+        description="real path, a local: open_clip state dict (.pt/.bin/.safetensors), OpenAI TorchScript .pt "
+        "(needs a -quickgelu arch) or Hugging Face CLIPModel dir (config.json + model.safetensors); null = pretrain",
+    )
     pretrain: OptimConfig = OptimConfig()
     text_order_steps: int = Field(
-        0, ge=0, description="from-scratch pretraining only: N more steps after pretrain.steps in which only the "
+        0,
+        ge=0,
+        description="from-scratch pretraining only: N more steps after pretrain.steps in which only the "
         "text tower trains, on L_CLIP + text_order_weight * a text-only loss reading the scene a relational caption "
         "describes (sdsclip.text_order): a text tower that separates object swaps beside the bag-of-words image "
-        "tower the first phase left (README \"Headroom\"); 0 = off")
+        'tower the first phase left (README "Headroom"); 0 = off',
+    )
     text_order_weight: float = Field(1.0, ge=0, description="weight of the text-order loss in those steps")
 
 
@@ -112,35 +130,56 @@ class TinyUNetConfig(_Section):
     max_caption_tokens: int = Field(16, ge=4)
     train_timesteps: int = Field(1000, ge=10)
     unshuffle_factor: int = Field(
-        2, ge=1, le=8, description="pixel_unshuffle latent: k x k pixel blocks -> channels (2: 32 px -> 16x16x12; "
-        "4: -> 8x8x48, ~4x cheaper per UNet step)")
+        2,
+        ge=1,
+        le=8,
+        description="pixel_unshuffle latent: k x k pixel blocks -> channels (2: 32 px -> 16x16x12; "
+        "4: -> 8x8x48, ~4x cheaper per UNet step)",
+    )
     position_embedding_std: float | None = Field(
-        None, gt=0, description="init std of the text encoder's position embeddings (null = transformers' 0.02); "
-        "order is only a weak signal while they are small next to the word embeddings")
+        None,
+        gt=0,
+        description="init std of the text encoder's position embeddings (null = transformers' 0.02); "
+        "order is only a weak signal while they are small next to the word embeddings",
+    )
     pooled_conditioning: bool = Field(
-        False, description="also add the caption's last text-encoder state (causal: it has read the whole caption, "
-        "in order) to the UNet's timestep embedding, so every ResNet block is conditioned on it")
+        False,
+        description="also add the caption's last text-encoder state (causal: it has read the whole caption, "
+        "in order) to the UNet's timestep embedding, so every ResNet block is conditioned on it",
+    )
     cross_attention_full_res: bool = Field(
-        False, description="cross-attention in the full-resolution UNet block too (more layout conditioning)")
+        False, description="cross-attention in the full-resolution UNet block too (more layout conditioning)"
+    )
     text_encoder: Literal["clip", "t5"] = Field(
-        "clip", description="clip: CLIPTextModel, causal (as Stable Diffusion): a word's state never sees the words "
+        "clip",
+        description="clip: CLIPTextModel, causal (as Stable Diffusion): a word's state never sees the words "
         "after it; t5: T5EncoderModel, bidirectional with relative positions (as Imagen / DeepFloyd IF), so each "
-        "object phrase also reads the relation that follows it. position_embedding_std is clip only")
+        "object phrase also reads the relation that follows it. position_embedding_std is clip only",
+    )
     resnet_time_scale_shift: Literal["default", "scale_shift"] = Field(
-        "default", description="how the timestep (+ pooled caption) embedding enters each ResNet block (diffusers' "
+        "default",
+        description="how the timestep (+ pooled caption) embedding enters each ResNet block (diffusers' "
         "knob): default adds it (a shift, the same at every position, as SD); scale_shift also multiplies the "
-        "normalised features by it (FiLM, as Imagen / ADM), so the caption can scale position-dependent features")
+        "normalised features by it (FiLM, as Imagen / ADM), so the caption can scale position-dependent features",
+    )
     coord_channels: bool = Field(
-        False, description="append two fixed channels (x, y in [-1, 1]) to the UNet input (CoordConv): a tiny "
-        "8x8 conv UNet knows little of where it is, and 'the red circle is LEFT of the blue square' is about where")
+        False,
+        description="append two fixed channels (x, y in [-1, 1]) to the UNet input (CoordConv): a tiny "
+        "8x8 conv UNet knows little of where it is, and 'the red circle is LEFT of the blue square' is about where",
+    )
     caption_map_channels: int = Field(
-        0, ge=0, description="k > 0: a small MLP maps the caption's pooled text state to k maps at the latent's "
+        0,
+        ge=0,
+        description="k > 0: a small MLP maps the caption's pooled text state to k maps at the latent's "
         "resolution, fed to the UNet beside x_t: position-specific conditioning, which a conv UNet (weights "
-        "shared across positions) lacks and DiT-style models get from absolute position embeddings; 0 = off (SD)")
+        "shared across positions) lacks and DiT-style models get from absolute position embeddings; 0 = off (SD)",
+    )
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
-        "epsilon", description="what the UNet learns to predict (its pretraining loss): epsilon (SD 1.x) or v "
+        "epsilon",
+        description="what the UNet learns to predict (its pretraining loss): epsilon (SD 1.x) or v "
         "(SD 2.x). The eps loss weights the high-noise steps, where only the caption can say where each object "
-        "is, by SNR(t) ~ 0; v weights them ~1/alpha_bar(t) more. Scoring and SDS always use the eps error")
+        "is, by SNR(t) ~ 0; v weights them ~1/alpha_bar(t) more. Scoring and SDS always use the eps error",
+    )
 
 
 class TeacherConfig(_Section):
@@ -156,38 +195,61 @@ class TeacherConfig(_Section):
     caption_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="share of empty captions while pretraining")
     pretrain_t_min: int = Field(0, ge=0, description="smallest timestep sampled while pretraining the tiny teacher")
     pretrain_t_max: int | None = Field(
-        None, ge=1, description="largest timestep (exclusive) sampled while pretraining; null = train_timesteps")
+        None, ge=1, description="largest timestep (exclusive) sampled while pretraining; null = train_timesteps"
+    )
     pretrain_high_t_share: float = Field(
-        0.0, ge=0.0, lt=1.0, description="share of each pretraining batch whose timestep is drawn from "
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of each pretraining batch whose timestep is drawn from "
         "[pretrain_high_t_min, pretrain_t_max) instead: the high-noise steps, where x_t no longer shows the layout "
-        "and only the caption can say where each object is; 0 = uniform, as Stable Diffusion is trained")
-    pretrain_high_t_min: int = Field(700, ge=0, description="lower end of the high-noise range (see pretrain_high_t_share)")
+        "and only the caption can say where each object is; 0 = uniform, as Stable Diffusion is trained",
+    )
+    pretrain_high_t_min: int = Field(
+        700, ge=0, description="lower end of the high-noise range (see pretrain_high_t_share)"
+    )
     binding_min_text_score: float = Field(
-        0.5, ge=0.0, le=1.0, description="`sdsclip diagnose teacher` passes at this Winoground text score (chance 0.25)")
+        0.5, ge=0.0, le=1.0, description="`sdsclip diagnose teacher` passes at this Winoground text score (chance 0.25)"
+    )
     binding_each_tag: bool = Field(
-        True, description="the text-score threshold also applies to each Winoground tag on its own (colour swaps, "
-        "object swaps), so a teacher that binds colours but not relations does not pass")
+        True,
+        description="the text-score threshold also applies to each Winoground tag on its own (colour swaps, "
+        "object swaps), so a teacher that binds colours but not relations does not pass",
+    )
     hard_negative_weight: float = Field(
-        0.0, ge=0.0, description="tiny teacher only: weight of a ranking loss that makes the denoising error under a "
+        0.0,
+        ge=0.0,
+        description="tiny teacher only: weight of a ranking loss that makes the denoising error under a "
         "word-order hard negative of the caption (its colours or its objects swapped) exceed the error under the "
-        "caption, same (t, eps); 0 = plain denoising, as Stable Diffusion is trained")
+        "caption, same (t, eps); 0 = plain denoising, as Stable Diffusion is trained",
+    )
     hard_negative_margin: float = Field(
-        0.1, ge=0.0, description="the ranking loss stops once error(negative) >= (1 + margin) x error(caption)")
+        0.1, ge=0.0, description="the ranking loss stops once error(negative) >= (1 + margin) x error(caption)"
+    )
     hard_negative_swap: Literal["both", "object", "colour"] = Field(
-        "both", description="which hard negatives the ranking loss uses: object swaps (relational captions only), "
-        "colour swaps, or both (half each)")
+        "both",
+        description="which hard negatives the ranking loss uses: object swaps (relational captions only), "
+        "colour swaps, or both (half each)",
+    )
     hard_negative_t_min: int = Field(
-        0, ge=0, description="the ranking loss only on rows with t >= this: below it x_t shows where the objects are, "
-        "so both captions denoise alike and the margin cannot be met")
+        0,
+        ge=0,
+        description="the ranking loss only on rows with t >= this: below it x_t shows where the objects are, "
+        "so both captions denoise alike and the margin cannot be met",
+    )
 
     @model_validator(mode="after")
-    def _pretrain_t_range(self) -> "TeacherConfig":
+    def _pretrain_t_range(self) -> TeacherConfig:
         top = min(self.pretrain_t_max or self.tiny.train_timesteps, self.tiny.train_timesteps)
         if self.pretrain_t_min >= top:
-            raise ValueError(f"pretrain_t_min ({self.pretrain_t_min}) must be < pretrain_t_max / train_timesteps ({top})")
+            raise ValueError(
+                f"pretrain_t_min ({self.pretrain_t_min}) must be < pretrain_t_max / train_timesteps ({top})"
+            )
         if self.pretrain_high_t_share and not self.pretrain_t_min <= self.pretrain_high_t_min < top:
-            raise ValueError(f"pretrain_high_t_min ({self.pretrain_high_t_min}) must be in [pretrain_t_min "
-                             f"({self.pretrain_t_min}), pretrain_t_max / train_timesteps ({top}))")
+            raise ValueError(
+                f"pretrain_high_t_min ({self.pretrain_high_t_min}) must be in [pretrain_t_min "
+                f"({self.pretrain_t_min}), pretrain_t_max / train_timesteps ({top}))"
+            )
         return self
 
 
@@ -199,61 +261,86 @@ class TrainConfig(_Section):
     epochs: int | None = Field(None, ge=1, description="passes over the accepted pairs; only when steps is null")
     batch_size: int = Field(32, ge=2, description="GLOBAL batch: split evenly over the processes of a DDP run")
     lr: float = Field(5e-5, gt=0)
-    sigma_lr: float | None = Field(1e-3, gt=0, description="lr for the fresh sigma map (it starts from scratch); null = lr")
+    sigma_lr: float | None = Field(
+        1e-3, gt=0, description="lr for the fresh sigma map (it starts from scratch); null = lr"
+    )
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
     t_min: int = Field(20, ge=0, description="smallest timestep sampled for L_SDS")
     t_max: int = Field(980, ge=1, description="largest timestep sampled for L_SDS")
     noise_draws: int = Field(1, ge=1, description="(t, eps) draws per sample per step")
     sds_gradient: Literal["full", "jacobian_free"] = Field(
-        "full", description="full = the paper's L_SDS, back-propagated through the frozen UNet; jacobian_free = "
+        "full",
+        description="full = the paper's L_SDS, back-propagated through the frozen UNet; jacobian_free = "
         "the same logged loss, gradient w(t) (eps_hat - eps) on z with the UNet run without autograd (no UNet "
-        "activations kept: cheaper steps, far bigger batches; see sdsclip.sds.SDS_WEIGHTS)")
+        "activations kept: cheaper steps, far bigger batches; see sdsclip.sds.SDS_WEIGHTS)",
+    )
     sds_weighting: Literal["constant", "one_minus_alpha_bar"] = Field(
-        "constant", description="w(t) of the jacobian_free gradient: constant (1) or one_minus_alpha_bar "
-        "(DreamFusion's); unused by full")
+        "constant",
+        description="w(t) of the jacobian_free gradient: constant (1) or one_minus_alpha_bar "
+        "(DreamFusion's); unused by full",
+    )
     batching: Literal["random", "bag_distinct"] = Field(
-        "random", description="fine-tuning batches: random, or bag_distinct (no word-order hard negatives)")
+        "random", description="fine-tuning batches: random, or bag_distinct (no word-order hard negatives)"
+    )
     captions: Literal["all", "one_per_image"] = Field(
-        "all", description="what an epoch is: all (every accepted caption is its own pair) or one_per_image (each "
-        "image once, with one of its accepted captions drawn per (seed, epoch)); steps from epochs follow it")
+        "all",
+        description="what an epoch is: all (every accepted caption is its own pair) or one_per_image (each "
+        "image once, with one of its accepted captions drawn per (seed, epoch)); steps from epochs follow it",
+    )
     loader_workers: int = Field(
-        0, ge=0, description="DataLoader processes decoding JPEGs for the training loaders (fine-tuning and "
-        "pretraining); the same batches for any value; 0 = in the main process")
+        0,
+        ge=0,
+        description="DataLoader processes decoding JPEGs for the training loaders (fine-tuning and "
+        "pretraining); the same batches for any value; 0 = in the main process",
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast of the step (accelerate)")
     gradient_checkpointing: bool = Field(False, description="recompute the frozen UNet's activations in backward")
     memory_check: Literal["error", "warn", "off"] = Field(
-        "error", description="before the first step, compare the estimated peak memory of a step (sdsclip.memory) "
-        "with the device's free memory: error stops the run with the knobs that help, warn logs it, off skips")
+        "error",
+        description="before the first step, compare the estimated peak memory of a step (sdsclip.memory) "
+        "with the device's free memory: error stops the run with the knobs that help, warn logs it, off skips",
+    )
     text_cache_size: int = Field(
-        0, ge=0, description="LRU entries of teacher text conditioning kept on its device; 0 = encode every step "
-        "(default: on COCO captions never repeat within 4096 entries, see benchmarks/train_step.py)"
+        0,
+        ge=0,
+        description="LRU entries of teacher text conditioning kept on its device; 0 = encode every step "
+        "(default: on COCO captions never repeat within 4096 entries, see benchmarks/train_step.py)",
     )
     checkpoint_every: int = Field(50, ge=0, description="write a resumable checkpoint every N steps; 0 = never")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
     log_mlflow: bool = Field(True, description="also log per-step losses to MLflow (registry.tracking_uri)")
     trainable: Literal["image_layernorms", "image_norms", "image_tower", "sigma_only"] = Field(
-        "image_layernorms", description="CLIP parameters that train: image_layernorms (the paper), image_norms (every "
+        "image_layernorms",
+        description="CLIP parameters that train: image_layernorms (the paper), image_norms (every "
         "normalization layer's affine params of the image tower, incl. BatchNorm/GroupNorm: for ResNets such as "
         "RN50, which have no LayerNorms there), image_tower (all image-tower params; a deviation from the paper) or "
-        "sigma_only (CLIP frozen, only sigma trains: a diagnostic of how much of L_SDS's fall sigma absorbs)")
+        "sigma_only (CLIP frozen, only sigma trains: a diagnostic of how much of L_SDS's fall sigma absorbs)",
+    )
     sigma_first_steps: int = Field(
-        0, ge=0, description="the first N steps train sigma only (CLIP's lr held at 0), so the LayerNorms start "
-        "from a fitted sigma rather than a random one; 0 = both from step 0 (the paper)")
+        0,
+        ge=0,
+        description="the first N steps train sigma only (CLIP's lr held at 0), so the LayerNorms start "
+        "from a fitted sigma rather than a random one; 0 = both from step 0 (the paper)",
+    )
     grad_norm_every: int = Field(
-        0, ge=0, description="every N steps log the gradient norm that L_CLIP and lambda * L_SDS each put on the "
+        0,
+        ge=0,
+        description="every N steps log the gradient norm that L_CLIP and lambda * L_SDS each put on the "
         "trainable CLIP parameters and on sigma (two extra backward passes on those steps; single-process runs "
-        "only); 0 = never. z's mean / std are logged every step of an SDS run regardless")
+        "only); 0 = never. z's mean / std are logged every step of an SDS run regardless",
+    )
 
     @model_validator(mode="after")
-    def _t_range(self) -> "TrainConfig":
+    def _t_range(self) -> TrainConfig:
         if self.t_min >= self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must be < t_max ({self.t_max})")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(f"set exactly one of steps ({self.steps}) and epochs ({self.epochs}); the other null")
         if self.steps is not None and self.sigma_first_steps >= self.steps:
-            raise ValueError(f"sigma_first_steps ({self.sigma_first_steps}) must be < steps ({self.steps}), or "
-                             "CLIP never trains")
+            raise ValueError(
+                f"sigma_first_steps ({self.sigma_first_steps}) must be < steps ({self.steps}), or CLIP never trains"
+            )
         return self
 
 
@@ -263,69 +350,107 @@ class EvalConfig(_Section):
     teacher_t_min: int = Field(100, ge=0)
     teacher_t_max: int = Field(900, ge=1)
     teacher_max_items: int | None = Field(
-        400, ge=1, description="teacher only: a seeded (seed) random subset of N items per ARO dataset / SugarCrepe "
-        "subset / zero-shot set, stratified by the macro average's group (CPU cost); null = all")
+        400,
+        ge=1,
+        description="teacher only: a seeded (seed) random subset of N items per ARO dataset / SugarCrepe "
+        "subset / zero-shot set, stratified by the macro average's group (CPU cost); null = all",
+    )
     teacher_chunk_items: int = Field(
-        64, ge=1, description="teacher only: items per scorer call (Winoground examples, ARO / SugarCrepe items); "
-        "the unit an evaluation is sharded by")
+        64,
+        ge=1,
+        description="teacher only: items per scorer call (Winoground examples, ARO / SugarCrepe items); "
+        "the unit an evaluation is sharded by",
+    )
     shards: int = Field(
-        1, ge=1, description="Kubeflow: each teacher evaluation (Winoground, ARO, SugarCrepe) as N parallel GPU tasks, "
-        "merged into the same metrics as one task; DVC and the CLI run it unsharded")
+        1,
+        ge=1,
+        description="Kubeflow: each teacher evaluation (Winoground, ARO, SugarCrepe) as N parallel GPU tasks, "
+        "merged into the same metrics as one task; DVC and the CLI run it unsharded",
+    )
     teacher_image_uncond_correction: bool = Field(
-        True, description="teacher, Winoground: score(i, c) = -(err(i, c) - err(i, '')) (Diffusion-ITM) where "
-        "images compete for one caption; caption comparisons of one image are unchanged")
+        True,
+        description="teacher, Winoground: score(i, c) = -(err(i, c) - err(i, '')) (Diffusion-ITM) where "
+        "images compete for one caption; caption comparisons of one image are unchanged",
+    )
     vae_batch_size: int = Field(8, ge=1, description="teacher: images per VAE encode call (memory at 512 px)")
     vae_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="teacher VAE encode under autocast: auto = bf16 (else fp16) on CUDA, fp32 on CPU")
+        "auto", description="teacher VAE encode under autocast: auto = bf16 (else fp16) on CUDA, fp32 on CPU"
+    )
     on_missing: Literal["error", "skip"] = Field(
-        "error", description="a missing/unreadable image: stop naming file and line, or skip it (counted, reported)")
-    aro_pos_tagger: str = Field("textblob", pattern=r"^(textblob|spacy:.+)$",
-                                description="POS tagger for the ARO order perturbations: textblob | spacy:MODEL")
-    aro_attribution_min_count: int = Field(25, ge=1, description="VG-Attribution macro: pairs with >= N items (ARO: 25)")
+        "error", description="a missing/unreadable image: stop naming file and line, or skip it (counted, reported)"
+    )
+    aro_pos_tagger: str = Field(
+        "textblob",
+        pattern=r"^(textblob|spacy:.+)$",
+        description="POS tagger for the ARO order perturbations: textblob | spacy:MODEL",
+    )
+    aro_attribution_min_count: int = Field(
+        25, ge=1, description="VG-Attribution macro: pairs with >= N items (ARO: 25)"
+    )
     zeroshot_prompts_file: str | None = Field(None, description="class names + templates JSON; null = packaged file")
     zeroshot_prompt_set: str | None = Field(
-        None, description="entry of that file; null = follow the data (CIFAR -> cifar10/100, ImageFolder -> the "
-        "entry whose classnames match its folders); a set not covering the classes is an error")
+        None,
+        description="entry of that file; null = follow the data (CIFAR -> cifar10/100, ImageFolder -> the "
+        "entry whose classnames match its folders); a set not covering the classes is an error",
+    )
     sugarcrepe_world_items: int | None = Field(
-        100, ge=1, description="items per subset of the SugarCrepe-format set derived from the world")
+        100, ge=1, description="items per subset of the SugarCrepe-format set derived from the world"
+    )
 
 
 class ScienceConfig(_Section):
-    """`sdsclip science`: the control (lambda = 0) vs SDS-CLIP over seeds and a lambda sweep (src/sdsclip/science.py)."""
+    """`sdsclip science`: the control (lambda = 0) vs SDS-CLIP over seeds and a lambda sweep
+    (src/sdsclip/science.py)."""
 
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
-                             description="fine-tuning seeds (data order, (t, eps) draws, sigma init) per arm")
-    lambdas: list[float] = Field(default_factory=lambda: [1.0, 10.0], min_length=1,
-                                 description="lambda_sds values of the SDS arms; the control (0) always runs")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description="fine-tuning seeds (data order, (t, eps) draws, sigma init) per arm",
+    )
+    lambdas: list[float] = Field(
+        default_factory=lambda: [1.0, 10.0],
+        min_length=1,
+        description="lambda_sds values of the SDS arms; the control (0) always runs",
+    )
     sds_gradients: list[Literal["full", "jacobian_free"]] = Field(
-        default_factory=lambda: ["full", "jacobian_free"], min_length=1,
+        default_factory=lambda: ["full", "jacobian_free"],
+        min_length=1,
         description="train.sds_gradient of the SDS arms: each lambda runs once per entry (jacobian_free arms are "
-        "named sds_lambda_<l>_jacobian_free)")
+        "named sds_lambda_<l>_jacobian_free)",
+    )
     workdir: str = Field("science", description="world, shards, models, metrics and report of the experiment")
     diagnose_items: int | None = Field(200, ge=1, description="Winoground items of the teacher diagnostic; null = all")
     ladder: list[Literal["image_layernorms", "image_tower", "both_towers"]] = Field(
         default_factory=lambda: ["image_layernorms", "image_tower", "both_towers"],
         description="oracle fine-tunes on Winoground-format hard negatives (sdsclip.headroom): image_layernorms "
         "(a, SDS-CLIP's parameterization), image_tower (b, any image-side method), both_towers (c, NegCLIP); "
-        "[] = none")
+        "[] = none",
+    )
     oracle_train_items: int = Field(1000, ge=2, description="Winoground-format training items of the oracle arms")
     oracle_lr: float = Field(1e-3, gt=0, description="lr of the oracle arms (same steps and batch as train.*)")
     oracle_train_seed: int = Field(1001, ge=0, description="world seed of the oracle arms' training items")
-    holdout_seed: int = Field(2002, ge=0, description="world seed of the held-out Winoground / ARO sets every arm "
-                              "is also evaluated on (rendered apart from any training data)")
+    holdout_seed: int = Field(
+        2002,
+        ge=0,
+        description="world seed of the held-out Winoground / ARO sets every arm "
+        "is also evaluated on (rendered apart from any training data)",
+    )
     probes: list[Literal["sigma_only", "best_t", "sigma_first", "image_tower"]] = Field(
         default_factory=lambda: ["sigma_only", "best_t", "sigma_first", "image_tower"],
         description="mechanism probes, SDS arms at probe_lambda: sigma_only (CLIP frozen), best_t (t drawn only "
         "where the teacher binds object order best, from the diagnostic's by-t rows), sigma_first (sigma alone for "
-        "train.steps / 4 steps first), image_tower (the whole image tower trains); [] = none")
+        "train.steps / 4 steps first), image_tower (the whole image tower trains); [] = none",
+    )
     probe_lambda: float | None = Field(10.0, gt=0, description="lambda of the probes; null = the first of lambdas")
     bootstrap_samples: int = Field(2000, ge=100, description="item resamples of the 95 % intervals")
     plain_student_ladder: bool = Field(
-        True, description="with student.text_order_steps > 0: also pretrain the plain student (0 steps) and run "
-        "the control and the ladder on it, so the report shows the premise on both students")
+        True,
+        description="with student.text_order_steps > 0: also pretrain the plain student (0 steps) and run "
+        "the control and the ladder on it, so the report shows the premise on both students",
+    )
 
     @model_validator(mode="after")
-    def _positive_lambdas(self) -> "ScienceConfig":
+    def _positive_lambdas(self) -> ScienceConfig:
         if any(not lam > 0 for lam in self.lambdas):
             raise ValueError(f"lambdas must be > 0 (the control, 0, always runs), got {self.lambdas}")
         return self
@@ -354,10 +479,11 @@ class Params(_Section):
     registry: RegisterConfig = RegisterConfig()
     science: ScienceConfig = ScienceConfig()
     multinode: dict[str, Any] | None = Field(
-        None, description="PyTorchJob settings for multi-node training (sdsclip.pytorchjob.JobConfig fields)")
+        None, description="PyTorchJob settings for multi-node training (sdsclip.pytorchjob.JobConfig fields)"
+    )
 
     @model_validator(mode="after")
-    def _check_multinode(self) -> "Params":
+    def _check_multinode(self) -> Params:
         if self.multinode is not None:  # checked here so a typo stops every stage, not only the training step
             from sdsclip.pytorchjob import PyTorchJobError, job_config
 
@@ -415,7 +541,11 @@ def load_profile(name: str) -> tuple[dict[str, Any], Path]:
     allowed = EXPERIMENT_SECTIONS if scope == EXPERIMENT_SCOPE else PROFILE_SECTIONS
     extra = sorted(set(overlay) - set(allowed))
     if extra:
-        hint = "" if scope else f" (or declare `profile_scope: {EXPERIMENT_SCOPE}` to also set world, student, teacher, eval, science)"
+        hint = (
+            ""
+            if scope
+            else f" (or declare `profile_scope: {EXPERIMENT_SCOPE}` to also set world, student, teacher, eval, science)"
+        )
         raise ConfigError(f"{path}: {extra[0]}: a profile may only set {', '.join(allowed)}{hint}")
     return overlay, path
 

@@ -34,7 +34,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import csv
 import json
 import random
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.data import IterableDataset
+
+from sdsclip.errors import UserError
 
 SHARD_GLOB = "shard-*.tar"
 CAPTIONS = ("all", "one_per_image")
@@ -72,8 +73,9 @@ def load_accepted_ids(accepted_csv: Path) -> set[int]:
             try:
                 ids.add(int(row["annotation_id"]))
             except (TypeError, ValueError):
-                raise DataError(f"{accepted_csv}: line {line}: annotation_id {row['annotation_id']!r} is not an "
-                                "integer") from None
+                raise DataError(
+                    f"{accepted_csv}: line {line}: annotation_id {row['annotation_id']!r} is not an integer"
+                ) from None
     return ids
 
 
@@ -87,7 +89,6 @@ def shard_paths(shards_dir: Path) -> list[Path]:
     return shards
 
 
-
 def _captions_of(meta: Any) -> list[dict[str, Any]]:
     caps = meta.get("captions") if isinstance(meta, dict) else None
     return caps if isinstance(caps, list) else []
@@ -95,8 +96,11 @@ def _captions_of(meta: Any) -> list[dict[str, Any]]:
 
 def _usable(meta: Any, accepted: frozenset[int] | set[int] | None) -> list[dict[str, Any]]:
     """The captions of one image that become pairs: well-formed and (when given) accepted."""
-    return [c for c in _captions_of(meta) if isinstance(c, dict) and isinstance(c.get("caption"), str)
-            and (accepted is None or c.get("id") in accepted)]
+    return [
+        c
+        for c in _captions_of(meta)
+        if isinstance(c, dict) and isinstance(c.get("caption"), str) and (accepted is None or c.get("id") in accepted)
+    ]
 
 
 def _check_captions(captions: str) -> None:
@@ -144,24 +148,30 @@ def count_pairs(shards_dir: Path, accepted_csv: Path | None = None, captions: st
     return count_dataset(shards_dir, accepted_csv).per_epoch(captions)
 
 
-def check_batchable(counts: PairCounts, captions: str, batch_size: int, where: Path, key: str = "batch_size"
-                    ) -> None:
+def check_batchable(counts: PairCounts, captions: str, batch_size: int, where: Path, key: str = "batch_size") -> None:
     """DataError (one line) unless one epoch can hold a full global batch of distinct images."""
     per_epoch = counts.per_epoch(captions)
     if per_epoch == 0:
-        raise DataError(f"{where}: no accepted image-caption pairs (empty dataset: the accepted list names none "
-                        "of the shards' captions)")
+        raise DataError(
+            f"{where}: no accepted image-caption pairs (empty dataset: the accepted list names none "
+            "of the shards' captions)"
+        )
     if per_epoch < batch_size:
         what = "images" if captions == "one_per_image" else "accepted image-caption pairs"
-        raise DataError(f"{where}: only {per_epoch} {what} per epoch, fewer than one batch of {batch_size} ({key}; "
-                        "partial batches are dropped)")
+        raise DataError(
+            f"{where}: only {per_epoch} {what} per epoch, fewer than one batch of {batch_size} ({key}; "
+            "partial batches are dropped)"
+        )
     if counts.images < batch_size:
-        raise DataError(f"{where}: only {counts.images} images, fewer than one batch of {batch_size} ({key}): a "
-                        "batch never holds two captions of one image; lower the batch size")
+        raise DataError(
+            f"{where}: only {counts.images} images, fewer than one batch of {batch_size} ({key}): a "
+            "batch never holds two captions of one image; lower the batch size"
+        )
 
 
-def _expand_pairs(samples: Iterator[dict[str, Any]], accepted: frozenset[int], captions: str = "all",
-                  choice_seed: int = 0) -> Iterator[dict[str, Any]]:
+def _expand_pairs(
+    samples: Iterator[dict[str, Any]], accepted: frozenset[int], captions: str = "all", choice_seed: int = 0
+) -> Iterator[dict[str, Any]]:
     """One shard sample (image + all captions) -> one sample per accepted caption (``all``) or one sample with
     one accepted caption drawn by ``(choice_seed, image key)`` (``one_per_image``: the draw does not depend
     on the stream order, so it is the same in every worker and process). Image bytes are shared."""
@@ -178,8 +188,14 @@ def _expand_pairs(samples: Iterator[dict[str, Any]], accepted: frozenset[int], c
         if captions == "one_per_image" and caps:
             caps = [random.Random(f"{choice_seed}:{sample['__key__']}").choice(caps)]
         for cap in caps:
-            yield {"__key__": f"{sample['__key__']}/{cap['id']}", "__url__": sample.get("__url__"),
-                   "__image__": sample["__key__"], "__ext__": ext, "__caption__": cap["caption"], ext: sample[ext]}
+            yield {
+                "__key__": f"{sample['__key__']}/{cap['id']}",
+                "__url__": sample.get("__url__"),
+                "__image__": sample["__key__"],
+                "__ext__": ext,
+                "__caption__": cap["caption"],
+                ext: sample[ext],
+            }
 
 
 def _to_pair(sample: dict[str, Any], transform: Callable) -> tuple[Any, str]:
@@ -233,9 +249,13 @@ def image_and_bag_keys(sample: dict[str, Any]) -> tuple[Hashable, ...]:
     return image_keys(sample) + bag_keys(sample)
 
 
-def _distinct_batches(samples: Iterator[dict[str, Any]], batch_size: int, max_pending: int,
-                      keys_of: Callable[[dict[str, Any]], tuple[Hashable, ...]], shortage: str
-                      ) -> Iterator[dict[str, Any]]:
+def _distinct_batches(
+    samples: Iterator[dict[str, Any]],
+    batch_size: int,
+    max_pending: int,
+    keys_of: Callable[[dict[str, Any]], tuple[Hashable, ...]],
+    shortage: str,
+) -> Iterator[dict[str, Any]]:
     """Reorder a (shuffled) pair stream so that each consecutive run of ``batch_size`` samples holds no two
     samples sharing any of their ``keys_of`` keys (an image, a caption bag). Greedy and deterministic: a
     sample whose key is taken waits in a FIFO for a later batch, oldest first. Once the stream is exhausted
@@ -283,20 +303,24 @@ def _distinct_batches(samples: Iterator[dict[str, Any]], batch_size: int, max_pe
             return  # end of the epoch: the partial batch (and what still waits) is dropped
 
 
-def _bag_distinct(samples: Iterator[dict[str, Any]], batch_size: int, max_pending: int
-                  ) -> Iterator[dict[str, Any]]:
+def _bag_distinct(samples: Iterator[dict[str, Any]], batch_size: int, max_pending: int) -> Iterator[dict[str, Any]]:
     """``_distinct_batches`` over caption bags alone: no two captions of a batch share their ``bag_key``,
     which is what web-scale batches look like (hard negatives are rare), unlike random batches over a small
     synthetic vocabulary."""
     return _distinct_batches(samples, batch_size, max_pending, bag_keys, BAG_SHORTAGE)
 
 
-BAG_SHORTAGE = ("bag_distinct batching: fewer than {n} distinct caption bags in reach; lower the batch size or "
-                "use batching: random")
-IMAGE_SHORTAGE = ("fewer than {n} distinct images in reach of the shuffle buffer (a batch never holds two captions "
-                  "of one image); lower the batch size or use captions: one_per_image")
-BAG_IMAGE_SHORTAGE = ("bag_distinct batching: fewer than {n} distinct caption bags (of distinct images) in reach; "
-                      "lower the batch size or use batching: random")
+BAG_SHORTAGE = (
+    "bag_distinct batching: fewer than {n} distinct caption bags in reach; lower the batch size or use batching: random"
+)
+IMAGE_SHORTAGE = (
+    "fewer than {n} distinct images in reach of the shuffle buffer (a batch never holds two captions "
+    "of one image); lower the batch size or use captions: one_per_image"
+)
+BAG_IMAGE_SHORTAGE = (
+    "bag_distinct batching: fewer than {n} distinct caption bags (of distinct images) in reach; "
+    "lower the batch size or use batching: random"
+)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -338,9 +362,21 @@ class PairLoader:
     any ``num_workers``.
     """
 
-    def __init__(self, shards_dir: Path, accepted_csv: Path, image_transform: Callable, batch_size: int,
-                 seed: int, shuffle_buffer: int = 2000, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                 batching: str = "random", captions: str = "all", pin_memory: bool = False):
+    def __init__(
+        self,
+        shards_dir: Path,
+        accepted_csv: Path,
+        image_transform: Callable,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int = 2000,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batching: str = "random",
+        captions: str = "all",
+        pin_memory: bool = False,
+    ):
         if batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, got {batching!r}")
         _check_captions(captions)
@@ -357,8 +393,10 @@ class PairLoader:
         self.counts = count_dataset(self.shards_dir, accepted_csv)
         self.n_pairs = self.counts.per_epoch(captions)
         if self.n_pairs == 0:
-            raise DataError(f"{self.shards_dir}: no accepted image-caption pairs (empty dataset: "
-                            f"{len(self.accepted)} ids in {accepted_csv}, none of them in the shards)")
+            raise DataError(
+                f"{self.shards_dir}: no accepted image-caption pairs (empty dataset: "
+                f"{len(self.accepted)} ids in {accepted_csv}, none of them in the shards)"
+            )
         check_batchable(self.counts, captions, batch_size, self.shards_dir)
         self.transform = image_transform
         self.batch_size = batch_size
@@ -376,8 +414,11 @@ class PairLoader:
 
     def _keys_of(self) -> tuple[Callable | None, str]:
         if self.batching == "bag_distinct":
-            return (bag_keys, BAG_SHORTAGE) if self.captions == "one_per_image" else (image_and_bag_keys,
-                                                                                       BAG_IMAGE_SHORTAGE)
+            return (
+                (bag_keys, BAG_SHORTAGE)
+                if self.captions == "one_per_image"
+                else (image_and_bag_keys, BAG_IMAGE_SHORTAGE)
+            )
         return (None, "") if self.captions == "one_per_image" else (image_keys, IMAGE_SHORTAGE)
 
     def epoch(self, epoch: int):
@@ -389,17 +430,23 @@ class PairLoader:
         random.Random(eseed).shuffle(urls)
         buf = self.shuffle_buffer
         # No node or worker splitting: every process and worker reads the whole epoch (see the module doc).
-        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
-                            seed=eseed)
+        ds = wds.WebDataset(
+            urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False, seed=eseed
+        )
         ds = ds.shuffle(buf, initial=buf, seed=eseed + 1)
-        ds = ds.compose(partial(_expand_pairs, accepted=self.accepted, captions=self.captions,
-                                choice_seed=eseed + 3))
+        ds = ds.compose(partial(_expand_pairs, accepted=self.accepted, captions=self.captions, choice_seed=eseed + 3))
         ds = ds.shuffle(buf, initial=buf, seed=eseed + 2)
         keys_of, shortage = self._keys_of()
         if keys_of is not None:
-            ds = ds.compose(partial(_distinct_batches, batch_size=self.batch_size,
-                                    max_pending=max(10 * self.batch_size, buf), keys_of=keys_of,
-                                    shortage=shortage))
+            ds = ds.compose(
+                partial(
+                    _distinct_batches,
+                    batch_size=self.batch_size,
+                    max_pending=max(10 * self.batch_size, buf),
+                    keys_of=keys_of,
+                    shortage=shortage,
+                )
+            )
         return ds.compose(partial(_global_batches, batch_size=self.batch_size))
 
     def _decode(self, samples: list[dict[str, Any]]) -> tuple[Any, list[str]]:
@@ -408,8 +455,9 @@ class PairLoader:
         decoder = Decoder([ImageHandler("pil")])
         return _collate([_to_pair(decoder(s), self.transform) for s in samples])
 
-    def _stream(self, start_epoch: int, start_batch: int, worker: int, n_workers: int
-                ) -> Iterator[tuple[int, int, tuple[Any, list[str]]]]:
+    def _stream(
+        self, start_epoch: int, start_batch: int, worker: int, n_workers: int
+    ) -> Iterator[tuple[int, int, tuple[Any, list[str]]]]:
         """``(epoch, index, this rank's slice)`` of the global batches ``g`` (counted from the start position)
         with ``g % n_workers == worker``; the others are skipped still compressed."""
         lo, hi = self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size
@@ -424,9 +472,11 @@ class PairLoader:
                     yield epoch, index, self._decode(batch[lo:hi])
                 g += 1
             if formed == 0:
-                raise DataError(f"{self.shards_dir}: an epoch produced no full batch of {self.batch_size} "
-                                f"({self.n_pairs} pairs per epoch over {len(self.shards)} shards); lower the "
-                                "batch size")
+                raise DataError(
+                    f"{self.shards_dir}: an epoch produced no full batch of {self.batch_size} "
+                    f"({self.n_pairs} pairs per epoch over {len(self.shards)} shards); lower the "
+                    "batch size"
+                )
             epoch, skip = epoch + 1, 0
 
     def batches(self, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, tuple[Any, list[str]]]]:
@@ -438,8 +488,9 @@ class PairLoader:
         from torch.utils.data import DataLoader
 
         # batch_size=None: items pass as they are; the DataLoader takes them from the workers in turn.
-        for item in DataLoader(stream, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                               pin_memory=self.pin_memory):
+        for item in DataLoader(
+            stream, batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory
+        ):
             if isinstance(item, _Failure):
                 raise DataError(item.message)
             yield item
@@ -449,13 +500,36 @@ class PairLoader:
             yield batch
 
 
-def pair_loader(shards_dir: Path, accepted_csv: Path, image_transform: Callable, batch_size: int, seed: int,
-                shuffle_buffer: int = 2000, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                batching: str = "random", captions: str = "all", pin_memory: bool = False) -> PairLoader:
+def pair_loader(
+    shards_dir: Path,
+    accepted_csv: Path,
+    image_transform: Callable,
+    batch_size: int,
+    seed: int,
+    shuffle_buffer: int = 2000,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    batching: str = "random",
+    captions: str = "all",
+    pin_memory: bool = False,
+) -> PairLoader:
     """Infinite deterministic stream of (images [B,3,H,W], captions list[str]) over accepted pairs
     (``B = batch_size // world_size``: this rank's slice of each global batch). ``captions``: ``all`` pairs
     or ``one_per_image`` per epoch. No global batch holds two captions of one image; ``batching="bag_distinct"``:
     nor two sharing their ``bag_key`` (see ``_distinct_batches``). ``num_workers``: DataLoader processes
     decoding in parallel, the same batches as 0."""
-    return PairLoader(shards_dir, accepted_csv, image_transform, batch_size, seed, shuffle_buffer, num_workers,
-                      rank, world_size, batching, captions, pin_memory)
+    return PairLoader(
+        shards_dir,
+        accepted_csv,
+        image_transform,
+        batch_size,
+        seed,
+        shuffle_buffer,
+        num_workers,
+        rank,
+        world_size,
+        batching,
+        captions,
+        pin_memory,
+    )

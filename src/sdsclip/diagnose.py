@@ -34,8 +34,13 @@ def swap_effects(scores: torch.Tensor) -> torch.Tensor:
     return ((s[:, 0, 0] - s[:, 1, 0]) + (s[:, 1, 1] - s[:, 0, 1])) / 2
 
 
-def teacher_binding(params: Params, teacher_ref: Path, winoground_dir: Path, max_items: int | None = None,
-                    threshold: float | None = None) -> dict[str, Any]:
+def teacher_binding(
+    params: Params,
+    teacher_ref: Path,
+    winoground_dir: Path,
+    max_items: int | None = None,
+    threshold: float | None = None,
+) -> dict[str, Any]:
     """The teacher's binding diagnostic on a Winoground-format dir (see the module docstring)."""
     from sdsclip.evaluate.winoground import load_data, score_examples, winoground_metrics
     from sdsclip.scoring import TeacherScorer, load_scorer
@@ -64,7 +69,7 @@ def teacher_binding(params: Params, teacher_ref: Path, winoground_dir: Path, max
     true_caps = [c for e in examples for c in (e.caption_0, e.caption_1)]
     pairs = [(i, 0) for i in range(len(images))] + [(i, index[c]) for i, c in enumerate(true_caps)]
     s = score_pairs(scorer, loaders, captions, pairs).double()
-    empty, true = s[: len(images)], s[len(images):]
+    empty, true = s[: len(images)], s[len(images) :]
     caption_effect = float((true - empty).mean())  # error(empty) - error(true)
     effects = swap_effects(scores)
     metrics = winoground_metrics(examples, scores)
@@ -72,27 +77,49 @@ def teacher_binding(params: Params, teacher_ref: Path, winoground_dir: Path, max
     by_tag, tag_rows = {}, {}
     for tag in sorted({e.tag for e in examples}):
         idx = tag_rows[tag] = torch.tensor([i for i, e in enumerate(examples) if e.tag == tag])
-        by_tag[tag] = {"n": len(idx), "swap_effect": float(effects[idx].mean()),
-                       "swap_positive_fraction": float((effects[idx] > 0).double().mean()),
-                       **{k: v for k, v in _scores(scores[idx]).items()}}
-    failed_tags = sorted(tag for tag, row in by_tag.items() if row["text_score"] < threshold) \
-        if params.teacher.binding_each_tag else []
+        by_tag[tag] = {
+            "n": len(idx),
+            "swap_effect": float(effects[idx].mean()),
+            "swap_positive_fraction": float((effects[idx] > 0).double().mean()),
+            **{k: v for k, v in _scores(scores[idx]).items()},
+        }
+    failed_tags = (
+        sorted(tag for tag, row in by_tag.items() if row["text_score"] < threshold)
+        if params.teacher.binding_each_tag
+        else []
+    )
     result = {
-        "model": str(teacher_ref), "n": len(examples),
-        "draws": int(scorer.t.shape[0]), "t": [int(t) for t in scorer.t],
+        "model": str(teacher_ref),
+        "n": len(examples),
+        "draws": int(scorer.t.shape[0]),
+        "t": [int(t) for t in scorer.t],
         "swap_effect": float(effects.mean()),
         "swap_effect_sem": float(effects.std() / max(1, len(effects)) ** 0.5) if len(effects) > 1 else 0.0,
         "swap_positive_fraction": float((effects > 0).double().mean()),
         "caption_effect": caption_effect,
         "swap_to_caption_ratio": float(effects.mean()) / caption_effect if caption_effect else None,
-        "text_score": metrics["text_score"], "image_score": metrics["image_score"],
-        "group_score": metrics["group_score"], "chance_text_score": CHANCE_TEXT_SCORE,
-        "by_tag": by_tag, "threshold_text_score": threshold,
-        "by_t": [{"t": int(t), "swap_effect": float(swap_effects(sc).mean()),
-                  "swap_positive_fraction": float((swap_effects(sc) > 0).double().mean()), **_scores(sc),
-                  "by_tag": {tag: {"swap_positive_fraction": float((swap_effects(sc[idx]) > 0).double().mean()),
-                                   "text_score": _scores(sc[idx])["text_score"]} for tag, idx in tag_rows.items()}}
-                 for t, sc in zip(scorer.t, per_draw)],
+        "text_score": metrics["text_score"],
+        "image_score": metrics["image_score"],
+        "group_score": metrics["group_score"],
+        "chance_text_score": CHANCE_TEXT_SCORE,
+        "by_tag": by_tag,
+        "threshold_text_score": threshold,
+        "by_t": [
+            {
+                "t": int(t),
+                "swap_effect": float(swap_effects(sc).mean()),
+                "swap_positive_fraction": float((swap_effects(sc) > 0).double().mean()),
+                **_scores(sc),
+                "by_tag": {
+                    tag: {
+                        "swap_positive_fraction": float((swap_effects(sc[idx]) > 0).double().mean()),
+                        "text_score": _scores(sc[idx])["text_score"],
+                    }
+                    for tag, idx in tag_rows.items()
+                },
+            }
+            for t, sc in zip(scorer.t, per_draw)
+        ],
         "each_tag": bool(params.teacher.binding_each_tag),
         "failed_tags": failed_tags,
         "passed": bool(metrics["text_score"] >= threshold and not failed_tags),
@@ -111,19 +138,22 @@ def _scores(scores: torch.Tensor) -> dict[str, float]:
 def verdict_line(result: dict[str, Any]) -> str:
     word = "PASS" if result["passed"] else "FAIL"
     ratio = result["swap_to_caption_ratio"]
-    return (f"teacher binding {word}: text score {result['text_score']:.3f} (threshold "
-            f"{result['threshold_text_score']:.2f}, chance {CHANCE_TEXT_SCORE}), caption-swap effect "
-            f"{result['swap_effect']:.2e} ({'n/a' if ratio is None else f'{ratio:.1%}'} of the caption effect "
-            f"{result['caption_effect']:.2e}), n={result['n']}"
-            + "".join(f"; {tag} text score {row['text_score']:.2f}" for tag, row in result.get("by_tag", {}).items())
-            + (f" (below the threshold: {', '.join(result['failed_tags'])})" if result.get("failed_tags") else ""))
+    return (
+        f"teacher binding {word}: text score {result['text_score']:.3f} (threshold "
+        f"{result['threshold_text_score']:.2f}, chance {CHANCE_TEXT_SCORE}), caption-swap effect "
+        f"{result['swap_effect']:.2e} ({'n/a' if ratio is None else f'{ratio:.1%}'} of the caption effect "
+        f"{result['caption_effect']:.2e}), n={result['n']}"
+        + "".join(f"; {tag} text score {row['text_score']:.2f}" for tag, row in result.get("by_tag", {}).items())
+        + (f" (below the threshold: {', '.join(result['failed_tags'])})" if result.get("failed_tags") else "")
+    )
 
 
 # ----------------------------------------------------------------------------------- student separation
 
 
-def student_separation(params: Params, student_ref: Path, winoground_dir: Path,
-                       max_items: int | None = None) -> dict[str, Any]:
+def student_separation(
+    params: Params, student_ref: Path, winoground_dir: Path, max_items: int | None = None
+) -> dict[str, Any]:
     """How far each tower of a student separates the two sides of a Winoground swap, per tag.
 
     SDS-CLIP trains only the image tower; the text tower stays frozen. If the frozen text tower gives the two
@@ -159,28 +189,37 @@ def student_separation(params: Params, student_ref: Path, winoground_dir: Path,
 
     def rows(idx: torch.Tensor) -> dict[str, Any]:
         td, idist = text_dist[idx], image_dist[idx]
-        return {"n": int(len(idx)),
-                "text_cosine_distance": float(td.mean()), "text_cosine_distance_min": float(td.min()),
-                "image_cosine_distance": float(idist.mean()), "image_cosine_distance_min": float(idist.min()),
-                "text_to_image_distance_ratio": float(td.mean() / idist.mean()) if float(idist.mean()) else None,
-                "captions_disagree": float(captions_disagree[idx].double().mean()),
-                "images_disagree": float(images_disagree[idx].double().mean())}
+        return {
+            "n": int(len(idx)),
+            "text_cosine_distance": float(td.mean()),
+            "text_cosine_distance_min": float(td.min()),
+            "image_cosine_distance": float(idist.mean()),
+            "image_cosine_distance_min": float(idist.min()),
+            "text_to_image_distance_ratio": float(td.mean() / idist.mean()) if float(idist.mean()) else None,
+            "captions_disagree": float(captions_disagree[idx].double().mean()),
+            "images_disagree": float(images_disagree[idx].double().mean()),
+        }
 
-    by_tag = {tag: rows(torch.tensor([i for i, e in enumerate(examples) if e.tag == tag]))
-              for tag in sorted({e.tag for e in examples})}
+    by_tag = {
+        tag: rows(torch.tensor([i for i, e in enumerate(examples) if e.tag == tag]))
+        for tag in sorted({e.tag for e in examples})
+    }
     return {"model": str(student_ref), **rows(torch.arange(len(examples))), "by_tag": by_tag}
 
 
 def student_verdict_line(result: dict[str, Any]) -> str:
     return "student separation: " + "; ".join(
-        f"{tag} (n={r['n']}): text cos distance {r['text_cosine_distance']:.4f} (min {r['text_cosine_distance_min']:.4f}),"
+        f"{tag} (n={r['n']}): text cos distance {r['text_cosine_distance']:.4f} "
+        f"(min {r['text_cosine_distance_min']:.4f}),"
         f" image {r['image_cosine_distance']:.4f}; captions prefer different images {r['captions_disagree']:.0%},"
         f" images prefer different captions {r['images_disagree']:.0%}"
-        for tag, r in result["by_tag"].items())
+        for tag, r in result["by_tag"].items()
+    )
 
 
-def image_layout_probe(params: Params, student_ref: Path, train_dir: Path, eval_dir: Path,
-                       steps: int = 300) -> dict[str, Any]:
+def image_layout_probe(
+    params: Params, student_ref: Path, train_dir: Path, eval_dir: Path, steps: int = 300
+) -> dict[str, Any]:
     """Does the image embedding carry the layout at all? A linear read-out (multinomial logistic regression on
     the normalized image embedding) of the colour-shape that is left / on top in a two-object image, fitted on
     one Winoground-format set's images and scored on another's. A bag-of-words embedding knows both objects but
@@ -190,8 +229,8 @@ def image_layout_probe(params: Params, student_ref: Path, train_dir: Path, eval_
     the layout *in the direction the text embedding puts it*; this probe measures the first half alone (an
     SDS loss can raise it while the Winoground scores stay flat: carried, but not aligned)."""
     from sdsclip.evaluate.winoground import load_data
-    from sdsclip.text_order import text_order_targets
     from sdsclip.scoring import load_scorer
+    from sdsclip.text_order import text_order_targets
 
     scorer = load_scorer(student_ref, params)
 
@@ -221,12 +260,17 @@ def image_layout_probe(params: Params, student_ref: Path, train_dir: Path, eval_
     with torch.no_grad():
         train_acc = float((head(x_train * 10).argmax(-1) == y_train).double().mean())
         eval_acc = float((head(x_eval * 10).argmax(-1) == y_eval).double().mean())
-    return {"layout_probe_train_accuracy": train_acc, "layout_probe_accuracy": eval_acc,
-            "train_images": int(len(y_train)), "eval_images": int(len(y_eval))}
+    return {
+        "layout_probe_train_accuracy": train_acc,
+        "layout_probe_accuracy": eval_acc,
+        "train_images": int(len(y_train)),
+        "eval_images": int(len(y_eval)),
+    }
 
 
-def sds_shortcut(params: Params, teacher_ref: Path, winoground_dir: Path, max_items: int | None = None
-                 ) -> dict[str, Any]:
+def sds_shortcut(
+    params: Params, teacher_ref: Path, winoground_dir: Path, max_items: int | None = None
+) -> dict[str, Any]:
     """Is there a latent that L_SDS prefers to the image's own? The teacher's mean denoising error under each
     image's true caption (fixed, shared draws of ``eval.teacher_*``) for: the image's own latent, the same
     latent under the swapped caption, a blank canvas (the world's black background) and the mean latent of
@@ -253,14 +297,25 @@ def sds_shortcut(params: Params, teacher_ref: Path, winoground_dir: Path, max_it
     z_all = torch.cat([z, blank, z.mean(0, keepdim=True)])
     cond = scorer.text_conditioning(captions)
     swapped = [i + 1 if i % 2 == 0 else i - 1 for i in range(n)]
-    pairs = ([(i, i) for i in range(n)] + [(i, swapped[i]) for i in range(n)]
-             + [(n, i) for i in range(n)] + [(n + 1, i) for i in range(n)])
+    pairs = (
+        [(i, i) for i in range(n)]
+        + [(i, swapped[i]) for i in range(n)]
+        + [(n, i) for i in range(n)]
+        + [(n + 1, i) for i in range(n)]
+    )
     err = scorer.latent_errors(z_all, cond, pairs).double().view(4, n)
     true, swap, empty, mean = err
-    return {"model": str(teacher_ref), "images": n, "t": [int(t) for t in scorer.t],
-            "error_true_latent": float(true.mean()), "error_swapped_caption": float(swap.mean()),
-            "error_blank_canvas": float(empty.mean()), "error_mean_latent": float(mean.mean()),
-            "blank_beats_true_fraction": float((empty < true).double().mean()),
-            "mean_latent_beats_true_fraction": float((mean < true).double().mean()),
-            "latent_mean": float(z.mean()), "latent_std": float(z.std()),
-            "blank_latent_mean": float(blank.mean())}
+    return {
+        "model": str(teacher_ref),
+        "images": n,
+        "t": [int(t) for t in scorer.t],
+        "error_true_latent": float(true.mean()),
+        "error_swapped_caption": float(swap.mean()),
+        "error_blank_canvas": float(empty.mean()),
+        "error_mean_latent": float(mean.mean()),
+        "blank_beats_true_fraction": float((empty < true).double().mean()),
+        "mean_latent_beats_true_fraction": float((mean < true).double().mean()),
+        "latent_mean": float(z.mean()),
+        "latent_std": float(z.std()),
+        "blank_latent_mean": float(blank.mean()),
+    }

@@ -14,9 +14,10 @@
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import os
 from collections.abc import MutableMapping
+
+from sdsclip.errors import UserError
 
 
 class LaunchError(UserError, ValueError):
@@ -37,11 +38,17 @@ def normalize_dist_env(env: MutableMapping[str, str] | None = None) -> dict[str,
         return {}
     nproc = env.get("PET_NPROC_PER_NODE", "1").strip() or "1"
     if nproc != "1":
-        raise LaunchError(f"PET_NPROC_PER_NODE={nproc}: several processes per pod must be started by torchrun "
-                          "(run `torchrun -m sdsclip.cli train ...`; it reads the PET_* variables)")
+        raise LaunchError(
+            f"PET_NPROC_PER_NODE={nproc}: several processes per pod must be started by torchrun "
+            "(run `torchrun -m sdsclip.cli train ...`; it reads the PET_* variables)"
+        )
     fill = {}
-    for key, pet in (("MASTER_ADDR", "PET_MASTER_ADDR"), ("MASTER_PORT", "PET_MASTER_PORT"),
-                     ("WORLD_SIZE", "PET_NNODES"), ("RANK", "PET_NODE_RANK")):
+    for key, pet in (
+        ("MASTER_ADDR", "PET_MASTER_ADDR"),
+        ("MASTER_PORT", "PET_MASTER_PORT"),
+        ("WORLD_SIZE", "PET_NNODES"),
+        ("RANK", "PET_NODE_RANK"),
+    ):
         if key not in env and env.get(pet):
             fill[key] = env[pet]
     env.update(fill)
@@ -49,8 +56,10 @@ def normalize_dist_env(env: MutableMapping[str, str] | None = None) -> dict[str,
     if world > 1:
         for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if not env.get(key):
-                raise LaunchError(f"WORLD_SIZE={world} but {key} is not set (a PyTorchJob sets it; with "
-                                  "torchrun use --nnodes/--node-rank/--master-addr)")
+                raise LaunchError(
+                    f"WORLD_SIZE={world} but {key} is not set (a PyTorchJob sets it; with "
+                    "torchrun use --nnodes/--node-rank/--master-addr)"
+                )
         rank = _int(env, "RANK")
         if not 0 <= rank < world:
             raise LaunchError(f"RANK={rank} is outside WORLD_SIZE={world}")

@@ -10,7 +10,8 @@ Used by ``sdsclip science`` (``science.ladder``) beside ``sdsclip.text_order`` (
   The parameter set is the rung of the ladder (``ORACLE_RUNGS``): the image tower's LayerNorms (SDS-CLIP's
   own parameterization), the whole image tower (any image-side method), or both towers (NegCLIP).
 
-- **Text-order pretraining** (``sdsclip.text_order.TextOrderHead``): an auxiliary text-only loss for the from-scratch student.
+- **Text-order pretraining** (``sdsclip.text_order.TextOrderHead``): an auxiliary text-only loss for the
+  from-scratch student.
   Bag-distinct contrastive pretraining never shows a batch two captions with the same words, so neither
   tower learns word order; real CLIP's text tower is order-sensitive-ish (it has seen far more text than any
   batch's images can teach). The head predicts, from the text embedding, the scene a relational caption
@@ -51,8 +52,17 @@ def _oracle_parameters(model: nn.Module, rung: str) -> list[nn.Parameter]:
     return params
 
 
-def oracle_finetune(student_ref: Path, train_dir: Path, out_dir: Path, rung: str, steps: int, batch_items: int,
-                    lr: float, seed: int, warmup_steps: int = 10) -> dict[str, Any]:
+def oracle_finetune(
+    student_ref: Path,
+    train_dir: Path,
+    out_dir: Path,
+    rung: str,
+    steps: int,
+    batch_items: int,
+    lr: float,
+    seed: int,
+    warmup_steps: int = 10,
+) -> dict[str, Any]:
     """Fine-tune the student on a Winoground-format training set (see the module docstring); saves the
     student to ``out_dir`` and returns its meta (loss, seconds per step)."""
     from diffusers.optimization import get_scheduler
@@ -86,7 +96,7 @@ def oracle_finetune(student_ref: Path, train_dir: Path, out_dir: Path, rung: str
     for _ in range(steps):
         if cursor + batch_items > len(order):
             order, cursor = torch.randperm(len(items), generator=gen), 0
-        pick = order[cursor: cursor + batch_items]
+        pick = order[cursor : cursor + batch_items]
         cursor += batch_items
         rows = torch.stack([2 * pick, 2 * pick + 1], 1).reshape(-1)  # both sides of each item
         img = F.normalize(model.encode_image(pixels[rows]), dim=-1)
@@ -98,9 +108,19 @@ def oracle_finetune(student_ref: Path, train_dir: Path, out_dir: Path, rung: str
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     seconds = time.time() - started
-    meta = {"source": f"oracle_{rung}", "rung": rung, "steps": steps, "batch_items": batch_items, "lr": lr,
-            "seed": seed, "train_items": len(items), "loss_first": sum(losses[:10]) / len(losses[:10]),
-            "loss_clip": sum(losses[-10:]) / len(losses[-10:]), "seconds": round(seconds, 1),
-            "seconds_per_step": round(seconds / steps, 4), "student_ref": str(student_ref)}
+    meta = {
+        "source": f"oracle_{rung}",
+        "rung": rung,
+        "steps": steps,
+        "batch_items": batch_items,
+        "lr": lr,
+        "seed": seed,
+        "train_items": len(items),
+        "loss_first": sum(losses[:10]) / len(losses[:10]),
+        "loss_clip": sum(losses[-10:]) / len(losses[-10:]),
+        "seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / steps, 4),
+        "student_ref": str(student_ref),
+    }
     save_student(student, Path(out_dir), meta)
     return meta

@@ -45,7 +45,6 @@ image replaced in place by one of exactly the same size is not detected: delete 
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import csv
 import hashlib
 import io
@@ -63,35 +62,50 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sdsclip.config import IngestConfig
+from sdsclip.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = [
-    "annotation_id", "image_id", "file_name", "caption", "sha256", "bytes", "width", "height", "mode", "format",
-    "conversion", "stored_sha256", "stored_bytes", "shard", "key", "source",
+    "annotation_id",
+    "image_id",
+    "file_name",
+    "caption",
+    "sha256",
+    "bytes",
+    "width",
+    "height",
+    "mode",
+    "format",
+    "conversion",
+    "stored_sha256",
+    "stored_bytes",
+    "shard",
+    "key",
+    "source",
 ]
 QUARANTINE_COLUMNS = ["reason", "level", "annotation_id", "image_id", "file_name", "caption", "source", "detail"]
 
 # Reason codes. Annotation-level: the caption itself is unusable. Image-level: the image is unusable, so every
 # caption pointing at it is quarantined with the image's reason (or one ``image`` row when it has none).
 ANNOTATION_REASONS = (
-    "bad_annotation_record",   # not an object, or 'id' not an integer
+    "bad_annotation_record",  # not an object, or 'id' not an integer
     "duplicate_annotation_id",  # an earlier annotation has the same id
-    "unknown_image_id",        # image_id is not an id of images[]
-    "bad_caption_type",        # caption missing or not a string
-    "empty_caption",           # empty or whitespace only
-    "invalid_caption_text",    # not valid UTF-8 (bytes that are not UTF-8 in the file) or control characters
+    "unknown_image_id",  # image_id is not an id of images[]
+    "bad_caption_type",  # caption missing or not a string
+    "empty_caption",  # empty or whitespace only
+    "invalid_caption_text",  # not valid UTF-8 (bytes that are not UTF-8 in the file) or control characters
 )
 IMAGE_REASONS = (
-    "bad_image_record",        # not an object, 'id' not an integer, 'file_name' not a relative path
-    "duplicate_image_id",      # an earlier image record has the same id
-    "no_caption",              # no usable caption refers to the image
-    "missing_file",            # file_name not found in the image folder
-    "unreadable_file",         # the file exists but cannot be read (a directory, permissions, I/O error)
-    "empty_file",              # zero bytes
-    "not_an_image",            # no image format recognises the content (e.g. text or HTML named .jpg)
-    "undecodable_image",       # recognised but corrupt or truncated
-    "decompression_bomb",      # more pixels than ingest.max_image_pixels
+    "bad_image_record",  # not an object, 'id' not an integer, 'file_name' not a relative path
+    "duplicate_image_id",  # an earlier image record has the same id
+    "no_caption",  # no usable caption refers to the image
+    "missing_file",  # file_name not found in the image folder
+    "unreadable_file",  # the file exists but cannot be read (a directory, permissions, I/O error)
+    "empty_file",  # zero bytes
+    "not_an_image",  # no image format recognises the content (e.g. text or HTML named .jpg)
+    "undecodable_image",  # recognised but corrupt or truncated
+    "decompression_bomb",  # more pixels than ingest.max_image_pixels
 )
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -103,13 +117,29 @@ WINDOW_PER_WORKER = 32  # images in flight per decode worker
 FINAL_FILES = ("manifest.csv", "ingest_quarantine.csv", "ingest_summary.json")
 
 # PIL format name -> WebDataset extension of an image kept as it is.
-_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
-               "WEBP": "webp", "PPM": "ppm"}
+_FORMAT_EXT = {
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "PNG": "png",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+    "WEBP": "webp",
+    "PPM": "ppm",
+}
 _REENCODE = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg")}
 _SIXTEEN_BIT = re.compile(r";16")  # PIL raw modes of 16-bit-per-channel data: 'RGB;16B', 'I;16B', 'LA;16B'
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _UPRIGHT = (None, 0, 1)  # EXIF orientation values that need no rotation
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")  # JPEG PNG GIF BMP TIFF WEBP
+_IMAGE_MAGIC = (
+    b"\xff\xd8\xff",
+    b"\x89PNG",
+    b"GIF8",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF",
+)  # JPEG PNG GIF BMP TIFF WEBP
 
 
 class IngestError(UserError):
@@ -178,9 +208,11 @@ class _Loc:
 
 def _reader(loc: _Loc) -> Callable[[str], bytes]:
     if loc.local:
+
         def read_local(path: str) -> bytes:
             with open(path, "rb") as fh:
                 return fh.read()
+
         return read_local
     return loc.fs.cat_file
 
@@ -192,7 +224,7 @@ def _reader(loc: _Loc) -> Callable[[str], bytes]:
 class _Image:
     image_id: int
     file_name: str
-    path: str    # on the image folder's filesystem
+    path: str  # on the image folder's filesystem
     source: str  # as shown in the manifest
     annotations: list[tuple[int, str]] = field(default_factory=list)  # (annotation id, caption)
 
@@ -209,13 +241,13 @@ class _Probe:
     ok: bool
     reason: str = ""
     detail: str = ""
-    data: bytes = b""       # what goes into the shard
-    sha256: str = ""        # of the source file
-    size: int = 0           # of the source file
-    width: int = 0          # as stored
+    data: bytes = b""  # what goes into the shard
+    sha256: str = ""  # of the source file
+    size: int = 0  # of the source file
+    width: int = 0  # as stored
     height: int = 0
-    mode: str = ""          # decoded source mode ('RGB;16' etc. for 16-bit-per-channel data)
-    format: str = ""        # source format (PIL name)
+    mode: str = ""  # decoded source mode ('RGB;16' etc. for 16-bit-per-channel data)
+    format: str = ""  # source format (PIL name)
     conversion: str = "none"
     stored_sha256: str = ""
     ext: str = ""
@@ -345,8 +377,19 @@ def _verify_jpeg_as_is(im, data: bytes, file_name: str, sha: str, size: int, fmt
             im.load()
     except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt input
         return _Probe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
-    return _Probe(True, data=data, sha256=sha, size=size, width=width, height=height, mode="RGB", format=fmt,
-                  conversion="none", stored_sha256=sha, ext=_FORMAT_EXT[fmt])
+    return _Probe(
+        True,
+        data=data,
+        sha256=sha,
+        size=size,
+        width=width,
+        height=height,
+        mode="RGB",
+        format=fmt,
+        conversion="none",
+        stored_sha256=sha,
+        ext=_FORMAT_EXT[fmt],
+    )
 
 
 def _probe(path: str, file_name: str, read: Callable[[str], bytes], opts: _Opts) -> _Probe:
@@ -369,10 +412,20 @@ def _probe(path: str, file_name: str, read: Callable[[str], bytes], opts: _Opts)
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         if data.startswith(_IMAGE_MAGIC):  # an image format's signature, then garbage: a corrupt image
-            return _Probe(False, "undecodable_image", f"corrupt header: {file_name} starts like an image but no "
-                          f"decoder accepts it (starts {data[:16]!r})", sha256=sha, size=size)
-        return _Probe(False, "not_an_image", f"no image format recognises {file_name} (starts {data[:16]!r})",
-                      sha256=sha, size=size)
+            return _Probe(
+                False,
+                "undecodable_image",
+                f"corrupt header: {file_name} starts like an image but no decoder accepts it (starts {data[:16]!r})",
+                sha256=sha,
+                size=size,
+            )
+        return _Probe(
+            False,
+            "not_an_image",
+            f"no image format recognises {file_name} (starts {data[:16]!r})",
+            sha256=sha,
+            size=size,
+        )
     except Image.DecompressionBombError as err:
         return _Probe(False, "decompression_bomb", _one_line(err), sha256=sha, size=size)
     except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt headers
@@ -381,8 +434,13 @@ def _probe(path: str, file_name: str, read: Callable[[str], bytes], opts: _Opts)
         width, height = im.size
         if width * height > opts.max_pixels:  # checked on the header, before any pixel is decoded
             im.close()
-            return _Probe(False, "decompression_bomb", f"{width}x{height} = {width * height} px > "
-                          f"ingest.max_image_pixels ({opts.max_pixels})", sha256=sha, size=size)
+            return _Probe(
+                False,
+                "decompression_bomb",
+                f"{width}x{height} = {width * height} px > ingest.max_image_pixels ({opts.max_pixels})",
+                sha256=sha,
+                size=size,
+            )
         fmt, mode, sixteen = im.format or "", im.mode, _bits16(im)
         if fmt in ("JPEG", "MPO") and mode == "RGB" and im.getexif().get(0x0112) in _UPRIGHT:
             return _verify_jpeg_as_is(im, data, file_name, sha, size, fmt)
@@ -407,8 +465,19 @@ def _probe(path: str, file_name: str, read: Callable[[str], bytes], opts: _Opts)
                 steps.append(f"{fmt}->{_REENCODE[opts.reencode][0]}")
             width, height = out.size
             if not steps:
-                return _Probe(True, data=data, sha256=sha, size=size, width=width, height=height, mode=shown_mode,
-                              format=fmt, conversion="none", stored_sha256=sha, ext=ext)
+                return _Probe(
+                    True,
+                    data=data,
+                    sha256=sha,
+                    size=size,
+                    width=width,
+                    height=height,
+                    mode=shown_mode,
+                    format=fmt,
+                    conversion="none",
+                    stored_sha256=sha,
+                    ext=ext,
+                )
             pil_fmt, ext = _REENCODE[opts.reencode]
             buf = io.BytesIO()
             if pil_fmt == "JPEG":
@@ -424,8 +493,19 @@ def _probe(path: str, file_name: str, read: Callable[[str], bytes], opts: _Opts)
         return _Probe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
     except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt input
         return _Probe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
-    return _Probe(True, data=stored, sha256=sha, size=size, width=width, height=height, mode=shown_mode, format=fmt,
-                  conversion="+".join(steps), stored_sha256=hashlib.sha256(stored).hexdigest(), ext=ext)
+    return _Probe(
+        True,
+        data=stored,
+        sha256=sha,
+        size=size,
+        width=width,
+        height=height,
+        mode=shown_mode,
+        format=fmt,
+        conversion="+".join(steps),
+        stored_sha256=hashlib.sha256(stored).hexdigest(),
+        ext=ext,
+    )
 
 
 @dataclass
@@ -445,16 +525,38 @@ def _prepare(img: _Image, shard_name: str, read: Callable[[str], bytes], opts: _
         return _Sample(probe)
     key = f"{img.image_id:012d}"
     meta = {
-        "image_id": img.image_id, "file_name": img.file_name, "width": probe.width, "height": probe.height,
-        "conversion": probe.conversion, "captions": [{"id": a, "caption": c} for a, c in img.annotations],
+        "image_id": img.image_id,
+        "file_name": img.file_name,
+        "width": probe.width,
+        "height": probe.height,
+        "conversion": probe.conversion,
+        "captions": [{"id": a, "caption": c} for a, c in img.annotations],
     }
-    blocks = _TarWriter.members(key, {probe.ext: probe.data,
-                                      "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")})
+    blocks = _TarWriter.members(
+        key, {probe.ext: probe.data, "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
+    )
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(
-        [ann_id, img.image_id, img.file_name, caption, probe.sha256, probe.size, probe.width, probe.height,
-         probe.mode, probe.format, probe.conversion, probe.stored_sha256, len(probe.data), shard_name, key,
-         img.source] for ann_id, caption in img.annotations)  # the order of MANIFEST_COLUMNS
+        [
+            ann_id,
+            img.image_id,
+            img.file_name,
+            caption,
+            probe.sha256,
+            probe.size,
+            probe.width,
+            probe.height,
+            probe.mode,
+            probe.format,
+            probe.conversion,
+            probe.stored_sha256,
+            len(probe.data),
+            shard_name,
+            key,
+            img.source,
+        ]
+        for ann_id, caption in img.annotations
+    )  # the order of MANIFEST_COLUMNS
     return _Sample(probe, blocks, buf.getvalue(), len(img.annotations))
 
 
@@ -583,13 +685,20 @@ def _commit_shard(out: _Loc, shard: _ShardRun) -> None:
         shard.tar.remove()
         tar_bytes = None
     part = {
-        "format": PART_FORMAT, "plan_sha256": shard.plan_sha256, "shard": shard.name if tar_bytes else None,
-        "tar_bytes": tar_bytes, "images": shard.images,
-        "images_dropped": dict(sorted(shard.dropped.items())), "conversions": dict(sorted(shard.conversions.items())),
-        "annotations": shard.annotations, "manifest_csv": "".join(shard.manifest_csv), "quarantine": shard.quarantine,
+        "format": PART_FORMAT,
+        "plan_sha256": shard.plan_sha256,
+        "shard": shard.name if tar_bytes else None,
+        "tar_bytes": tar_bytes,
+        "images": shard.images,
+        "images_dropped": dict(sorted(shard.dropped.items())),
+        "conversions": dict(sorted(shard.conversions.items())),
+        "annotations": shard.annotations,
+        "manifest_csv": "".join(shard.manifest_csv),
+        "quarantine": shard.quarantine,
     }
     _part_loc(out, shard.index).write_atomic(
-        json.dumps(part, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+        json.dumps(part, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    )
 
 
 def _read_part(out: _Loc, index: int) -> dict[str, Any] | None:
@@ -616,10 +725,14 @@ def _finished(out: _Loc, index: int, plan_sha256: str) -> bool:
 
 def _plan_sha256(index: int, images: list[_Image], sizes: dict[str, int], opts: _Opts) -> str:
     plan = {
-        "format": PART_FORMAT, "shard": index, "max_pixels": opts.max_pixels, "reencode": opts.reencode,
+        "format": PART_FORMAT,
+        "shard": index,
+        "max_pixels": opts.max_pixels,
+        "reencode": opts.reencode,
         "quality": opts.quality if opts.reencode == "jpeg" else None,
-        "images": [[img.image_id, img.file_name, img.source, sizes.get(img.file_name), img.annotations]
-                   for img in images],
+        "images": [
+            [img.image_id, img.file_name, img.source, sizes.get(img.file_name), img.annotations] for img in images
+        ],
     }
     return hashlib.sha256(json.dumps(plan, ensure_ascii=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -631,8 +744,11 @@ def _source_sizes(images: _Loc) -> dict[str, int]:
     except (FileNotFoundError, OSError):
         return {}
     prefix = images.path.rstrip("/") + "/"
-    return {p[len(prefix):]: info.get("size") for p, info in found.items()
-            if p.startswith(prefix) and info.get("type", "file") == "file"}
+    return {
+        p[len(prefix) :]: info.get("size")
+        for p, info in found.items()
+        if p.startswith(prefix) and info.get("type", "file") == "file"
+    }
 
 
 def _remove_stale(out: _Loc, planned: int) -> None:
@@ -665,12 +781,14 @@ def image_folder(coco_root: str | os.PathLike, split: str) -> str:
 
 def ingest_split(coco_root: str | os.PathLike, split: str, out_dir: str | os.PathLike, cfg: IngestConfig) -> dict:
     """``coco_root/annotations/captions_{split}.json`` + the split's image folder (:func:`image_folder`)."""
-    return ingest_coco(join(coco_root, "annotations", f"captions_{split}.json"), image_folder(coco_root, split),
-                       out_dir, cfg)
+    return ingest_coco(
+        join(coco_root, "annotations", f"captions_{split}.json"), image_folder(coco_root, split), out_dir, cfg
+    )
 
 
-def ingest_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                cfg: IngestConfig) -> dict:
+def ingest_coco(
+    annotations_json: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: IngestConfig
+) -> dict:
     """COCO captions split -> WebDataset shards + manifest.csv + ingest_quarantine.csv + ingest_summary.json.
 
     Returns the summary written to ingest_summary.json ({"images_in", "images_written", "images_dropped":
@@ -685,18 +803,31 @@ def ingest_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLi
     ann_loc, img_loc, out = _Loc.of(annotations_json), _Loc.of(images_dir), _Loc.of(out_dir)
     images_raw, anns_raw = _load_coco(ann_loc)
     if not img_loc.fs.isdir(img_loc.path):
-        raise IngestError(f"{img_loc.shown}: image folder not found (expected images/<split>/ or <split>/ next to "
-                          "annotations/)")
+        raise IngestError(
+            f"{img_loc.shown}: image folder not found (expected images/<split>/ or <split>/ next to annotations/)"
+        )
 
     qrows: list[dict[str, Any]] = []
 
-    def qrow(reason: str, level: str, annotation_id: Any = "", image_id: Any = "", file_name: Any = "",
-             caption: Any = "", source: Any = "", detail: str = "") -> dict[str, Any]:
+    def qrow(
+        reason: str,
+        level: str,
+        annotation_id: Any = "",
+        image_id: Any = "",
+        file_name: Any = "",
+        caption: Any = "",
+        source: Any = "",
+        detail: str = "",
+    ) -> dict[str, Any]:
         return {
-            "reason": reason, "level": level, "annotation_id": annotation_id, "image_id": image_id,
+            "reason": reason,
+            "level": level,
+            "annotation_id": annotation_id,
+            "image_id": image_id,
             "file_name": _printable("" if file_name is None else file_name),
             "caption": _printable("" if caption is None else caption),
-            "source": _printable(source) if source else "", "detail": _printable(_one_line(detail)),
+            "source": _printable(source) if source else "",
+            "detail": _printable(_one_line(detail)),
         }
 
     def quarantine(*args: Any, **kwargs: Any) -> None:
@@ -710,21 +841,35 @@ def ingest_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLi
         img_id = rec.get("id") if isinstance(rec, dict) else None
         name = rec.get("file_name") if isinstance(rec, dict) else None
         if not isinstance(rec, dict) or not _is_int(img_id) or not _safe_file_name(name):
-            detail = (f"images[{i}]: " + ("not an object" if not isinstance(rec, dict) else
-                      "'id' is not an integer" if not _is_int(img_id) else
-                      "'file_name' is not a relative UTF-8 path inside the image folder"))
+            detail = f"images[{i}]: " + (
+                "not an object"
+                if not isinstance(rec, dict)
+                else "'id' is not an integer"
+                if not _is_int(img_id)
+                else "'file_name' is not a relative UTF-8 path inside the image folder"
+            )
             images_dropped["bad_image_record"] += 1
             if _is_int(img_id) and img_id not in images and img_id not in bad_images:
                 bad_images[img_id] = ("bad_image_record", detail, name)  # its captions are quarantined with it
             else:  # no usable id: nothing can point at it
-                quarantine("bad_image_record", "image", image_id="" if img_id is None else _printable(img_id),
-                           file_name=name, detail=detail)
+                quarantine(
+                    "bad_image_record",
+                    "image",
+                    image_id="" if img_id is None else _printable(img_id),
+                    file_name=name,
+                    detail=detail,
+                )
             continue
         if img_id in images or img_id in bad_images:
             images_dropped["duplicate_image_id"] += 1
-            quarantine("duplicate_image_id", "image", image_id=img_id, file_name=name,
-                       source=join(img_loc.shown, name),
-                       detail=f"images[{i}]: id {img_id} already used by an earlier record")
+            quarantine(
+                "duplicate_image_id",
+                "image",
+                image_id=img_id,
+                file_name=name,
+                source=join(img_loc.shown, name),
+                detail=f"images[{i}]: id {img_id} already used by an earlier record",
+            )
             continue
         rel = PurePosixPath(name).as_posix()
         images[img_id] = _Image(img_id, rel, f"{img_loc.path}/{rel}", join(img_loc.shown, rel))
@@ -739,31 +884,62 @@ def ingest_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLi
         shown_img = "" if img_id is None else img_id if _is_int(img_id) else _printable(img_id)
         if not isinstance(rec, dict) or not _is_int(ann_id):
             what = "not an object" if not isinstance(rec, dict) else "'id' is not an integer"
-            quarantine("bad_annotation_record", "annotation", annotation_id="" if ann_id is None else _printable(ann_id),
-                       image_id=shown_img, caption=caption, detail=f"annotations[{i}]: {what}")
+            quarantine(
+                "bad_annotation_record",
+                "annotation",
+                annotation_id="" if ann_id is None else _printable(ann_id),
+                image_id=shown_img,
+                caption=caption,
+                detail=f"annotations[{i}]: {what}",
+            )
             continue
         if ann_id in seen_ann:
-            quarantine("duplicate_annotation_id", "annotation", annotation_id=ann_id, image_id=shown_img,
-                       caption=caption, detail=f"annotations[{i}]: id {ann_id} already used by an earlier annotation")
+            quarantine(
+                "duplicate_annotation_id",
+                "annotation",
+                annotation_id=ann_id,
+                image_id=shown_img,
+                caption=caption,
+                detail=f"annotations[{i}]: id {ann_id} already used by an earlier annotation",
+            )
             continue
         seen_ann.add(ann_id)
         if _is_int(img_id) and img_id in bad_images:
             bad_image_anns.setdefault(img_id, []).append((ann_id, caption))
             continue
         if not _is_int(img_id) or img_id not in images:
-            quarantine("unknown_image_id", "annotation", annotation_id=ann_id, image_id=shown_img, caption=caption,
-                       detail=f"annotations[{i}]: image_id {_printable(repr(img_id))} is not an id in images[]")
+            quarantine(
+                "unknown_image_id",
+                "annotation",
+                annotation_id=ann_id,
+                image_id=shown_img,
+                caption=caption,
+                detail=f"annotations[{i}]: image_id {_printable(repr(img_id))} is not an id in images[]",
+            )
             continue
         img = images[img_id]
         if not isinstance(caption, str):
-            quarantine("bad_caption_type", "annotation", annotation_id=ann_id, image_id=img_id,
-                       file_name=img.file_name, caption=caption,
-                       detail=f"annotations[{i}]: caption is {type(caption).__name__}, not a string")
+            quarantine(
+                "bad_caption_type",
+                "annotation",
+                annotation_id=ann_id,
+                image_id=img_id,
+                file_name=img.file_name,
+                caption=caption,
+                detail=f"annotations[{i}]: caption is {type(caption).__name__}, not a string",
+            )
             continue
         problem = _caption_problem(caption)
         if problem:
-            quarantine(problem[0], "annotation", annotation_id=ann_id, image_id=img_id, file_name=img.file_name,
-                       caption=caption, detail=f"annotations[{i}]: {problem[1]}")
+            quarantine(
+                problem[0],
+                "annotation",
+                annotation_id=ann_id,
+                image_id=img_id,
+                file_name=img.file_name,
+                caption=caption,
+                detail=f"annotations[{i}]: {problem[1]}",
+            )
             continue
         img.annotations.append((ann_id, caption))
 
@@ -773,23 +949,36 @@ def ingest_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLi
         if not anns:
             quarantine(reason, "image", image_id=img_id, file_name=name, detail=detail)
         for ann_id, caption in anns:
-            quarantine(reason, "annotation", annotation_id=ann_id, image_id=img_id, file_name=name, caption=caption,
-                       detail=detail)
+            quarantine(
+                reason,
+                "annotation",
+                annotation_id=ann_id,
+                image_id=img_id,
+                file_name=name,
+                caption=caption,
+                detail=detail,
+            )
 
     todo: list[_Image] = []
     for img_id in sorted(images):
         img = images[img_id]
         if not img.annotations:
             images_dropped["no_caption"] += 1
-            quarantine("no_caption", "image", image_id=img_id, file_name=img.file_name, source=img.source,
-                       detail="no usable annotation refers to this image")
+            quarantine(
+                "no_caption",
+                "image",
+                image_id=img_id,
+                file_name=img.file_name,
+                source=img.source,
+                detail="no usable annotation refers to this image",
+            )
         else:
             img.annotations.sort(key=lambda a: a[0])
             todo.append(img)
 
     # -- plan: images in id order, shard_size per shard; finished shards of an earlier run are kept ---------
     opts = _Opts(cfg.max_image_pixels, cfg.reencode_format, cfg.reencode_quality)
-    plan = [todo[i: i + cfg.shard_size] for i in range(0, len(todo), cfg.shard_size)]
+    plan = [todo[i : i + cfg.shard_size] for i in range(0, len(todo), cfg.shard_size)]
     sizes = _source_sizes(img_loc)
     hashes = [_plan_sha256(k, chunk, sizes, opts) for k, chunk in enumerate(plan)]
     out.fs.makedirs(out.path, exist_ok=True)
@@ -808,7 +997,8 @@ def ingest_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLi
     Image.MAX_IMAGE_PIXELS = None  # ingest.max_image_pixels is checked on each header instead (process-wide)
     try:
         for (k, img), sample in _ordered_map(
-                lambda item: _prepare(item[1], SHARD_PATTERN.format(item[0]), read, opts), work, cfg.workers):
+            lambda item: _prepare(item[1], SHARD_PATTERN.format(item[0]), read, opts), work, cfg.workers
+        ):
             if shard is None or shard.index != k:
                 if shard is not None:
                     _commit_shard(out, shard)
@@ -817,9 +1007,18 @@ def ingest_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLi
             if not probe.ok:
                 shard.dropped[probe.reason] += 1
                 for ann_id, caption in img.annotations:
-                    shard.quarantine.append(qrow(probe.reason, "annotation", annotation_id=ann_id,
-                                                 image_id=img.image_id, file_name=img.file_name, caption=caption,
-                                                 source=img.source, detail=probe.detail))
+                    shard.quarantine.append(
+                        qrow(
+                            probe.reason,
+                            "annotation",
+                            annotation_id=ann_id,
+                            image_id=img.image_id,
+                            file_name=img.file_name,
+                            caption=caption,
+                            source=img.source,
+                            detail=probe.detail,
+                        )
+                    )
                 continue
             shard.write(sample)
         if shard is not None:
@@ -869,15 +1068,28 @@ def ingest_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLi
         "shards_planned": len(plan),
     }
     if annotations_written + annotations_quarantined != len(anns_raw):
-        raise AssertionError(f"ingest invariant broken: {annotations_written} written + {annotations_quarantined} "
-                             f"quarantined != {len(anns_raw)} annotations in {ann_loc.shown}")
+        raise AssertionError(
+            f"ingest invariant broken: {annotations_written} written + {annotations_quarantined} "
+            f"quarantined != {len(anns_raw)} annotations in {ann_loc.shown}"
+        )
     if images_written + sum(images_dropped.values()) != len(images_raw):
-        raise AssertionError(f"ingest invariant broken: {images_written} images written + "
-                             f"{sum(images_dropped.values())} dropped != {len(images_raw)} in {ann_loc.shown}")
+        raise AssertionError(
+            f"ingest invariant broken: {images_written} images written + "
+            f"{sum(images_dropped.values())} dropped != {len(images_raw)} in {ann_loc.shown}"
+        )
     out.child("ingest_summary.json").write_atomic(
-        (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    )
     seconds = time.perf_counter() - t0
-    log.info("ingest %s: %d/%d images, %d/%d captions, %d shards (%d kept from an earlier run), %.1fs",
-             ann_loc.shown, images_written, len(images_raw), annotations_written, len(anns_raw), shards_written,
-             len(reused), seconds)
+    log.info(
+        "ingest %s: %d/%d images, %d/%d captions, %d shards (%d kept from an earlier run), %.1fs",
+        ann_loc.shown,
+        images_written,
+        len(images_raw),
+        annotations_written,
+        len(anns_raw),
+        shards_written,
+        len(reused),
+        seconds,
+    )
     return {**summary, "shards_reused": len(reused), "seconds": round(seconds, 3)}

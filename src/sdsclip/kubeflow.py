@@ -57,8 +57,13 @@ FORM_FIELDS: dict[str, str] = {
     "model_name": "registry.model_name",
 }
 # the form value that stands for null (KFP run forms have no null)
-NULL_IN_FORM: dict[str, Any] = {"profile": "", "student_checkpoint": "", "teacher_pretrained_dir": "",
-                                "train_steps": 0, "train_epochs": 0}
+NULL_IN_FORM: dict[str, Any] = {
+    "profile": "",
+    "student_checkpoint": "",
+    "teacher_pretrained_dir": "",
+    "train_steps": 0,
+    "train_epochs": 0,
+}
 # set exactly one of these (config.py): setting one in the form nulls the other unless the form sets both
 EXCLUSIVE = ("train_steps", "train_epochs")
 
@@ -123,11 +128,14 @@ def apply_run_form(params_yaml: str, form: dict[str, Any], spec: dict[str, dict[
 # KFP's scheduler parses `cron` with github.com/robfig/cron (v1) `cron.Parse`: six fields, SECONDS FIRST
 # (sec min hour day-of-month month day-of-week), or a descriptor (@daily, @every 1h30m). Its parser also
 # takes five fields as sec..month, so a classic "0 2 * * *" would silently run hourly: only six are allowed.
-_CRON_FIELDS = (("second", 0, 59, {}), ("minute", 0, 59, {}), ("hour", 0, 23, {}),
-                ("day of month", 1, 31, {}),
-                ("month", 1, 12, {m: i + 1 for i, m in enumerate(
-                    "jan feb mar apr may jun jul aug sep oct nov dec".split())}),
-                ("day of week", 0, 6, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}))
+_CRON_FIELDS = (
+    ("second", 0, 59, {}),
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())}),
+    ("day of week", 0, 6, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}),
+)
 _DESCRIPTORS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 _GO_DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
 
@@ -202,8 +210,13 @@ def _typed(name: str, text: str, kind: str) -> Any:
                 raise ValueError
             return value
     except (ValueError, yaml.YAMLError):
-        expected = {"NUMBER_INTEGER": "an integer", "NUMBER_DOUBLE": "a number", "BOOLEAN": "true or false",
-                    "LIST": "a JSON/YAML list, e.g. [train2017]", "STRUCT": "a JSON/YAML mapping"}[kind]
+        expected = {
+            "NUMBER_INTEGER": "an integer",
+            "NUMBER_DOUBLE": "a number",
+            "BOOLEAN": "true or false",
+            "LIST": "a JSON/YAML list, e.g. [train2017]",
+            "STRUCT": "a JSON/YAML mapping",
+        }[kind]
         raise SubmitError(f"--param {name}={text}: expected {expected}") from None
     return text
 
@@ -245,8 +258,10 @@ def _probe(host: str, token: str | None) -> None:
         with opener.open(request, timeout=15) as response:
             response.read()
     except urllib.error.HTTPError as err:
-        raise SubmitError(f"{host}: KFP API health check answered HTTP {err.code} {err.reason} "
-                          f"(is this the KFP API endpoint? does it need --token?)") from None
+        raise SubmitError(
+            f"{host}: KFP API health check answered HTTP {err.code} {err.reason} "
+            f"(is this the KFP API endpoint? does it need --token?)"
+        ) from None
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise SubmitError(f"{host}: cannot reach the KFP API ({reason})") from None
@@ -289,19 +304,35 @@ def submit(
         if cron:
             exp = client.create_experiment(name=experiment, namespace=namespace)
             job = client.create_recurring_run(
-                experiment_id=exp.experiment_id, job_name=name, cron_expression=cron, params=params,
-                pipeline_package_path=str(package), enable_caching=enable_caching, max_concurrency=1,
-                no_catchup=True)  # a paused schedule resumes with one run, not one per missed slot
-            return {"recurring_run_id": job.recurring_run_id, "experiment_id": exp.experiment_id,
-                    "name": name, "cron": cron}
+                experiment_id=exp.experiment_id,
+                job_name=name,
+                cron_expression=cron,
+                params=params,
+                pipeline_package_path=str(package),
+                enable_caching=enable_caching,
+                max_concurrency=1,
+                no_catchup=True,
+            )  # a paused schedule resumes with one run, not one per missed slot
+            return {
+                "recurring_run_id": job.recurring_run_id,
+                "experiment_id": exp.experiment_id,
+                "name": name,
+                "cron": cron,
+            }
         result = client.create_run_from_pipeline_package(
-            str(package), arguments=params, run_name=name, experiment_name=experiment, namespace=namespace,
-            enable_caching=enable_caching)
+            str(package),
+            arguments=params,
+            run_name=name,
+            experiment_name=experiment,
+            namespace=namespace,
+            enable_caching=enable_caching,
+        )
         return {"run_id": result.run_id, "experiment_id": result.run_info.experiment_id, "name": name}
     except kfp_server_api.ApiException as err:
         detail = (err.body or "").strip().replace("\n", " ")[:300] if isinstance(err.body, str) else ""
-        raise SubmitError(f"{host}: KFP API answered HTTP {err.status} {err.reason}"
-                          + (f": {detail}" if detail else "")) from None
+        raise SubmitError(
+            f"{host}: KFP API answered HTTP {err.status} {err.reason}" + (f": {detail}" if detail else "")
+        ) from None
     except (urllib3.exceptions.HTTPError, OSError) as err:
         raise SubmitError(f"{host}: cannot reach the KFP API ({err})") from None
     except ValueError as err:  # kfp.Client: e.g. several experiments with that name

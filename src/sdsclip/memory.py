@@ -18,11 +18,11 @@ per sample) and checkpointing is a no-op for it; its transient forward working s
 from __future__ import annotations
 
 import logging
-from copy import deepcopy
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,7 +47,7 @@ class SavedTensorCounter:
     storages: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def excluding(cls, *modules: torch.nn.Module) -> "SavedTensorCounter":
+    def excluding(cls, *modules: torch.nn.Module) -> SavedTensorCounter:
         keys = {_storage_key(t) for m in modules if m is not None for t in (*m.parameters(), *m.buffers())}
         return cls(exclude=keys)
 
@@ -62,7 +62,7 @@ class SavedTensorCounter:
         return t
 
     @contextmanager
-    def __call__(self) -> Iterator["SavedTensorCounter"]:
+    def __call__(self) -> Iterator[SavedTensorCounter]:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield self
 
@@ -81,15 +81,28 @@ SETTINGS = {"fp32": (False, False), "bf16": (True, False), "fp32+ckpt": (False, 
 #: Stable Diffusion 1.5's unet/config.json and scheduler/scheduler_config.json (the shape, not the weights): the
 #: real teacher the `paper-*gb` profiles are sized for, used where no teacher dir is at hand.
 SD15_UNET_CONFIG = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
     "block_out_channels": (320, 640, 1280, 1280),
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32, "act_fn": "silu",
-    "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
 }
-SD15_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                         "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+SD15_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
 
 #: cards the `paper-*gb` profiles are sized for (bytes; a "24 GB" card reports ~23.6 GiB total, less free)
 CARDS = {"24gb": 22 * GIB, "48gb": 44 * GIB, "80gb": 76 * GIB}
@@ -140,8 +153,9 @@ class _CudaAttention(torch.overrides.TorchFunctionMode):
             q, k, v = (x.to(dt) for x in (q, k, v))
         if q.dtype in (torch.bfloat16, torch.float16) and mask is None and q.shape[-1] <= 256:
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout, causal, False, scale=scale)[0]
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, mask, True, dropout, causal,
-                                                                      scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, True, dropout, causal, scale=scale
+        )[0]
 
 
 class _MixedNormStats(TorchDispatchMode):
@@ -196,17 +210,24 @@ class TeacherSpec:
     caption_map_config: dict | None = None
 
     @classmethod
-    def sd15(cls) -> "TeacherSpec":
+    def sd15(cls) -> TeacherSpec:
         """Stable Diffusion 1.5 (UNet + CLIP ViT-L/14 text encoder), by shape."""
         from diffusers import DDPMScheduler
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+        text = CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
         return cls(dict(SD15_UNET_CONFIG), lambda: CLIPTextModel(text), DDPMScheduler(**SD15_SCHEDULER_CONFIG), 77)
 
     @classmethod
-    def from_dir(cls, root, latent: str | None = None, image_size: int | None = None) -> "TeacherSpec":
+    def from_dir(cls, root, latent: str | None = None, image_size: int | None = None) -> TeacherSpec:
         """A teacher directory as ``sdsclip.models.teacher.load_teacher`` would load it, from its configs."""
         import json
         from pathlib import Path
@@ -229,10 +250,16 @@ class TeacherSpec:
         caption_map = None
         if meta.get("caption_map_channels"):
             caption_map = _read_config(root / CAPTION_MAP_DIR / "config.json")
-        return cls(unet_config, lambda: text_cls(text_config), DDPMScheduler.from_pretrained(root / "scheduler"),
-                   int(max_tokens), latent=meta.get("latent", latent or "vae"),
-                   image_size=int(meta.get("image_size", image_size or 512)),
-                   coord_channels=int(meta.get("coord_channels", 0)), caption_map_config=caption_map)
+        return cls(
+            unet_config,
+            lambda: text_cls(text_config),
+            DDPMScheduler.from_pretrained(root / "scheduler"),
+            int(max_tokens),
+            latent=meta.get("latent", latent or "vae"),
+            image_size=int(meta.get("image_size", image_size or 512)),
+            coord_channels=int(meta.get("coord_channels", 0)),
+            caption_map_config=caption_map,
+        )
 
     def build(self):
         """The Teacher, frozen, with this spec's modules (call inside ``fake_device``)."""
@@ -242,8 +269,16 @@ class TeacherSpec:
 
         unet = UNet2DConditionModel.from_config(self.unet_config)
         head = CaptionMap(**self.caption_map_config) if self.caption_map_config else None
-        return Teacher(unet, self.text_encoder(), None, self.scheduler, latent=self.latent,
-                       image_size=self.image_size, coord_channels=self.coord_channels, caption_map=head).freeze()
+        return Teacher(
+            unet,
+            self.text_encoder(),
+            None,
+            self.scheduler,
+            latent=self.latent,
+            image_size=self.image_size,
+            coord_channels=self.coord_channels,
+            caption_map=head,
+        ).freeze()
 
 
 @dataclass
@@ -294,9 +329,18 @@ def _clip_model(arch: str) -> torch.nn.Module:
     return cls(**cfg)
 
 
-def count_step(student_arch: str, teacher: TeacherSpec | None, batch: int, autocast: torch.dtype | None,
-               checkpointing: bool, device_type: str = "cuda", noise_draws: int = 1, latent_shape: tuple[int, int, int] | None = None,
-               trainable: str = "image_layernorms", sds_gradient: str = "full") -> StepCount:
+def count_step(
+    student_arch: str,
+    teacher: TeacherSpec | None,
+    batch: int,
+    autocast: torch.dtype | None,
+    checkpointing: bool,
+    device_type: str = "cuda",
+    noise_draws: int = 1,
+    latent_shape: tuple[int, int, int] | None = None,
+    trainable: str = "image_layernorms",
+    sds_gradient: str = "full",
+) -> StepCount:
     """Run the production step (``sdsclip.sds``) on fake tensors and count what it saves for backward.
 
     ``teacher=None``: the control (lambda = 0), whose step never runs the teacher (sigma unused).
@@ -314,8 +358,9 @@ def count_step(student_arch: str, teacher: TeacherSpec | None, batch: int, autoc
         clip = _clip_model(student_arch)
         t = teacher.build() if teacher is not None else None
         shape = t.latent_shape if t is not None else tuple(latent_shape or (4, 64, 64))
-        embed_dim = int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") else int(
-            clip.visual.output_dim)
+        embed_dim = (
+            int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") else int(clip.visual.output_dim)
+        )
         sigma = _refake(_real(lambda: LatentProjection(embed_dim, shape)))  # its __init__ reads a value
         params = select_trainable(clip, sigma, trainable)
         if t is None:  # as finetune: sigma does not train in the control
@@ -325,6 +370,7 @@ def count_step(student_arch: str, teacher: TeacherSpec | None, batch: int, autoc
         weights = [module] + ([t.unet, t.text_encoder, t.caption_map] if t is not None else [])
         recompute = [0]
         if t is not None and checkpointing:
+
             def segment(fn, *args):  # diffusers' checkpoint call, plus a count of what its recompute saves
                 inner = SavedTensorCounter.excluding(*weights)
                 with inner():  # innermost hooks win: the outer count sees only what checkpoint keeps
@@ -346,22 +392,28 @@ def count_step(student_arch: str, teacher: TeacherSpec | None, batch: int, autoc
         with _autocast(device_type, autocast), counter():
             image_emb, text_emb, z = module(images, tokens, t is not None)
             # the outputs stay referenced until counted: a freed graph's storage keys could be reused
-            terms = sds_clip_objective(image_emb, text_emb, z, clip.logit_scale.exp(), None, None, 0.0, 20, 980,
-                                       contrastive=ClipLoss())
+            terms = sds_clip_objective(
+                image_emb, text_emb, z, clip.logit_scale.exp(), None, None, 0.0, 20, 980, contrastive=ClipLoss()
+            )
             student_saved = counter.bytes
-            loss_sds = sds_loss(t, z, cond, 20, 980, noise_draws, None, gradient=sds_gradient
-                                ) if t is not None else None
+            loss_sds = (
+                sds_loss(t, z, cond, 20, 980, noise_draws, None, gradient=sds_gradient) if t is not None else None
+            )
         unet_saved = counter.bytes - student_saved
         if jacobian_free and t is not None:  # only for the segments' count: the production step saved none
             with _autocast(device_type, autocast), SavedTensorCounter.excluding(*weights)():
                 sds_loss(t, z.detach().requires_grad_(True), cond, 20, 980, noise_draws, None)
         del terms, loss_sds
         return StepCount(
-            batch=batch, student_saved=student_saved, unet_saved=unet_saved,
-            recompute=recompute[0], student_weights=module_bytes(module),
+            batch=batch,
+            student_saved=student_saved,
+            unet_saved=unet_saved,
+            recompute=recompute[0],
+            student_weights=module_bytes(module),
             teacher_weights=module_bytes(t.unet, t.text_encoder, t.caption_map) if t is not None else 0,
             trainable_params=sum(p.untyped_storage().nbytes() for p in params),
-            cond_row=(cond[0].numel() * cond.element_size()) if cond is not None else 0)
+            cond_row=(cond[0].numel() * cond.element_size()) if cond is not None else 0,
+        )
 
 
 # ------------------------------------------------------------------------------------ peak estimate
@@ -385,29 +437,54 @@ class StepEstimate:
 
     @property
     def peak(self) -> int:
-        return (self.weights + self.activations + self.recompute + self.trainable_state + self.text_cache
-                + self.margin)
+        return self.weights + self.activations + self.recompute + self.trainable_state + self.text_cache + self.margin
 
     def summary(self) -> str:
-        parts = [("weights", self.weights), (f"activations at local batch {self.local_batch}", self.activations),
-                 ("recompute", self.recompute), ("grads+AdamW", self.trainable_state),
-                 ("text cache", self.text_cache), ("margin", self.margin)]
+        parts = [
+            ("weights", self.weights),
+            (f"activations at local batch {self.local_batch}", self.activations),
+            ("recompute", self.recompute),
+            ("grads+AdamW", self.trainable_state),
+            ("text cache", self.text_cache),
+            ("margin", self.margin),
+        ]
         return " + ".join(f"{name} {b / GIB:.1f}" for name, b in parts if b >= 0.05 * GIB)
 
     def as_dict(self) -> dict:
-        return {"setting": self.setting, "device_type": self.device_type, "local_batch": self.local_batch,
-                "peak_gib": round(self.peak / GIB, 2),
-                **{k: round(getattr(self, k) / GIB, 3) for k in
-                   ("weights", "activations", "unet_saved", "student_saved", "recompute", "trainable_state",
-                    "text_cache", "margin")}}
+        return {
+            "setting": self.setting,
+            "device_type": self.device_type,
+            "local_batch": self.local_batch,
+            "peak_gib": round(self.peak / GIB, 2),
+            **{
+                k: round(getattr(self, k) / GIB, 3)
+                for k in (
+                    "weights",
+                    "activations",
+                    "unet_saved",
+                    "student_saved",
+                    "recompute",
+                    "trainable_state",
+                    "text_cache",
+                    "margin",
+                )
+            },
+        }
 
 
 def setting_of(mixed_precision: str, checkpointing: bool) -> str:
     return ("fp32" if mixed_precision == "no" else mixed_precision) + ("+ckpt" if checkpointing else "")
 
 
-def estimate_step(cfg, student_arch: str, teacher: TeacherSpec | None, world: int = 1, device_type: str = "cuda",
-                  n_pairs: int | None = None, latent_shape: tuple[int, int, int] | None = None) -> StepEstimate:
+def estimate_step(
+    cfg,
+    student_arch: str,
+    teacher: TeacherSpec | None,
+    world: int = 1,
+    device_type: str = "cuda",
+    n_pairs: int | None = None,
+    latent_shape: tuple[int, int, int] | None = None,
+) -> StepEstimate:
     """Peak of one step of ``sdsclip.train.finetune`` for TrainConfig ``cfg`` on one of ``world`` processes.
 
     ``teacher=None`` is the control (lambda = 0): no teacher on the device, no UNet activations."""
@@ -415,22 +492,40 @@ def estimate_step(cfg, student_arch: str, teacher: TeacherSpec | None, world: in
     autocast = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
     gradient = getattr(cfg, "sds_gradient", "full")
     ckpt = bool(cfg.gradient_checkpointing) and teacher is not None and gradient == "full"
-    c = count_step(student_arch, teacher, local, autocast, ckpt, device_type, cfg.noise_draws, latent_shape,
-                   getattr(cfg, "trainable", "image_layernorms"), gradient)
+    c = count_step(
+        student_arch,
+        teacher,
+        local,
+        autocast,
+        ckpt,
+        device_type,
+        cfg.noise_draws,
+        latent_shape,
+        getattr(cfg, "trainable", "image_layernorms"),
+        gradient,
+    )
     captions = cfg.text_cache_size if n_pairs is None else min(cfg.text_cache_size, n_pairs)
     state = c.trainable_params * (3 + (1 if world > 1 else 0))
     setting = setting_of(cfg.mixed_precision, ckpt) + ("+jacobian_free" if gradient == "jacobian_free" else "")
-    est = StepEstimate(device_type, setting, local,
-                       weights=c.student_weights + c.teacher_weights, activations=c.student_saved + c.unet_saved,
-                       recompute=c.recompute, trainable_state=state, text_cache=c.cond_row * captions, margin=0,
-                       unet_saved=c.unet_saved, student_saved=c.student_saved)
+    est = StepEstimate(
+        device_type,
+        setting,
+        local,
+        weights=c.student_weights + c.teacher_weights,
+        activations=c.student_saved + c.unet_saved,
+        recompute=c.recompute,
+        trainable_state=state,
+        text_cache=c.cond_row * captions,
+        margin=0,
+        unet_saved=c.unet_saved,
+        student_saved=c.student_saved,
+    )
     subtotal = est.peak
     est.margin = int(MARGIN_FRACTION * subtotal) + (CUDA_RESERVE if device_type == "cuda" else 0)
     return est
 
 
-def estimate_sd15_vitb32(cfg, world: int = 1, device_type: str = "cuda", n_pairs: int | None = None
-                         ) -> StepEstimate:
+def estimate_sd15_vitb32(cfg, world: int = 1, device_type: str = "cuda", n_pairs: int | None = None) -> StepEstimate:
     """``estimate_step`` for the real path: open_clip ViT-B-32 + Stable Diffusion 1.5 (by shape)."""
     return estimate_step(cfg, "ViT-B-32", TeacherSpec.sd15(), world, device_type, n_pairs)
 
@@ -449,10 +544,17 @@ def device_free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_step_memory(cfg, student_arch: str, teacher_root=None, teacher_latent: str | None = None,
-                      teacher_image_size: int | None = None, latent_shape: tuple[int, int, int] | None = None,
-                      n_pairs: int | None = None, world: int = 1, device: torch.device | str = "cpu"
-                      ) -> StepEstimate | None:
+def check_step_memory(
+    cfg,
+    student_arch: str,
+    teacher_root=None,
+    teacher_latent: str | None = None,
+    teacher_image_size: int | None = None,
+    latent_shape: tuple[int, int, int] | None = None,
+    n_pairs: int | None = None,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+) -> StepEstimate | None:
     """Before the first step: refuse (TrainError, one line) a step whose estimated peak exceeds the device's free
     memory, naming the knobs that shrink it; ``train.memory_check`` warn logs the line instead, off skips."""
     from sdsclip.train import TrainError
@@ -468,8 +570,9 @@ def check_step_memory(cfg, student_arch: str, teacher_root=None, teacher_latent:
         teacher = TeacherSpec.from_dir(teacher_root, teacher_latent, teacher_image_size) if teacher_root else None
         est = estimate_step(cfg, student_arch, teacher, world, device.type, n_pairs, latent_shape)
     except Exception as err:  # noqa: BLE001 - an estimate that cannot be made must not stop a run that may fit
-        log.warning("train.memory_check: no memory estimate for this model (%s); not checked",
-                    " ".join(str(err).split())[:200])
+        log.warning(
+            "train.memory_check: no memory estimate for this model (%s); not checked", " ".join(str(err).split())[:200]
+        )
         return None
     # CPU: the processes of this machine share its RAM (a GPU process has its own device)
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
@@ -487,9 +590,11 @@ def check_step_memory(cfg, student_arch: str, teacher_root=None, teacher_latent:
     if teacher is not None and cfg.text_cache_size and est.text_cache >= 0.05 * GIB:
         knobs.append("a smaller train.text_cache_size")
     who = f" x {sharing} processes" if sharing > 1 else ""
-    msg = (f"train: one {est.setting} step needs ~{need / GIB:.1f} GiB{who} ({est.summary()} GiB) but {device} has "
-           f"{free / GIB:.1f} GiB free; set {', '.join(knobs)}, or a `paper-*gb` profile "
-           "(train.memory_check: warn | off to run anyway)")
+    msg = (
+        f"train: one {est.setting} step needs ~{need / GIB:.1f} GiB{who} ({est.summary()} GiB) but {device} has "
+        f"{free / GIB:.1f} GiB free; set {', '.join(knobs)}, or a `paper-*gb` profile "
+        "(train.memory_check: warn | off to run anyway)"
+    )
     if mode == "error":
         raise TrainError(msg)
     log.warning(msg)

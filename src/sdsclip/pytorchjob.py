@@ -68,8 +68,10 @@ SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespac
 TERMINAL = ("Succeeded", "Failed")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 # Kubernetes resource.Quantity, as the CRD writes it
-QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-            r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # job names: the operator names services <name>-worker-<i> after them
 DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
@@ -105,16 +107,19 @@ class JobConfig(BaseModel):
     num_nodes: int = Field(2, ge=1, description="pods: 1 Master + num_nodes - 1 Workers")
     gpus_per_node: int = Field(1, ge=0, description="GPUs requested per pod (0: CPU, gloo)")
     nproc_per_node: int | None = Field(
-        None, ge=1, description="processes per pod; default gpus_per_node (1 without GPUs); > 1 runs torchrun")
+        None, ge=1, description="processes per pod; default gpus_per_node (1 without GPUs); > 1 runs torchrun"
+    )
     namespace: str | None = Field(
-        None, pattern=DNS1123, max_length=63, description="null: the pod's own namespace, else kubeconfig's")
+        None, pattern=DNS1123, max_length=63, description="null: the pod's own namespace, else kubeconfig's"
+    )
     gpu_resource: str = Field("nvidia.com/gpu", min_length=1, description="extended resource name of a GPU")
     cpu: str = Field("8", pattern=QUANTITY, description="CPU request = limit per pod")
     memory: str = Field("64Gi", pattern=QUANTITY, description="memory request = limit per pod")
     shm_size: str = Field("16Gi", pattern=QUANTITY, description="/dev/shm (memory-backed emptyDir) per pod")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] | None = Field(
-        None, description="null: tolerate the nvidia.com/gpu taint when gpus_per_node > 0 (tainted GPU pools)")
+        None, description="null: tolerate the nvidia.com/gpu taint when gpus_per_node > 0 (tainted GPU pools)"
+    )
     data_pvc: str = Field("sdsclip-data", pattern=DNS1123, description="PVC mounted at /mnt/data")
     checkpoints_pvc: str = Field("sdsclip-checkpoints", pattern=DNS1123, description="PVC at /mnt/checkpoints")
     mlflow_secret: str | None = Field("sdsclip-mlflow", pattern=DNS1123, description="Secret passed as env")
@@ -167,17 +172,24 @@ class TrainPaths:
         """The layout ``stage_inputs`` writes: RUN/params.yaml, RUN/inputs/{student,...}, RUN/model,
         RUN/logs, checkpoints in /mnt/checkpoints/NAME."""
         run = PurePosixPath(run_dir)
-        return cls(**{k: str(run / "inputs" / k) for k in INPUTS}, params=str(run / "params.yaml"),
-                   out=str(run / "model"), log_dir=str(run / "logs"),
-                   checkpoint_dir=str(PurePosixPath(CHECKPOINT_MOUNT) / name), workdir=str(run))
+        return cls(
+            **{k: str(run / "inputs" / k) for k in INPUTS},
+            params=str(run / "params.yaml"),
+            out=str(run / "model"),
+            log_dir=str(run / "logs"),
+            checkpoint_dir=str(PurePosixPath(CHECKPOINT_MOUNT) / name),
+            workdir=str(run),
+        )
 
     def check(self) -> None:
         for key, value in vars(self).items():
             path = PurePosixPath(value)
             mounts = [PurePosixPath(m) for m in (DATA_MOUNT, CHECKPOINT_MOUNT)]
             if not path.is_absolute() or ".." in path.parts or not any(path == m or m in path.parents for m in mounts):
-                raise PyTorchJobError(f"{key}={value!r}: every pod must see it: give an absolute path under "
-                                      f"{DATA_MOUNT} (data PVC) or {CHECKPOINT_MOUNT} (checkpoint PVC)")
+                raise PyTorchJobError(
+                    f"{key}={value!r}: every pod must see it: give an absolute path under "
+                    f"{DATA_MOUNT} (data PVC) or {CHECKPOINT_MOUNT} (checkpoint PVC)"
+                )
 
 
 def train_command(cfg: JobConfig, paths: TrainPaths, control: bool = False) -> tuple[list[str], list[str]]:
@@ -185,11 +197,30 @@ def train_command(cfg: JobConfig, paths: TrainPaths, control: bool = False) -> t
     ``nproc_per_node`` of them. torchrun reads --nnodes / --nproc-per-node / --node-rank from the operator's
     PET_* variables; the master address is passed as $(MASTER_ADDR) (expanded by the kubelet) because
     operators before v1.8 set no PET_MASTER_ADDR and torchrun would rendezvous on 127.0.0.1."""
-    command = ["sdsclip", "train"] if cfg.procs_per_node == 1 else [
-        "torchrun", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)", "-m", "sdsclip.cli", "train"]
-    args = ["--student", paths.student, "--teacher", paths.teacher, "--shards", paths.shards,
-            "--validated", paths.validated, "--out", paths.out, "--log-dir", paths.log_dir,
-            "--checkpoint-dir", paths.checkpoint_dir, "--params", paths.params, "--resume"]
+    command = (
+        ["sdsclip", "train"]
+        if cfg.procs_per_node == 1
+        else ["torchrun", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)", "-m", "sdsclip.cli", "train"]
+    )
+    args = [
+        "--student",
+        paths.student,
+        "--teacher",
+        paths.teacher,
+        "--shards",
+        paths.shards,
+        "--validated",
+        paths.validated,
+        "--out",
+        paths.out,
+        "--log-dir",
+        paths.log_dir,
+        "--checkpoint-dir",
+        paths.checkpoint_dir,
+        "--params",
+        paths.params,
+        "--resume",
+    ]
     return command, args + (["--control"] if control else [])
 
 
@@ -203,8 +234,10 @@ def k8s_file(name: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise PyTorchJobError(f"{name} not found (looked in {', '.join(str(p.parent) for p in candidates)}): "
-                          "install sdsclip with its k8s/training files")
+    raise PyTorchJobError(
+        f"{name} not found (looked in {', '.join(str(p.parent) for p in candidates)}): "
+        "install sdsclip with its k8s/training files"
+    )
 
 
 def current_namespace() -> str:
@@ -248,8 +281,10 @@ def render_job(cfg: JobConfig, paths: TrainPaths, *, control: bool = False, temp
     spec["nprocPerNode"] = str(cfg.procs_per_node)  # never "auto": the operator would export PET_NPROC_PER_NODE=auto
     run_policy = spec["runPolicy"]
     run_policy.update(backoffLimit=cfg.backoff_limit, cleanPodPolicy=cfg.clean_pod_policy)
-    for key, value in (("ttlSecondsAfterFinished", cfg.ttl_seconds_after_finished),
-                       ("activeDeadlineSeconds", cfg.active_deadline_seconds)):
+    for key, value in (
+        ("ttlSecondsAfterFinished", cfg.ttl_seconds_after_finished),
+        ("activeDeadlineSeconds", cfg.active_deadline_seconds),
+    ):
         if value is None:
             run_policy.pop(key, None)
         else:
@@ -259,8 +294,9 @@ def render_job(cfg: JobConfig, paths: TrainPaths, *, control: bool = False, temp
     master["replicas"] = 1
     pod = master["template"]["spec"]
     pod["securityContext"].update(runAsUser=cfg.run_as_user, runAsGroup=cfg.run_as_user, fsGroup=cfg.run_as_user)
-    tolerations = cfg.tolerations if cfg.tolerations is not None else (
-        [dict(GPU_TOLERATION)] if cfg.gpus_per_node else [])
+    tolerations = (
+        cfg.tolerations if cfg.tolerations is not None else ([dict(GPU_TOLERATION)] if cfg.gpus_per_node else [])
+    )
     for key, value in (("nodeSelector", dict(cfg.node_selector)), ("tolerations", copy.deepcopy(tolerations))):
         if value:
             pod[key] = value
@@ -296,8 +332,11 @@ def _strict(schema: Any) -> Any:
     """Reject unknown fields as the API server does with fieldValidation=Strict (kubectl's default)."""
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -326,13 +365,16 @@ def validate_job(job: Mapping[str, Any], *, kubernetes_version: str | None = Non
     ``kubernetes-validate`` package). Raises PyTorchJobError naming the first offending field."""
     name = (job.get("metadata") or {}).get("name", "?")
     if job.get("apiVersion") != API_VERSION or job.get("kind") != KIND:
-        raise PyTorchJobError(f"PyTorchJob {name}: apiVersion/kind must be {API_VERSION}/{KIND} "
-                              f"(got {job.get('apiVersion')}/{job.get('kind')})")
+        raise PyTorchJobError(
+            f"PyTorchJob {name}: apiVersion/kind must be {API_VERSION}/{KIND} "
+            f"(got {job.get('apiVersion')}/{job.get('kind')})"
+        )
     errors = sorted(crd_validator().iter_errors(job), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise PyTorchJobError(_one_line(f"PyTorchJob {name}: {_where(errors[0].absolute_path)}: "
-                                        f"{errors[0].message}{more}"))
+        raise PyTorchJobError(
+            _one_line(f"PyTorchJob {name}: {_where(errors[0].absolute_path)}: {errors[0].message}{more}")
+        )
     replicas = job["spec"]["pytorchReplicaSpecs"]
     for rtype, rspec in replicas.items():
         if rtype not in ("Master", "Worker"):
@@ -357,11 +399,14 @@ def _check_quantities(name: str, replicas: Mapping[str, Any]) -> None:
         for i, c in enumerate(containers):
             for kind in ("requests", "limits"):
                 for resource, value in ((c.get("resources") or {}).get(kind) or {}).items():
-                    if isinstance(value, bool) or not (isinstance(value, int) or (
-                            isinstance(value, str) and re.fullmatch(QUANTITY, value))):
-                        raise PyTorchJobError(f"PyTorchJob {name}: {rtype} pod template: spec.containers.{i}."
-                                              f"resources.{kind}.{resource}: {value!r} is not a Kubernetes "
-                                              "quantity (e.g. 500m, 4, 16Gi)")
+                    if isinstance(value, bool) or not (
+                        isinstance(value, int) or (isinstance(value, str) and re.fullmatch(QUANTITY, value))
+                    ):
+                        raise PyTorchJobError(
+                            f"PyTorchJob {name}: {rtype} pod template: spec.containers.{i}."
+                            f"resources.{kind}.{resource}: {value!r} is not a Kubernetes "
+                            "quantity (e.g. 500m, 4, 16Gi)"
+                        )
 
 
 def validate_pod_templates(job: Mapping[str, Any], kubernetes_version: str) -> None:
@@ -369,18 +414,24 @@ def validate_pod_templates(job: Mapping[str, Any], kubernetes_version: str) -> N
     try:
         import kubernetes_validate
     except ImportError:
-        raise PyTorchJobError("checking pod templates needs the kubernetes-validate package "
-                              "(pip install kubernetes-validate)") from None
+        raise PyTorchJobError(
+            "checking pod templates needs the kubernetes-validate package (pip install kubernetes-validate)"
+        ) from None
     name = job["metadata"]["name"]
     for rtype, rspec in job["spec"]["pytorchReplicaSpecs"].items():
-        holder = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{name}-{rtype.lower()}"},
-                  "template": rspec["template"]}
+        holder = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": f"{name}-{rtype.lower()}"},
+            "template": rspec["template"],
+        }
         try:
             kubernetes_validate.validate(holder, kubernetes_version, strict=True)
         except kubernetes_validate.ValidationError as err:
             where = _where(list(err.absolute_path)[1:])  # drop the holder's "template"
-            raise PyTorchJobError(_one_line(f"PyTorchJob {name}: {rtype} pod template: {where}: {err.message} "
-                                            f"(Kubernetes {err.version})")) from None
+            raise PyTorchJobError(
+                _one_line(f"PyTorchJob {name}: {rtype} pod template: {where}: {err.message} (Kubernetes {err.version})")
+            ) from None
 
 
 def to_yaml(job: Mapping[str, Any]) -> str:
@@ -388,8 +439,16 @@ def to_yaml(job: Mapping[str, Any]) -> str:
 
 
 def render_job_file(
-    out: Path, *, name: str, image: str, run_dir: str, num_nodes: int = 2, gpus_per_node: int = 1,
-    control: bool = False, namespace: str | None = None, params_path: Path | None = None,
+    out: Path,
+    *,
+    name: str,
+    image: str,
+    run_dir: str,
+    num_nodes: int = 2,
+    gpus_per_node: int = 1,
+    control: bool = False,
+    namespace: str | None = None,
+    params_path: Path | None = None,
 ) -> Path:
     """Write a PyTorchJob YAML for ``kubectl create -f OUT``: the standard run layout under ``run_dir`` (on the
     data PVC, e.g. /mnt/data/sdsclip-runs/NAME: params.yaml, inputs/{student,teacher,shards,validated}/), the
@@ -398,13 +457,16 @@ def render_job_file(
     if params_path is not None:
         raw = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
         section = raw.get("multinode") if isinstance(raw, dict) else None
-    cfg = job_config(section, name=name, image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
-                     namespace=namespace)
+    cfg = job_config(
+        section, name=name, image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node, namespace=namespace
+    )
     job = render_job(cfg, TrainPaths.standard(run_dir, name), control=control)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# kubectl create -f {out.name}   (rendered by sdsclip.pytorchjob.render_job_file)\n"
-                   + to_yaml(job), encoding="utf-8")
+    out.write_text(
+        f"# kubectl create -f {out.name}   (rendered by sdsclip.pytorchjob.render_job_file)\n" + to_yaml(job),
+        encoding="utf-8",
+    )
     return out
 
 
@@ -436,8 +498,11 @@ def load_api_client(api_client=None):
         try:
             config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # read at call time, not import
         except (config.ConfigException, OSError) as err:
-            raise PyTorchJobError(_one_line(f"no Kubernetes credentials: not inside a cluster and no usable "
-                                            f"kubeconfig ({err}); set KUBECONFIG")) from None
+            raise PyTorchJobError(
+                _one_line(
+                    f"no Kubernetes credentials: not inside a cluster and no usable kubeconfig ({err}); set KUBECONFIG"
+                )
+            ) from None
     return client.ApiClient()
 
 
@@ -467,9 +532,17 @@ def job_state(obj: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def submit_and_wait(
-    job: Mapping[str, Any], namespace: str, *, poll_s: float, timeout_s: float, api_client=None,
-    log_dir: Path | None = None, delete_on_timeout: bool = True, replace_failed: bool = True,
-    tail_lines: int = 200, request_timeout_s: float = 60.0,
+    job: Mapping[str, Any],
+    namespace: str,
+    *,
+    poll_s: float,
+    timeout_s: float,
+    api_client=None,
+    log_dir: Path | None = None,
+    delete_on_timeout: bool = True,
+    replace_failed: bool = True,
+    tail_lines: int = 200,
+    request_timeout_s: float = 60.0,
 ) -> JobResult:
     """Create ``job`` in ``namespace`` (or adopt the same job, see the module doc) and poll until it succeeds.
 
@@ -483,8 +556,9 @@ def submit_and_wait(
     job = copy.deepcopy(dict(job))
     name = job["metadata"]["name"]
     if job["metadata"].get("namespace", namespace) != namespace:
-        raise PyTorchJobError(f"PyTorchJob {name} is rendered for namespace {job['metadata']['namespace']!r}, "
-                              f"not {namespace!r}")
+        raise PyTorchJobError(
+            f"PyTorchJob {name} is rendered for namespace {job['metadata']['namespace']!r}, not {namespace!r}"
+        )
     job["metadata"]["namespace"] = namespace
     digest = spec_digest(job)
     job["metadata"].setdefault("annotations", {})[SPEC_DIGEST_ANNOTATION] = digest
@@ -498,8 +572,9 @@ def submit_and_wait(
     def create() -> dict | None:
         """Create the job; on 409 return the existing object."""
         try:
-            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job,
-                                                   field_validation="Strict", **call)
+            custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, job, field_validation="Strict", **call
+            )
             log.info("created PyTorchJob %s", where)
             return None
         except ApiException as err:
@@ -510,16 +585,17 @@ def submit_and_wait(
         try:
             return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, **call)
         except ApiException as err:
-            raise PyTorchJobError(f"PyTorchJob {where} already exists and cannot be read: {_api_error(err)}") \
-                from None
+            raise PyTorchJobError(f"PyTorchJob {where} already exists and cannot be read: {_api_error(err)}") from None
 
     adopted = replaced = False
     existing = create()
     if existing is not None:
         theirs = ((existing.get("metadata") or {}).get("annotations") or {}).get(SPEC_DIGEST_ANNOTATION)
         if theirs != digest:
-            raise PyTorchJobError(f"PyTorchJob {where} already exists with a different spec: delete it "
-                                  f"(kubectl delete pytorchjob {name} -n {namespace}) or use another name")
+            raise PyTorchJobError(
+                f"PyTorchJob {where} already exists with a different spec: delete it "
+                f"(kubectl delete pytorchjob {name} -n {namespace}) or use another name"
+            )
         if replace_failed and job_state(existing)[0] == "Failed":
             log.info("PyTorchJob %s exists with the same spec but Failed: deleting it to run it again", where)
             _delete_and_wait_gone(custom, namespace, name, poll_s, started + timeout_s, call)
@@ -537,8 +613,10 @@ def submit_and_wait(
             obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, **call)
         except ApiException as err:
             if err.status == 404:
-                raise PyTorchJobError(f"PyTorchJob {where} disappeared while waiting for it (deleted by someone, "
-                                      "or its ttlSecondsAfterFinished passed)") from None
+                raise PyTorchJobError(
+                    f"PyTorchJob {where} disappeared while waiting for it (deleted by someone, "
+                    "or its ttlSecondsAfterFinished passed)"
+                ) from None
             if not _transient(err):
                 raise PyTorchJobError(f"cannot read PyTorchJob {where}: {_api_error(err)}") from None
             log.warning("reading PyTorchJob %s: %s (retrying)", where, _api_error(err))
@@ -551,8 +629,17 @@ def submit_and_wait(
                 log.info("PyTorchJob %s: %s", where, state)
                 last_seen = state
             if state == "Succeeded":
-                return JobResult(name, namespace, state, cond.get("reason", ""), cond.get("message", ""),
-                                 round(time.monotonic() - started, 3), polls, adopted, replaced)
+                return JobResult(
+                    name,
+                    namespace,
+                    state,
+                    cond.get("reason", ""),
+                    cond.get("message", ""),
+                    round(time.monotonic() - started, 3),
+                    polls,
+                    adopted,
+                    replaced,
+                )
             if state == "Failed":
                 raise _failed(core, namespace, name, cond, log_dir, tail_lines, adopted, call)
         elapsed = time.monotonic() - started
@@ -567,12 +654,14 @@ def _delete_and_wait_gone(custom, namespace: str, name: str, poll_s: float, dead
     from kubernetes.client.rest import ApiException
 
     try:
-        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                               propagation_policy="Foreground", **call)
+        custom.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Foreground", **call
+        )
     except ApiException as err:
         if err.status != 404:
-            raise PyTorchJobError(f"cannot delete the failed PyTorchJob {namespace}/{name}: {_api_error(err)}") \
-                from None
+            raise PyTorchJobError(
+                f"cannot delete the failed PyTorchJob {namespace}/{name}: {_api_error(err)}"
+            ) from None
     while True:
         try:
             custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, **call)
@@ -582,8 +671,9 @@ def _delete_and_wait_gone(custom, namespace: str, name: str, poll_s: float, dead
             if not _transient(err):
                 raise PyTorchJobError(f"cannot read PyTorchJob {namespace}/{name}: {_api_error(err)}") from None
         if time.monotonic() >= deadline:
-            raise PyTorchJobTimeout(f"PyTorchJob {namespace}/{name} (Failed) was not gone within the timeout "
-                                    "after deleting it")
+            raise PyTorchJobTimeout(
+                f"PyTorchJob {namespace}/{name} (Failed) was not gone within the timeout after deleting it"
+            )
         time.sleep(poll_s)
 
 
@@ -634,8 +724,9 @@ def _failed(core, namespace, name, cond, log_dir, tail_lines, adopted, call) -> 
     else:
         pod_name = pod.metadata.name
         try:
-            text = core.read_namespaced_pod_log(pod_name, namespace, container=CONTAINER, tail_lines=tail_lines,
-                                                previous=previous, **call)
+            text = core.read_namespaced_pod_log(
+                pod_name, namespace, container=CONTAINER, tail_lines=tail_lines, previous=previous, **call
+            )
         except ApiException as err:
             logs = f"log of pod {pod_name} unavailable ({_api_error(err)})"
         else:
@@ -646,20 +737,30 @@ def _failed(core, namespace, name, cond, log_dir, tail_lines, adopted, call) -> 
             lines = [line for line in (text or "").splitlines() if line.strip()]
             last = _one_line(lines[-1], 300) if lines else "(empty log)"
             logs = f"last log line of pod {pod_name}: {last!r}; log tail ({len(lines)} lines): {path}"
-    again = f"; it existed before this run: delete it (kubectl delete pytorchjob {name} -n {namespace}) to retry" \
-        if adopted else ""
-    return PyTorchJobFailed(_one_line(f"PyTorchJob {namespace}/{name} failed: {reason}: {message}; {logs}{again}",
-                                      2000))
+    again = (
+        f"; it existed before this run: delete it (kubectl delete pytorchjob {name} -n {namespace}) to retry"
+        if adopted
+        else ""
+    )
+    return PyTorchJobFailed(
+        _one_line(f"PyTorchJob {namespace}/{name} failed: {reason}: {message}; {logs}{again}", 2000)
+    )
 
 
 def _pod_summary(pods: list) -> str:
     parts = []
     for pod in pods:
         phase = pod.status.phase if pod.status else "?"
-        waiting = [cs.state.waiting for cs in (pod.status.container_statuses or []) if cs.state and cs.state.waiting] \
-            if pod.status else []
-        detail = f" {waiting[0].reason}" + (f" ({_one_line(waiting[0].message, 120)})" if waiting[0].message else "") \
-            if waiting else ""
+        waiting = (
+            [cs.state.waiting for cs in (pod.status.container_statuses or []) if cs.state and cs.state.waiting]
+            if pod.status
+            else []
+        )
+        detail = (
+            f" {waiting[0].reason}" + (f" ({_one_line(waiting[0].message, 120)})" if waiting[0].message else "")
+            if waiting
+            else ""
+        )
         parts.append(f"{pod.metadata.name} {phase}{detail}")
     return ", ".join(parts) or "no pods"
 
@@ -671,13 +772,19 @@ def _timed_out(custom, core, namespace, name, state, timeout_s, delete, call) ->
     action = "left running"
     if delete:
         try:
-            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                   propagation_policy="Background", **call)
+            custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background", **call
+            )
             action = "deleted (its checkpoints stay on the checkpoint PVC: a re-run resumes)"
         except ApiException as err:
             action = f"could not be deleted ({_api_error(err)})"
-    return PyTorchJobTimeout(_one_line(f"PyTorchJob {namespace}/{name} did not finish within {timeout_s:g} s "
-                                       f"(last state {state}; pods: {pods}); the job was {action}", 2000))
+    return PyTorchJobTimeout(
+        _one_line(
+            f"PyTorchJob {namespace}/{name} did not finish within {timeout_s:g} s "
+            f"(last state {state}; pods: {pods}); the job was {action}",
+            2000,
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------ pipeline step
@@ -700,8 +807,9 @@ def _copy_atomic(src: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def stage_inputs(run_dir: Path, params_yaml: str, inputs: Mapping[str, Path], *,
-                 writable_for_uid: int | None = None) -> None:
+def stage_inputs(
+    run_dir: Path, params_yaml: str, inputs: Mapping[str, Path], *, writable_for_uid: int | None = None
+) -> None:
     """Write RUN/params.yaml and copy the inputs to RUN/inputs/<key>; inputs already staged (a retried step
     re-attaching to its job: same name, same inputs) are kept. ``writable_for_uid``: the pods' uid; if this
     process runs as another one, RUN is made writable for all (the pods write model/ and logs/ there; fsGroup
@@ -728,8 +836,17 @@ def stage_inputs(run_dir: Path, params_yaml: str, inputs: Mapping[str, Path], *,
 
 
 def run_multinode_training(
-    params_yaml: str, inputs: Mapping[str, Path], out: Path, *, control: bool, num_nodes: int, gpus_per_node: int,
-    image: str, job_key: str = "", data_root: Path = Path(DATA_MOUNT), api_client=None,
+    params_yaml: str,
+    inputs: Mapping[str, Path],
+    out: Path,
+    *,
+    control: bool,
+    num_nodes: int,
+    gpus_per_node: int,
+    image: str,
+    job_key: str = "",
+    data_root: Path = Path(DATA_MOUNT),
+    api_client=None,
 ) -> dict[str, Any]:
     """The pipeline step: stage ``inputs`` (student, teacher, shards, validated) and the params on the data
     PVC (mounted here at ``data_root``), run the PyTorchJob, copy its model to ``out``; returns the model's
@@ -757,19 +874,33 @@ def run_multinode_training(
     stage_inputs(run_dir, yaml.safe_dump(raw, sort_keys=False), inputs, writable_for_uid=cfg.run_as_user)
     job = render_job(cfg, TrainPaths.standard(f"{DATA_MOUNT}/{RUNS_DIR}/{name}", name), control=control)
     namespace = job["metadata"]["namespace"]
-    result = submit_and_wait(job, namespace, poll_s=cfg.poll_seconds, timeout_s=cfg.timeout_seconds,
-                             api_client=api_client, log_dir=run_dir / "failure-logs",
-                             delete_on_timeout=cfg.delete_on_timeout)
+    result = submit_and_wait(
+        job,
+        namespace,
+        poll_s=cfg.poll_seconds,
+        timeout_s=cfg.timeout_seconds,
+        api_client=api_client,
+        log_dir=run_dir / "failure-logs",
+        delete_on_timeout=cfg.delete_on_timeout,
+    )
     model = run_dir / "model"
     meta_file = model / "student.json"
     if not meta_file.is_file():
-        raise PyTorchJobError(f"PyTorchJob {namespace}/{name} succeeded but {meta_file} is missing "
-                              f"(is {cfg.data_pvc} mounted at {data_root} here and at {DATA_MOUNT} in the pods?)")
+        raise PyTorchJobError(
+            f"PyTorchJob {namespace}/{name} succeeded but {meta_file} is missing "
+            f"(is {cfg.data_pvc} mounted at {data_root} here and at {DATA_MOUNT} in the pods?)"
+        )
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(model, out)
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    meta.update(job=name, namespace=namespace, nodes=num_nodes, processes_per_node=cfg.procs_per_node,
-                job_seconds=result.seconds, job_adopted=result.adopted)
+    meta.update(
+        job=name,
+        namespace=namespace,
+        nodes=num_nodes,
+        processes_per_node=cfg.procs_per_node,
+        job_seconds=result.seconds,
+        job_adopted=result.adopted,
+    )
     return meta

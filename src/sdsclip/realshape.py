@@ -28,7 +28,6 @@ runs in its own process by default (as DVC runs them), so its wall time and peak
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import gzip
 import hashlib
 import json
@@ -39,46 +38,88 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sdsclip.config import Params, params_to_dict
+from sdsclip.errors import UserError
 
 SPLIT = "train2017"
 FIXTURE_VERSION = 2  # bump when a writer's output changes, so cached fixtures are rebuilt
 
 #: Stable Diffusion 1.5's component configs (runwayml/stable-diffusion-v1-5), from its published config files.
 SD15_UNET: dict[str, Any] = {
-    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False, "cross_attention_dim": 768,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 SD15_VAE: dict[str, Any] = {
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-    "norm_num_groups": 32, "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 SD15_TEXT: dict[str, Any] = {  # openai/clip-vit-large-patch14's text tower, as SD-1.5 ships it
-    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
-    "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0,
-    "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
-    "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768,
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
     "vocab_size": 49408,
 }
 SD15_SCHEDULER: dict[str, Any] = {
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
     "trained_betas": None,
 }
 SD15_MODEL_INDEX: dict[str, Any] = {
-    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
-    "feature_extractor": [None, None], "safety_checker": [None, None],
-    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.6.0",
+    "feature_extractor": [None, None],
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
 #: COCO's common image sizes (width, height)
@@ -110,15 +151,38 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "real": Scale("real", "ViT-B-32-quickgelu", SD15_UNET, SD15_VAE, SD15_TEXT, 64, COCO_SIZES),
     "tiny": Scale(
-        "tiny", "sdsclip-tiny-vit-quickgelu",
-        {**SD15_UNET, "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1, "cross_attention_dim": 32,
-         "norm_num_groups": 8, "sample_size": 8},
-        {**SD15_VAE, "block_out_channels": [16, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
-         "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 16},
-        {**SD15_TEXT, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-         "projection_dim": 32},  # 77 tokens and the real 49408-token vocabulary kept
-        8, ((64, 48), (48, 64), (56, 56))),
+        "tiny",
+        "sdsclip-tiny-vit-quickgelu",
+        {
+            **SD15_UNET,
+            "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 1,
+            "cross_attention_dim": 32,
+            "norm_num_groups": 8,
+            "sample_size": 8,
+        },
+        {
+            **SD15_VAE,
+            "block_out_channels": [16, 32],
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "sample_size": 16,
+        },
+        {
+            **SD15_TEXT,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "projection_dim": 32,
+        },  # 77 tokens and the real 49408-token vocabulary kept
+        8,
+        ((64, 48), (48, 64), (56, 56)),
+    ),
 }
 
 
@@ -129,8 +193,9 @@ class RealshapeError(UserError, ValueError):
 # ------------------------------------------------------------------------------------------ fixture writers
 
 
-def write_coco(root: Path, n_images: int, sizes: tuple[tuple[int, int], ...], seed: int = 0,
-               split: str = SPLIT) -> dict[str, int]:
+def write_coco(
+    root: Path, n_images: int, sizes: tuple[tuple[int, int], ...], seed: int = 0, split: str = SPLIT
+) -> dict[str, int]:
     """COCO-format captions JSON (5 captions per image) + JPEG images of COCO's sizes under ``root``.
 
     Each image is a synthetic two-object scene (sdsclip.synth) on a larger canvas, so captions are true of it."""
@@ -160,13 +225,22 @@ def write_coco(root: Path, n_images: int, sizes: tuple[tuple[int, int], ...], se
         photo.save(image_dir / file_name, format="JPEG", quality=90)
         images.append({"id": image_id, "width": width, "height": height, "file_name": file_name, "license": 1})
         relational = synth.relational_caption(a, relation, b)
-        captions = [relational, synth.relational_caption(b, synth.CONVERSE_RELATION[relation], a),
-                    synth.conjunctive_caption(a, b), synth.conjunctive_caption(b, a), f"a photo of {relational}"]
+        captions = [
+            relational,
+            synth.relational_caption(b, synth.CONVERSE_RELATION[relation], a),
+            synth.conjunctive_caption(a, b),
+            synth.conjunctive_caption(b, a),
+            f"a photo of {relational}",
+        ]
         for caption in captions:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    coco = {"info": {"description": "sdsclip realshape fixture", "version": "1.0", "year": 2017},
-            "licenses": [{"id": 1, "name": "synthetic", "url": ""}], "images": images, "annotations": annotations}
+    coco = {
+        "info": {"description": "sdsclip realshape fixture", "version": "1.0", "year": 2017},
+        "licenses": [{"id": 1, "name": "synthetic", "url": ""}],
+        "images": images,
+        "annotations": annotations,
+    }
     (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco) + "\n")
     return {"images": len(images), "captions": len(annotations)}
 
@@ -186,8 +260,14 @@ def clip_bpe() -> tuple[dict[str, int], list[str]]:
 
 
 def _added_token(content: str) -> dict[str, Any]:
-    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
-            "single_word": False}
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    }
 
 
 def write_clip_tokenizer(out_dir: Path, max_length: int = 77) -> Path:
@@ -199,12 +279,23 @@ def write_clip_tokenizer(out_dir: Path, max_length: int = 77) -> Path:
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     bos, eos = "<|startoftext|>", "<|endoftext|>"
-    special = {"bos_token": _added_token(bos), "eos_token": _added_token(eos), "pad_token": eos,
-               "unk_token": _added_token(eos)}
+    special = {
+        "bos_token": _added_token(bos),
+        "eos_token": _added_token(eos),
+        "pad_token": eos,
+        "unk_token": _added_token(eos),
+    }
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    config = {"add_prefix_space": False, **special, "do_lower_case": True, "errors": "replace",
-              "model_max_length": max_length, "name_or_path": "openai/clip-vit-large-patch14",
-              "special_tokens_map_file": "./special_tokens_map.json", "tokenizer_class": "CLIPTokenizer"}
+    config = {
+        "add_prefix_space": False,
+        **special,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": max_length,
+        "name_or_path": "openai/clip-vit-large-patch14",
+        "special_tokens_map_file": "./special_tokens_map.json",
+        "tokenizer_class": "CLIPTokenizer",
+    }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -286,8 +377,12 @@ def write_openai_clip(path: Path, arch: str, seed: int = 0, half: bool = True) -
             traced = traced.half()
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.jit.save(traced, str(path))
-    return {"arch": arch, "format": "openai-torchscript", "dtype": "float16" if half else "float32",
-            "parameters": sum(p.numel() for p in clip.parameters())}
+    return {
+        "arch": arch,
+        "format": "openai-torchscript",
+        "dtype": "float16" if half else "float32",
+        "parameters": sum(p.numel() for p in clip.parameters()),
+    }
 
 
 def write_open_clip_safetensors(path: Path, arch: str, seed: int = 0) -> dict[str, Any]:
@@ -309,8 +404,10 @@ def write_open_clip_safetensors(path: Path, arch: str, seed: int = 0) -> dict[st
 
 
 #: student checkpoint formats the fixture can be written in
-STUDENT_FORMATS = {"openai": ("ViT-B-32.pt", write_openai_clip),
-                   "safetensors": ("open_clip_model.safetensors", write_open_clip_safetensors)}
+STUDENT_FORMATS = {
+    "openai": ("ViT-B-32.pt", write_openai_clip),
+    "safetensors": ("open_clip_model.safetensors", write_open_clip_safetensors),
+}
 
 
 def _hash(obj: Any) -> str:
@@ -357,39 +454,65 @@ def realshape_params(params: Params, workdir: Path, scale: Scale, student_format
     world = paths.world
     run = paths.run
     name, _ = STUDENT_FORMATS[student_format]
-    return params.model_copy(update={
-        "data": params.data.model_copy(update={
-            "coco_root": str(paths.coco), "winoground_dir": str(world / "winoground"), "aro_dir": str(world / "aro"),
-            "zeroshot_dir": str(world / "zeroshot"), "sugarcrepe_dir": str(run / "data" / "sugarcrepe"),
-            "pretrain_split": SPLIT, "train_split": SPLIT}),
-        "ingest": params.ingest.model_copy(update={"splits": [SPLIT]}),
-        "student": params.student.model_copy(update={"arch": scale.student_arch,
-                                                     "checkpoint": str(paths.clip_dir / name)}),
-        "teacher": params.teacher.model_copy(update={"pretrained_dir": str(paths.sd), "latent": "vae",
-                                                     "image_size": scale.teacher_image_size}),
-        "registry": params.registry.model_copy(update={
-            "tracking_uri": f"sqlite:///{run / 'mlflow.db'}", "experiment": "sdsclip-realshape",
-            "model_name": "sdsclip-realshape"}),
-    })
+    return params.model_copy(
+        update={
+            "data": params.data.model_copy(
+                update={
+                    "coco_root": str(paths.coco),
+                    "winoground_dir": str(world / "winoground"),
+                    "aro_dir": str(world / "aro"),
+                    "zeroshot_dir": str(world / "zeroshot"),
+                    "sugarcrepe_dir": str(run / "data" / "sugarcrepe"),
+                    "pretrain_split": SPLIT,
+                    "train_split": SPLIT,
+                }
+            ),
+            "ingest": params.ingest.model_copy(update={"splits": [SPLIT]}),
+            "student": params.student.model_copy(
+                update={"arch": scale.student_arch, "checkpoint": str(paths.clip_dir / name)}
+            ),
+            "teacher": params.teacher.model_copy(
+                update={"pretrained_dir": str(paths.sd), "latent": "vae", "image_size": scale.teacher_image_size}
+            ),
+            "registry": params.registry.model_copy(
+                update={
+                    "tracking_uri": f"sqlite:///{run / 'mlflow.db'}",
+                    "experiment": "sdsclip-realshape",
+                    "model_name": "sdsclip-realshape",
+                }
+            ),
+        }
+    )
 
 
-def _fixture_stages(params: Params, paths: Paths, scale: Scale, student_format: str
-                    ) -> list[tuple[str, Path, Any, Callable[[], Any]]]:
+def _fixture_stages(
+    params: Params, paths: Paths, scale: Scale, student_format: str
+) -> list[tuple[str, Path, Any, Callable[[], Any]]]:
     """(name, out dir, cache key, writer) of each fixture."""
     from sdsclip import stages
 
     name, writer = STUDENT_FORMATS[student_format]
     full = params_to_dict(params)
     return [
-        ("fixture_coco", paths.coco, [scale.coco_images, scale.coco_sizes, params.seed],
-         lambda: write_coco(paths.coco, scale.coco_images, scale.coco_sizes, params.seed)),
-        ("fixture_student", paths.clip_dir, [scale.student_arch, student_format, params.seed],
-         lambda: writer(paths.clip_dir / name, scale.student_arch, params.seed)),
-        ("fixture_stable_diffusion", paths.sd, [scale.unet, scale.vae, scale.text_encoder, SD15_SCHEDULER,
-                                                params.seed],
-         lambda: write_sd_dir(paths.sd, scale, params.seed)),
-        ("fixture_world", paths.world, [full["world"], params.seed],
-         lambda: stages.synth(params, paths.world)),
+        (
+            "fixture_coco",
+            paths.coco,
+            [scale.coco_images, scale.coco_sizes, params.seed],
+            lambda: write_coco(paths.coco, scale.coco_images, scale.coco_sizes, params.seed),
+        ),
+        (
+            "fixture_student",
+            paths.clip_dir,
+            [scale.student_arch, student_format, params.seed],
+            lambda: writer(paths.clip_dir / name, scale.student_arch, params.seed),
+        ),
+        (
+            "fixture_stable_diffusion",
+            paths.sd,
+            [scale.unet, scale.vae, scale.text_encoder, SD15_SCHEDULER, params.seed],
+            lambda: write_sd_dir(paths.sd, scale, params.seed),
+        ),
+        ("fixture_world", paths.world, [full["world"], params.seed], lambda: stages.synth(params, paths.world)),
     ]
 
 
@@ -399,46 +522,108 @@ def chain(params: Params, paths: Paths) -> list[tuple[str, str, dict[str, Any]]]
     Every function takes ``params`` first: the stage functions DVC and Kubeflow call (sdsclip.stages)."""
     r, d = paths.run, params.data
     shards, validated, models, metrics = r / "data" / "shards", r / "data" / "validated", r / "models", r / "metrics"
-    student_models = {"pretrained": models / "student_pretrained", "baseline": models / "baseline",
-                      "sds": models / "sds"}
+    student_models = {
+        "pretrained": models / "student_pretrained",
+        "baseline": models / "baseline",
+        "sds": models / "sds",
+    }
     every = {**student_models, "teacher": models / "teacher"}
     s = "sdsclip.stages:"
     out: list[tuple[str, str, dict[str, Any]]] = [
         ("ingest", s + "ingest", {"coco_root": d.coco_root, "out_root": shards, "metrics": metrics / "ingest.json"}),
-        ("validate", s + "validate", {"shards_root": shards, "out_root": validated,
-                                      "metrics": metrics / "validation.json"}),
-        ("pretrain_student", s + "pretrain_student", {"shards_root": shards, "validated_root": validated,
-                                                      "out_dir": every["pretrained"]}),
-        ("pretrain_teacher", s + "pretrain_teacher", {"shards_root": shards, "validated_root": validated,
-                                                      "out_dir": every["teacher"]}),
+        (
+            "validate",
+            s + "validate",
+            {"shards_root": shards, "out_root": validated, "metrics": metrics / "validation.json"},
+        ),
+        (
+            "pretrain_student",
+            s + "pretrain_student",
+            {"shards_root": shards, "validated_root": validated, "out_dir": every["pretrained"]},
+        ),
+        (
+            "pretrain_teacher",
+            s + "pretrain_teacher",
+            {"shards_root": shards, "validated_root": validated, "out_dir": every["teacher"]},
+        ),
     ]
     for arm, control in (("baseline", True), ("sds", False)):
-        out.append((f"train_{arm}", s + "train", {
-            "student": every["pretrained"], "teacher": every["teacher"], "shards_root": shards,
-            "validated_root": validated, "out_dir": every[arm], "control": control,
-            "log_dir": r / "logs" / f"train_{arm}"}))
-    out.append(("derive_sugarcrepe", s + "derive_sugarcrepe", {"winoground_dir": d.winoground_dir,
-                                                               "out_dir": d.sugarcrepe_dir}))
+        out.append(
+            (
+                f"train_{arm}",
+                s + "train",
+                {
+                    "student": every["pretrained"],
+                    "teacher": every["teacher"],
+                    "shards_root": shards,
+                    "validated_root": validated,
+                    "out_dir": every[arm],
+                    "control": control,
+                    "log_dir": r / "logs" / f"train_{arm}",
+                },
+            )
+        )
+    out.append(
+        (
+            "derive_sugarcrepe",
+            s + "derive_sugarcrepe",
+            {"winoground_dir": d.winoground_dir, "out_dir": d.sugarcrepe_dir},
+        )
+    )
     for key, model in every.items():
         out += [
-            (f"evaluate_winoground@{key}", s + "evaluate_winoground", {
-                "model": model, "data_dir": d.winoground_dir, "out": metrics / f"winoground_{key}.json",
-                "scores": r / "scores" / f"winoground_{key}.jsonl"}),
-            (f"evaluate_aro@{key}", s + "evaluate_aro", {"model": model, "data_dir": d.aro_dir,
-                                                         "out": metrics / f"aro_{key}.json"}),
-            (f"evaluate_zeroshot@{key}", s + "evaluate_zeroshot", {"model": model, "data_dir": d.zeroshot_dir,
-                                                                   "out": metrics / f"zeroshot_{key}.json"}),
-            (f"evaluate_sugarcrepe@{key}", s + "evaluate_sugarcrepe", {
-                "model": model, "data_dir": d.sugarcrepe_dir, "out": metrics / f"sugarcrepe_{key}.json",
-                "scores": r / "scores" / f"sugarcrepe_{key}.jsonl"}),
+            (
+                f"evaluate_winoground@{key}",
+                s + "evaluate_winoground",
+                {
+                    "model": model,
+                    "data_dir": d.winoground_dir,
+                    "out": metrics / f"winoground_{key}.json",
+                    "scores": r / "scores" / f"winoground_{key}.jsonl",
+                },
+            ),
+            (
+                f"evaluate_aro@{key}",
+                s + "evaluate_aro",
+                {"model": model, "data_dir": d.aro_dir, "out": metrics / f"aro_{key}.json"},
+            ),
+            (
+                f"evaluate_zeroshot@{key}",
+                s + "evaluate_zeroshot",
+                {"model": model, "data_dir": d.zeroshot_dir, "out": metrics / f"zeroshot_{key}.json"},
+            ),
+            (
+                f"evaluate_sugarcrepe@{key}",
+                s + "evaluate_sugarcrepe",
+                {
+                    "model": model,
+                    "data_dir": d.sugarcrepe_dir,
+                    "out": metrics / f"sugarcrepe_{key}.json",
+                    "scores": r / "scores" / f"sugarcrepe_{key}.jsonl",
+                },
+            ),
         ]
-    out.append(("report", "sdsclip.realshape:_report", {"metrics_dir": metrics, "out_dir": r / "reports",
-                                                         "summary": metrics / "evaluation.json"}))
+    out.append(
+        (
+            "report",
+            "sdsclip.realshape:_report",
+            {"metrics_dir": metrics, "out_dir": r / "reports", "summary": metrics / "evaluation.json"},
+        )
+    )
     # the experiment's artifacts land next to the run's mlflow.db (sdsclip.register.experiment_id)
-    out.append(("register", s + "register", {
-        "model": every["sds"], "metrics": metrics / "winoground_sds.json",
-        "baseline_metrics": metrics / "winoground_baseline.json", "out": metrics / "registration.json",
-        "data_files": [shards / SPLIT / "manifest.csv"]}))
+    out.append(
+        (
+            "register",
+            s + "register",
+            {
+                "model": every["sds"],
+                "metrics": metrics / "winoground_sds.json",
+                "baseline_metrics": metrics / "winoground_baseline.json",
+                "out": metrics / "registration.json",
+                "data_files": [shards / SPLIT / "manifest.csv"],
+            },
+        )
+    )
     return out
 
 
@@ -464,22 +649,36 @@ def _run_in_process(target: str, params: Params, kwargs: dict[str, Any]) -> tupl
     return result, _peak_rss_mb(resource.getrusage(resource.RUSAGE_SELF))
 
 
-def _run_in_child(name: str, target: str, params_file: Path, kwargs: dict[str, Any], spec_dir: Path
-                  ) -> tuple[Any, float | None]:
+def _run_in_child(
+    name: str, target: str, params_file: Path, kwargs: dict[str, Any], spec_dir: Path
+) -> tuple[Any, float | None]:
     """One stage in a fresh interpreter (as DVC runs each stage); its own peak RSS from wait4."""
     spec_dir.mkdir(parents=True, exist_ok=True)
     safe = name.replace("@", "_")
     spec = spec_dir / f"{safe}.json"
     result_file = spec_dir / f"{safe}.result.json"
     result_file.unlink(missing_ok=True)
-    spec.write_text(json.dumps({"name": name, "target": target, "params": str(params_file),
-                                "kwargs": _jsonable(kwargs), "result": str(result_file)}, indent=2) + "\n")
+    spec.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "target": target,
+                "params": str(params_file),
+                "kwargs": _jsonable(kwargs),
+                "result": str(result_file),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     proc = subprocess.Popen([sys.executable, "-m", "sdsclip.realshape", str(spec)])
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RealshapeError(f"stage {name} failed (exit {proc.returncode}; its output is above); "
-                             f"re-run it alone: {sys.executable} -m sdsclip.realshape {spec}")
+        raise RealshapeError(
+            f"stage {name} failed (exit {proc.returncode}; its output is above); "
+            f"re-run it alone: {sys.executable} -m sdsclip.realshape {spec}"
+        )
     return json.loads(result_file.read_text()), _peak_rss_mb(usage)
 
 
@@ -514,8 +713,7 @@ class _Runner:
             result, rss = _run_in_child(name, target, self.params_file, kwargs, self.paths.run / "stages")
         else:
             result, rss = _run_in_process(target, self.params, kwargs)
-        self.records.append({"stage": name, "seconds": round(time.time() - t0, 1), "peak_rss_mb": rss,
-                             "reused": False})
+        self.records.append({"stage": name, "seconds": round(time.time() - t0, 1), "peak_rss_mb": rss, "reused": False})
         self.log(f"done  {name}: {self.records[-1]['seconds']} s, peak RSS {rss} MB")
         return result
 
@@ -529,9 +727,15 @@ def _resolved(params: Params, workdir: Path, scale: str, student_format: str) ->
     return SCALES[scale], paths, realshape_params(params, paths.work, SCALES[scale], student_format)
 
 
-def ensure_fixtures(params: Params, workdir: Path, scale: str = "real", student_format: str = "openai",
-                    isolate: bool = False, log: Callable[[str], None] = print,
-                    runner: _Runner | None = None) -> list[dict[str, Any]]:
+def ensure_fixtures(
+    params: Params,
+    workdir: Path,
+    scale: str = "real",
+    student_format: str = "openai",
+    isolate: bool = False,
+    log: Callable[[str], None] = print,
+    runner: _Runner | None = None,
+) -> list[dict[str, Any]]:
     """Write the fixtures under ``workdir/fixtures/`` unless ``done.json`` there records the same config
     (the 3.4 GB SD dir takes minutes to write); returns one record per fixture (reused or timed)."""
     sc, paths, params = _resolved(params, workdir, scale, student_format)
@@ -540,21 +744,39 @@ def ensure_fixtures(params: Params, workdir: Path, scale: str = "real", student_
         marker, digest = out / "done.json", _hash([FIXTURE_VERSION, key])
         if marker.is_file() and json.loads(marker.read_text()).get("key") == digest:
             run.log(f"reuse {name} ({out})")
-            run.records.append({"stage": name, "seconds": 0.0, "peak_rss_mb": None, "reused": True,
-                                "written_in_seconds": json.loads(marker.read_text()).get("seconds")})
+            run.records.append(
+                {
+                    "stage": name,
+                    "seconds": 0.0,
+                    "peak_rss_mb": None,
+                    "reused": True,
+                    "written_in_seconds": json.loads(marker.read_text()).get("seconds"),
+                }
+            )
             continue
         if out.exists():
             shutil.rmtree(out)
-        result = run(name, "sdsclip.realshape:_write_fixture",
-                     {"out": str(out), "scale": scale, "fixture": name, "student_format": student_format})
+        result = run(
+            name,
+            "sdsclip.realshape:_write_fixture",
+            {"out": str(out), "scale": scale, "fixture": name, "student_format": student_format},
+        )
         out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"key": digest, "seconds": run.records[-1]["seconds"], "result": result},
-                                     indent=2, default=str) + "\n")
+        marker.write_text(
+            json.dumps({"key": digest, "seconds": run.records[-1]["seconds"], "result": result}, indent=2, default=str)
+            + "\n"
+        )
     return [r for r in run.records if r["stage"].startswith("fixture_")]
 
 
-def run_realshape(params: Params, workdir: Path, scale: str = "real", isolate: bool = True,
-                  student_format: str = "openai", log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_realshape(
+    params: Params,
+    workdir: Path,
+    scale: str = "real",
+    isolate: bool = True,
+    student_format: str = "openai",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Fixtures (cached) + the whole chain in ``workdir``; returns (and writes to ``workdir/summary.json``)
     wall time and peak RSS per stage, the shape checks and the headline metrics.
 
@@ -577,8 +799,17 @@ def run_realshape(params: Params, workdir: Path, scale: str = "real", isolate: b
             os.environ[TRACKING_URI_ENV] = saved_uri
 
 
-def _run_chain(params: Params, sc: Scale, paths: Paths, isolate: bool, log: Callable[[str], None], scale: str,
-               student_format: str, workdir: Path, started: float) -> dict[str, Any]:
+def _run_chain(
+    params: Params,
+    sc: Scale,
+    paths: Paths,
+    isolate: bool,
+    log: Callable[[str], None],
+    scale: str,
+    student_format: str,
+    workdir: Path,
+    started: float,
+) -> dict[str, Any]:
     run = _Runner(params, paths, isolate, log)
     ensure_fixtures(params, workdir, scale, student_format, runner=run)
     # The chain starts clean each run: it is the thing being proven.
@@ -588,8 +819,10 @@ def _run_chain(params: Params, sc: Scale, paths: Paths, isolate: bool, log: Call
     results = {name: run(name, target, kwargs) for name, target, kwargs in chain(params, paths)}
     summary = _summary(params, sc, paths, run.records, results, time.time() - started, isolate)
     # What /usr/bin/time -v reports for the whole command: the largest RSS of this process or any child.
-    summary["process_tree_peak_rss_mb"] = max(_peak_rss_mb(resource.getrusage(resource.RUSAGE_SELF)),
-                                              _peak_rss_mb(resource.getrusage(resource.RUSAGE_CHILDREN)))
+    summary["process_tree_peak_rss_mb"] = max(
+        _peak_rss_mb(resource.getrusage(resource.RUSAGE_SELF)),
+        _peak_rss_mb(resource.getrusage(resource.RUSAGE_CHILDREN)),
+    )
     (paths.work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
@@ -611,8 +844,15 @@ def _write_params(params: Params, path: Path) -> Path:
     return path
 
 
-def _summary(params: Params, sc: Scale, paths: Paths, records: list[dict[str, Any]], results: dict[str, Any],
-             seconds: float, isolate: bool) -> dict[str, Any]:
+def _summary(
+    params: Params,
+    sc: Scale,
+    paths: Paths,
+    records: list[dict[str, Any]],
+    results: dict[str, Any],
+    seconds: float,
+    isolate: bool,
+) -> dict[str, Any]:
     """Timings, the shape checks (raises when the real path did not run at the scale's shapes) and headlines."""
     sd = paths.sd
     text_cfg = json.loads((sd / "text_encoder" / "config.json").read_text())
@@ -620,44 +860,72 @@ def _summary(params: Params, sc: Scale, paths: Paths, records: list[dict[str, An
     teacher_meta = json.loads((paths.run / "models" / "teacher" / "teacher.json").read_text())
     student_meta = json.loads((paths.run / "models" / "student_pretrained" / "student.json").read_text())
     shapes = {
-        "student_arch": student_meta.get("arch"), "student_source": student_meta.get("source"),
-        "teacher_image_size": teacher_meta.get("image_size"), "teacher_latent": teacher_meta.get("latent"),
+        "student_arch": student_meta.get("arch"),
+        "student_source": student_meta.get("source"),
+        "teacher_image_size": teacher_meta.get("image_size"),
+        "teacher_latent": teacher_meta.get("latent"),
         "teacher_latent_shape": teacher_meta.get("latent_shape"),
         "sigma_latent_shape": results["train_sds"].get("latent_shape"),
-        "text_tokens": tok_cfg.get("model_max_length"), "text_positions": text_cfg.get("max_position_embeddings"),
-        "text_width": text_cfg.get("hidden_size"), "text_layers": text_cfg.get("num_hidden_layers"),
+        "text_tokens": tok_cfg.get("model_max_length"),
+        "text_positions": text_cfg.get("max_position_embeddings"),
+        "text_width": text_cfg.get("hidden_size"),
+        "text_layers": text_cfg.get("num_hidden_layers"),
     }
-    expected = {"student_arch": sc.student_arch, "student_source": "checkpoint",
-                "teacher_image_size": sc.teacher_image_size, "teacher_latent": "vae",
-                "teacher_latent_shape": sc.latent_shape, "sigma_latent_shape": sc.latent_shape,
-                "text_tokens": sc.text_encoder["max_position_embeddings"],
-                "text_positions": sc.text_encoder["max_position_embeddings"],
-                "text_width": sc.text_encoder["hidden_size"], "text_layers": sc.text_encoder["num_hidden_layers"]}
+    expected = {
+        "student_arch": sc.student_arch,
+        "student_source": "checkpoint",
+        "teacher_image_size": sc.teacher_image_size,
+        "teacher_latent": "vae",
+        "teacher_latent_shape": sc.latent_shape,
+        "sigma_latent_shape": sc.latent_shape,
+        "text_tokens": sc.text_encoder["max_position_embeddings"],
+        "text_positions": sc.text_encoder["max_position_embeddings"],
+        "text_width": sc.text_encoder["hidden_size"],
+        "text_layers": sc.text_encoder["num_hidden_layers"],
+    }
     wrong = {k: (shapes[k], v) for k, v in expected.items() if shapes[k] != v}
     if wrong:
-        raise RealshapeError("the chain did not run at the fixture's shapes: "
-                             + ", ".join(f"{k} {got!r} (expected {want!r})" for k, (got, want) in wrong.items()))
+        raise RealshapeError(
+            "the chain did not run at the fixture's shapes: "
+            + ", ".join(f"{k} {got!r} (expected {want!r})" for k, (got, want) in wrong.items())
+        )
     ran = [r for r in records if not r["reused"]]
     rss = [r["peak_rss_mb"] for r in ran if r["peak_rss_mb"] is not None]
     metrics = paths.run / "metrics"
-    wino = {m: {k: json.loads((metrics / f"winoground_{m}.json").read_text()).get(k)
-                for k in ("n", "text_score", "image_score", "group_score")}
-            for m in ("pretrained", "baseline", "sds", "teacher")}
+    wino = {
+        m: {
+            k: json.loads((metrics / f"winoground_{m}.json").read_text()).get(k)
+            for k in ("n", "text_score", "image_score", "group_score")
+        }
+        for m in ("pretrained", "baseline", "sds", "teacher")
+    }
     return {
-        "scale": sc.name, "isolated_stages": isolate, "seconds": round(seconds, 1),
+        "scale": sc.name,
+        "isolated_stages": isolate,
+        "seconds": round(seconds, 1),
         "chain_seconds": round(sum(r["seconds"] for r in ran if not r["stage"].startswith("fixture_")), 1),
         "peak_rss_mb": max(rss) if rss else None,
         "peak_rss_stage": max(ran, key=lambda r: r["peak_rss_mb"] or 0)["stage"] if rss else None,
         "rss_scope": "each stage's own process" if isolate else "this process, peak so far",
-        "shapes": shapes, "stages": records,
-        "train": {arm: {k: results[f"train_{arm}"].get(k) for k in ("steps", "batch_size", "seconds_per_step",
-                                                                   "loss_clip", "loss_sds", "lambda_sds")}
-                  for arm in ("baseline", "sds")},
-        "winoground": wino, "registration": {k: results["register"].get(k)
-                                             for k in ("model_name", "version", "alias_moved", "reason")},
-        "settings": {"profile": params.profile, "train_steps": params.train.steps,
-                     "train_batch_size": params.train.batch_size, "teacher_draws": params.eval.teacher_draws,
-                     "teacher_max_items": params.eval.teacher_max_items, "coco_images": sc.coco_images},
+        "shapes": shapes,
+        "stages": records,
+        "train": {
+            arm: {
+                k: results[f"train_{arm}"].get(k)
+                for k in ("steps", "batch_size", "seconds_per_step", "loss_clip", "loss_sds", "lambda_sds")
+            }
+            for arm in ("baseline", "sds")
+        },
+        "winoground": wino,
+        "registration": {k: results["register"].get(k) for k in ("model_name", "version", "alias_moved", "reason")},
+        "settings": {
+            "profile": params.profile,
+            "train_steps": params.train.steps,
+            "train_batch_size": params.train.batch_size,
+            "teacher_draws": params.eval.teacher_draws,
+            "teacher_max_items": params.eval.teacher_max_items,
+            "coco_images": sc.coco_images,
+        },
     }
 
 

@@ -11,7 +11,6 @@ server, while params.yaml is shared with laptops and CI whose default is a local
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import contextlib
 import json
 import os
@@ -22,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from sdsclip.config import Params, params_to_dict
+from sdsclip.errors import UserError
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 _URI_PASSWORD = re.compile(r"//([^/:@\s]+):[^/@\s]+@")
@@ -63,7 +63,9 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise RegistryError(f"{path}: not valid JSON (line {err.lineno}: {err.msg}); re-run the evaluate stage") from None
+        raise RegistryError(
+            f"{path}: not valid JSON (line {err.lineno}: {err.msg}); re-run the evaluate stage"
+        ) from None
     if not isinstance(data, dict):
         raise RegistryError(f"{path}: expected a JSON object of metrics, got {type(data).__name__}")
     return data
@@ -114,15 +116,23 @@ def register_model(
         refused = _CONNECT_ERROR.search(text) if "Max retries exceeded" in text else None
         detail = f"cannot connect ({refused.group(0)})" if refused else text.splitlines()[0][:300]
         detail = _URI_PASSWORD.sub(r"//\1:***@", detail)
-        raise RegistryError(f"MLflow at {redact_uri(tracking_uri)}: {detail} (check ${TRACKING_URI_ENV} or "
-                            "registry.tracking_uri, and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)") from None
+        raise RegistryError(
+            f"MLflow at {redact_uri(tracking_uri)}: {detail} (check ${TRACKING_URI_ENV} or "
+            "registry.tracking_uri, and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+        ) from None
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 
 
-def _register(params: Params, tracking_uri: str, model_dir: Path, candidate: dict[str, Any],
-              baseline: dict[str, Any], data_hashes: dict[str, str] | None) -> dict[str, Any]:
+def _register(
+    params: Params,
+    tracking_uri: str,
+    model_dir: Path,
+    candidate: dict[str, Any],
+    baseline: dict[str, Any],
+    data_hashes: dict[str, str] | None,
+) -> dict[str, Any]:
     # The client API with an explicit URI, not mlflow.set_tracking_uri: that one also writes
     # $MLFLOW_TRACKING_URI into os.environ, which would then override params for later calls in this process.
     from mlflow import MlflowClient
@@ -134,8 +144,9 @@ def _register(params: Params, tracking_uri: str, model_dir: Path, candidate: dic
     gate = cfg.gate_metric
     client = MlflowClient(tracking_uri=tracking_uri)
     # resolve_tags: the tags mlflow.start_run would add (user, source, git commit)
-    run = client.create_run(experiment_id(client, cfg.experiment, tracking_uri), run_name="register",
-                            tags=resolve_tags())
+    run = client.create_run(
+        experiment_id(client, cfg.experiment, tracking_uri), run_name="register", tags=resolve_tags()
+    )
     run_id = run.info.run_id
     try:
         flat_params = [Param(k, str(v)[:500]) for k, v in _flatten(params_to_dict(params)).items()]
@@ -143,8 +154,11 @@ def _register(params: Params, tracking_uri: str, model_dir: Path, candidate: dic
             client.log_batch(run_id, params=flat_params[i : i + 100])
         now = int(time() * 1000)
         metrics = {**_scalar_metrics("winoground.", candidate), **_scalar_metrics("baseline.winoground.", baseline)}
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                         tags=[RunTag(f"data.{k}", str(v)) for k, v in (data_hashes or {}).items()])
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+            tags=[RunTag(f"data.{k}", str(v)) for k, v in (data_hashes or {}).items()],
+        )
         client.log_artifacts(run_id, str(model_dir), artifact_path="model")
     except BaseException:
         with contextlib.suppress(Exception):  # the original error is the one to report
@@ -156,16 +170,22 @@ def _register(params: Params, tracking_uri: str, model_dir: Path, candidate: dic
         client.get_registered_model(cfg.model_name)
     except MlflowException:
         client.create_registered_model(cfg.model_name, description="SDS-CLIP fine-tuned CLIP student")
-    version = client.create_model_version(cfg.model_name, source=model_uri, run_id=run_id,
-                                          tags={f"winoground.{gate}": str(candidate[gate])})
+    version = client.create_model_version(
+        cfg.model_name, source=model_uri, run_id=run_id, tags={f"winoground.{gate}": str(candidate[gate])}
+    )
     passed = float(candidate[gate]) >= float(baseline[gate])
     if passed:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
         reason = f"{gate} {candidate[gate]:.4f} >= baseline {baseline[gate]:.4f}: alias {cfg.alias!r} moved"
     else:
-        reason = (f"{gate} {candidate[gate]:.4f} < baseline {baseline[gate]:.4f}: registered without "
-                  f"alias {cfg.alias!r}")
+        reason = f"{gate} {candidate[gate]:.4f} < baseline {baseline[gate]:.4f}: registered without alias {cfg.alias!r}"
     client.set_model_version_tag(cfg.model_name, version.version, "gate", "passed" if passed else "failed")
-    return {"model_name": cfg.model_name, "version": int(version.version), "alias": cfg.alias,
-            "alias_moved": passed, "reason": reason, "run_id": run_id,
-            "tracking_uri": redact_uri(tracking_uri)}
+    return {
+        "model_name": cfg.model_name,
+        "version": int(version.version),
+        "alias": cfg.alias,
+        "alias_moved": passed,
+        "reason": reason,
+        "run_id": run_id,
+        "tracking_uri": redact_uri(tracking_uri),
+    }

@@ -27,9 +27,10 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sdsclip.config import Params, params_to_dict
 
@@ -77,8 +78,10 @@ def _cached(out: Path, key: Any, make: Callable[[], Any], log: Callable[[str], N
     started = time.time()
     result = make()
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"key": digest, "seconds": round(time.time() - started, 1), "result": result},
-                                 indent=2, default=str) + "\n")
+    marker.write_text(
+        json.dumps({"key": digest, "seconds": round(time.time() - started, 1), "result": result}, indent=2, default=str)
+        + "\n"
+    )
     return result
 
 
@@ -100,9 +103,14 @@ def load_science_params(path: Path, profile: str | None = "science") -> Params:
 def experiment_params(params: Params, workdir: Path) -> Params:
     """``params`` with the data paths pointed into the experiment's own world."""
     world = workdir / "world"
-    data = params.data.model_copy(update={
-        "coco_root": str(world / "coco"), "winoground_dir": str(world / "winoground"),
-        "aro_dir": str(world / "aro"), "zeroshot_dir": str(world / "zeroshot")})
+    data = params.data.model_copy(
+        update={
+            "coco_root": str(world / "coco"),
+            "winoground_dir": str(world / "winoground"),
+            "aro_dir": str(world / "aro"),
+            "zeroshot_dir": str(world / "zeroshot"),
+        }
+    )
     return params.model_copy(update={"data": data})
 
 
@@ -113,8 +121,11 @@ def arm_name(lam: float, gradient: str = "full") -> str:
 
 
 #: ladder rung (science.ladder) -> arm name
-ORACLE_ARMS = {"image_layernorms": "oracle_a_image_layernorms", "image_tower": "oracle_b_image_tower",
-               "both_towers": "negclip_c_both_towers"}
+ORACLE_ARMS = {
+    "image_layernorms": "oracle_a_image_layernorms",
+    "image_tower": "oracle_b_image_tower",
+    "both_towers": "negclip_c_both_towers",
+}
 
 
 @dataclass
@@ -138,8 +149,9 @@ def best_binding_t_window(diagnostic: dict[str, Any], top: int = 3) -> dict[str,
     rows = [r for r in diagnostic.get("by_t") or [] if WINOGROUND_OBJECT_TAG in (r.get("by_tag") or {})]
     if not rows:
         return None
-    best = sorted(rows, key=lambda r: (r["by_tag"][WINOGROUND_OBJECT_TAG]["text_score"], r["swap_effect"]),
-                  reverse=True)[:top]
+    best = sorted(
+        rows, key=lambda r: (r["by_tag"][WINOGROUND_OBJECT_TAG]["text_score"], r["swap_effect"]), reverse=True
+    )[:top]
     ts = [int(r["t"]) for r in best]
     return {"t_min": min(ts), "t_max": max(ts) + 1}
 
@@ -152,20 +164,23 @@ def experiment_arms(params: Params, diagnostic: dict[str, Any], log: Callable[[s
     lam = sci.probe_lambda or sci.lambdas[0]
     steps = params.train.steps or 4
     for probe in sci.probes:
-        train: dict[str, Any] | None = {"sigma_only": {"trainable": "sigma_only"},
-                                        "image_tower": {"trainable": "image_tower"},
-                                        "sigma_first": {"sigma_first_steps": max(1, steps // 4)},
-                                        "best_t": best_binding_t_window(diagnostic)}[probe]
+        train: dict[str, Any] | None = {
+            "sigma_only": {"trainable": "sigma_only"},
+            "image_tower": {"trainable": "image_tower"},
+            "sigma_first": {"sigma_first_steps": max(1, steps // 4)},
+            "best_t": best_binding_t_window(diagnostic),
+        }[probe]
         if train is None:
-            log(f"probe best_t skipped: the teacher diagnostic has no per-t rows")
+            log("probe best_t skipped: the teacher diagnostic has no per-t rows")
             continue
         arms.append(Arm(f"probe_{probe}_lambda_{lam:g}", lam, "full", train, role="probe"))
     arms += [Arm(ORACLE_ARMS[rung], rung=rung, role="oracle") for rung in sci.ladder]
     return arms
 
 
-def evaluate_student(params: Params, model: Path, out: Path, holdout: Path | None = None,
-                     oracle_train: Path | None = None) -> dict[str, Any]:
+def evaluate_student(
+    params: Params, model: Path, out: Path, holdout: Path | None = None, oracle_train: Path | None = None
+) -> dict[str, Any]:
     """Winoground, ARO and zero-shot metrics of one student, as {benchmark: report rows}; with ``holdout``
     also its Winoground / ARO (``holdout_winoground``, ``holdout_aro``). Under ``_items``: per-item Winoground
     results (for the paired bootstrap) and under ``_separation`` the student diagnostic (world set)."""
@@ -181,8 +196,9 @@ def evaluate_student(params: Params, model: Path, out: Path, holdout: Path | Non
     }
     items = {"world": winoground_items(params, model, Path(d.winoground_dir))}
     if holdout is not None:
-        results["holdout_winoground"] = stages.evaluate_winoground(params, model, holdout / "winoground",
-                                                                   out / "holdout_winoground.json")
+        results["holdout_winoground"] = stages.evaluate_winoground(
+            params, model, holdout / "winoground", out / "holdout_winoground.json"
+        )
         results["holdout_aro"] = stages.evaluate_aro(params, model, holdout / "aro", out / "holdout_aro.json")
         items["holdout"] = winoground_items(params, model, holdout / "winoground")
     rows: dict[str, Any] = {bench: ROWS[bench.removeprefix("holdout_")](m) for bench, m in results.items()}
@@ -202,8 +218,12 @@ def winoground_items(params: Params, model: Path, data_dir: Path) -> dict[str, l
     s = score_examples(load_scorer(model, params), data).double()
     text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
     image = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
-    return {"tag": [e.tag for e in data.examples], "text": text.int().tolist(), "image": image.int().tolist(),
-            "group": (text & image).int().tolist()}
+    return {
+        "tag": [e.tag for e in data.examples],
+        "text": text.int().tolist(),
+        "image": image.int().tolist(),
+        "group": (text & image).int().tolist(),
+    }
 
 
 def training_curve(log_dir: Path) -> dict[str, Any]:
@@ -224,10 +244,18 @@ def training_curve(log_dir: Path) -> dict[str, Any]:
     if sds and any(sds):
         k = max(1, len(sds) // 10)
         first, last = statistics.fmean(sds[:k]), statistics.fmean(sds[-k:])
-        out.update(loss_sds_first=first, loss_sds_last=last, loss_sds_fall=first - last,
-                   loss_sds_relative_fall=(first - last) / first if first else None)
-    for name in ("grad_norm_clip_clip_params", "grad_norm_sds_clip_params", "grad_norm_clip_sigma",
-                 "grad_norm_sds_sigma"):
+        out.update(
+            loss_sds_first=first,
+            loss_sds_last=last,
+            loss_sds_fall=first - last,
+            loss_sds_relative_fall=(first - last) / first if first else None,
+        )
+    for name in (
+        "grad_norm_clip_clip_params",
+        "grad_norm_sds_clip_params",
+        "grad_norm_clip_sigma",
+        "grad_norm_sds_sigma",
+    ):
         values = column(name)
         if values:
             out[name] = statistics.fmean(values)
@@ -245,9 +273,11 @@ def _check_seeds(params: Params) -> None:
 
     sci = params.science
     if len({params.seed, sci.oracle_train_seed, sci.holdout_seed}) < 3:
-        raise ConfigError(f"science: seed ({params.seed}), science.oracle_train_seed ({sci.oracle_train_seed}) and "
-                          f"science.holdout_seed ({sci.holdout_seed}) must differ: the oracle's training items and "
-                          "the held-out sets must not be the evaluation items")
+        raise ConfigError(
+            f"science: seed ({params.seed}), science.oracle_train_seed ({sci.oracle_train_seed}) and "
+            f"science.holdout_seed ({sci.holdout_seed}) must differ: the oracle's training items and "
+            "the held-out sets must not be the evaluation items"
+        )
 
 
 def run_science(params: Params, workdir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -265,29 +295,52 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
     # Two more renderings with their own seeds: the oracle arms' training items, and the held-out sets.
     oracle_train, holdout = work / "oracle_train", work / "holdout"
     oracle_world = params.world.model_copy(update={"winoground_items": sci.oracle_train_items})
-    _cached(oracle_train, [full["world"], sci.oracle_train_items, sci.oracle_train_seed],
-            lambda: stages.synth(params, oracle_train, sci.oracle_train_seed, ["winoground"], oracle_world), log)
-    _cached(holdout, [full["world"], sci.holdout_seed],
-            lambda: stages.synth(params, holdout, sci.holdout_seed, ["winoground", "aro"]), log)
-    _cached(shards, [full["world"], params.seed, full["ingest"]],
-            lambda: stages.ingest(params, world / "coco", shards), log)
-    _cached(validated, [full["world"], params.seed, full["ingest"], full["validation"]],
-            lambda: stages.validate(params, shards, validated), log)
+    _cached(
+        oracle_train,
+        [full["world"], sci.oracle_train_items, sci.oracle_train_seed],
+        lambda: stages.synth(params, oracle_train, sci.oracle_train_seed, ["winoground"], oracle_world),
+        log,
+    )
+    _cached(
+        holdout,
+        [full["world"], sci.holdout_seed],
+        lambda: stages.synth(params, holdout, sci.holdout_seed, ["winoground", "aro"]),
+        log,
+    )
+    _cached(
+        shards, [full["world"], params.seed, full["ingest"]], lambda: stages.ingest(params, world / "coco", shards), log
+    )
+    _cached(
+        validated,
+        [full["world"], params.seed, full["ingest"], full["validation"]],
+        lambda: stages.validate(params, shards, validated),
+        log,
+    )
     data_key = [full["world"], params.seed, full["ingest"], full["validation"]]
     teacher_dir = work / "models" / "teacher"
     # The diagnostic's pass rule changes no weights: it keys the diagnostic only, not the teacher or the arms.
     pass_rule = {k: full["teacher"].pop(k) for k in DIAGNOSTIC_ONLY if k in full["teacher"]}
     teacher_key = [data_key, full["teacher"], params.seed]
-    _cached(teacher_dir, teacher_key,
-            lambda: stages.pretrain_teacher(params, shards, validated, teacher_dir, work / "logs" / "teacher"), log)
+    _cached(
+        teacher_dir,
+        teacher_key,
+        lambda: stages.pretrain_teacher(params, shards, validated, teacher_dir, work / "logs" / "teacher"),
+        log,
+    )
     diag_dir = work / "metrics" / "teacher_diagnostic"
-    diagnostic = _cached(diag_dir, [teacher_key, full["eval"], sci.diagnose_items, pass_rule],
-                         lambda: teacher_binding(params, teacher_dir, Path(params.data.winoground_dir),
-                                                 sci.diagnose_items), log)
+    diagnostic = _cached(
+        diag_dir,
+        [teacher_key, full["eval"], sci.diagnose_items, pass_rule],
+        lambda: teacher_binding(params, teacher_dir, Path(params.data.winoground_dir), sci.diagnose_items),
+        log,
+    )
     log(verdict_line(diagnostic))
-    shortcut = _cached(work / "metrics" / "sds_shortcut", [teacher_key, full["eval"], sci.diagnose_items],
-                       lambda: sds_shortcut(params, teacher_dir, Path(params.data.winoground_dir),
-                                            sci.diagnose_items), log)
+    shortcut = _cached(
+        work / "metrics" / "sds_shortcut",
+        [teacher_key, full["eval"], sci.diagnose_items],
+        lambda: sds_shortcut(params, teacher_dir, Path(params.data.winoground_dir), sci.diagnose_items),
+        log,
+    )
     sets = _Sets(shards, validated, teacher_dir, oracle_train / "winoground", holdout)
 
     def student_runs(p: Params, arms: list[Arm]) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
@@ -295,25 +348,47 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
         text_order = p.student.text_order_steps > 0
         student_dir = work / "models" / ("student_pretrained_text_order" if text_order else "student_pretrained")
         student_key = [data_key, params_to_dict(p)["student"], p.seed]
-        _cached(student_dir, student_key,
-                lambda: stages.pretrain_student(p, shards, validated, student_dir, work / "logs" / student_dir.name),
-                log)
+        _cached(
+            student_dir,
+            student_key,
+            lambda: stages.pretrain_student(p, shards, validated, student_dir, work / "logs" / student_dir.name),
+            log,
+        )
         pre_dir = work / "metrics" / student_dir.name
-        pretrained = _cached(pre_dir, [student_key, full["eval"], sci.holdout_seed],
-                             lambda: evaluate_student(p, student_dir, pre_dir, holdout,
-                                                      oracle_train / "winoground"), log)
+        pretrained = _cached(
+            pre_dir,
+            [student_key, full["eval"], sci.holdout_seed],
+            lambda: evaluate_student(p, student_dir, pre_dir, holdout, oracle_train / "winoground"),
+            log,
+        )
         prefix = student_dir.name.removeprefix("student_pretrained").strip("_")
-        runs = [run_arm(p, arm, seed, student_dir, sets, work / "runs" / prefix, work / "metrics" / prefix,
-                        work / "logs" / prefix, [student_key, teacher_key, full["eval"]], log)
-                for seed in sci.seeds for arm in arms]
+        runs = [
+            run_arm(
+                p,
+                arm,
+                seed,
+                student_dir,
+                sets,
+                work / "runs" / prefix,
+                work / "metrics" / prefix,
+                work / "logs" / prefix,
+                [student_key, teacher_key, full["eval"]],
+                log,
+            )
+            for seed in sci.seeds
+            for arm in arms
+        ]
         return student_dir, pretrained, runs
 
     arms = experiment_arms(params, diagnostic, log)
     student_dir, pretrained, runs = student_runs(params, arms)
     summary = summarize(runs, pretrained, diagnostic, params)
     summary["sds_shortcut"] = shortcut
-    summary["student"] = {"dir": student_dir.name, "text_order_steps": params.student.text_order_steps,
-                          "text_order_weight": params.student.text_order_weight}
+    summary["student"] = {
+        "dir": student_dir.name,
+        "text_order_steps": params.student.text_order_steps,
+        "text_order_weight": params.student.text_order_weight,
+    }
     if params.student.text_order_steps > 0 and sci.plain_student_ladder:
         # The premise on the plain (bag-distinct, no text-order phase) student: its ladder and control only.
         plain = params.model_copy(update={"student": params.student.model_copy(update={"text_order_steps": 0})})
@@ -334,28 +409,60 @@ class _Sets:
     holdout: Path
 
 
-def run_arm(params: Params, arm: Arm, seed: int, student_dir: Path, sets: _Sets, runs_root: Path,
-            metrics_root: Path, logs_root: Path, models_key: list[Any], log: Callable[[str], None]) -> dict[str, Any]:
+def run_arm(
+    params: Params,
+    arm: Arm,
+    seed: int,
+    student_dir: Path,
+    sets: _Sets,
+    runs_root: Path,
+    metrics_root: Path,
+    logs_root: Path,
+    models_key: list[Any],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """Fine-tune (or reuse) one arm at one seed and evaluate it; the run's record for the summary."""
     from sdsclip import headroom, stages
 
     sci = params.science
     name = f"{arm.name}_seed{seed}"
     model_dir, metrics_dir, log_dir = runs_root / name, metrics_root / name, logs_root / name
-    p = params.model_copy(update={"seed": seed, "train": params.train.model_copy(update={
-        "lambda_sds": arm.lam, "sds_gradient": arm.gradient, **arm.train})})
+    p = params.model_copy(
+        update={
+            "seed": seed,
+            "train": params.train.model_copy(update={"lambda_sds": arm.lam, "sds_gradient": arm.gradient, **arm.train}),
+        }
+    )
 
     def fit_and_score():
         if arm.rung is not None:
-            meta = headroom.oracle_finetune(student_dir, sets.oracle_train, model_dir, arm.rung, p.train.steps or 1,
-                                            max(1, p.train.batch_size // 2), sci.oracle_lr, seed,
-                                            p.train.warmup_steps)
+            meta = headroom.oracle_finetune(
+                student_dir,
+                sets.oracle_train,
+                model_dir,
+                arm.rung,
+                p.train.steps or 1,
+                max(1, p.train.batch_size // 2),
+                sci.oracle_lr,
+                seed,
+                p.train.warmup_steps,
+            )
         else:
-            meta = stages.train(p, student_dir, sets.teacher, sets.shards, sets.validated, model_dir,
-                                control=arm.lam == 0, log_dir=log_dir)
-        return {"train": {k: meta.get(k) for k in ("seconds", "seconds_per_step", "steps", "loss_clip", "loss_sds")},
-                "curve": training_curve(log_dir) if arm.rung is None else {},
-                "rows": evaluate_student(p, model_dir, metrics_dir, sets.holdout, sets.oracle_train)}
+            meta = stages.train(
+                p,
+                student_dir,
+                sets.teacher,
+                sets.shards,
+                sets.validated,
+                model_dir,
+                control=arm.lam == 0,
+                log_dir=log_dir,
+            )
+        return {
+            "train": {k: meta.get(k) for k in ("seconds", "seconds_per_step", "steps", "loss_clip", "loss_sds")},
+            "curve": training_curve(log_dir) if arm.rung is None else {},
+            "rows": evaluate_student(p, model_dir, metrics_dir, sets.holdout, sets.oracle_train),
+        }
 
     full = params_to_dict(params)
     key = [models_key, full["train"], seed, arm.lam, sci.holdout_seed]
@@ -363,24 +470,40 @@ def run_arm(params: Params, arm: Arm, seed: int, student_dir: Path, sets: _Sets,
     key += [arm.train] if arm.train else []
     key += [arm.rung, sci.oracle_lr, sci.oracle_train_items, sci.oracle_train_seed] if arm.rung else []
     result = _cached(metrics_dir, key, fit_and_score, log)
-    return {"arm": arm.name, "role": arm.role, "lambda": arm.lam, "seed": seed, "sds_gradient": arm.gradient,
-            "overrides": arm.train, "rung": arm.rung, **result}
+    return {
+        "arm": arm.name,
+        "role": arm.role,
+        "lambda": arm.lam,
+        "seed": seed,
+        "sds_gradient": arm.gradient,
+        "overrides": arm.train,
+        "rung": arm.rung,
+        **result,
+    }
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 #: (item set, tag, criterion) -> label of the paired-bootstrap rows
-BOOTSTRAP_ROWS = {(s, tag, c): f"{'held-out ' if s == 'holdout' else ''}{short} {c}"
-                  for s in ("world", "holdout") for tag, short in (("Object-Swap", "object swap"),
-                                                                     ("Attribute-Color", "attribute swap"))
-                  for c in ("text", "image", "group")}
+BOOTSTRAP_ROWS = {
+    (s, tag, c): f"{'held-out ' if s == 'holdout' else ''}{short} {c}"
+    for s in ("world", "holdout")
+    for tag, short in (("Object-Swap", "object swap"), ("Attribute-Color", "attribute swap"))
+    for c in ("text", "image", "group")
+}
 
 
-def paired_bootstrap(arm_items: dict[int, dict[str, Any]], control_items: dict[int, dict[str, Any]],
-                     samples: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+def paired_bootstrap(
+    arm_items: dict[int, dict[str, Any]], control_items: dict[int, dict[str, Any]], samples: int = 2000, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """Mean over seeds of the per-item difference arm - control (same seed), with a 95 % percentile interval
     from resampling the items (all seeds together, so the interval covers item sampling and seed noise in the
     paired difference)."""
@@ -404,13 +527,19 @@ def paired_bootstrap(arm_items: dict[int, dict[str, Any]], control_items: dict[i
         d = np.mean(per_seed, axis=0)  # per item, over seeds
         boots = d[rng.integers(0, len(d), size=(samples, len(d)))].mean(1)
         lo, hi = np.percentile(boots, [2.5, 97.5])
-        out[label] = {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "items": int(len(d)),
-                      "seeds": len(seeds)}
+        out[label] = {
+            "mean": float(d.mean()),
+            "lo": float(lo),
+            "hi": float(hi),
+            "items": int(len(d)),
+            "seeds": len(seeds),
+        }
     return out
 
 
-def summarize(runs: list[dict[str, Any]], pretrained: dict[str, Any], diagnostic: dict[str, Any],
-              params: Params) -> dict[str, Any]:
+def summarize(
+    runs: list[dict[str, Any]], pretrained: dict[str, Any], diagnostic: dict[str, Any], params: Params
+) -> dict[str, Any]:
     """Mean / std / min / max over seeds per arm and subset, the per-seed paired difference arm - control,
     item-bootstrap 95 % intervals of it, probe numbers from the training curves, and the cost per step."""
     arms: dict[str, dict[str, Any]] = {}
@@ -423,20 +552,33 @@ def summarize(runs: list[dict[str, Any]], pretrained: dict[str, Any], diagnostic
                 subsets[label] = _mean_std([float(v) for v in values])
         per_step = [r["train"]["seconds_per_step"] for r in mine if r["train"].get("seconds_per_step")]
         curve_keys = sorted({k for r in mine for k, v in (r.get("curve") or {}).items() if v is not None})
-        curve = {k: _mean_std([float(r["curve"][k]) for r in mine if r.get("curve", {}).get(k) is not None])
-                 for k in curve_keys}
+        curve = {
+            k: _mean_std([float(r["curve"][k]) for r in mine if r.get("curve", {}).get(k) is not None])
+            for k in curve_keys
+        }
         sep = [r["rows"].get("_separation", {}).get("by_tag", {}).get("Object-Swap") for r in mine]
-        separation = {k: _mean_std([float(s[k]) for s in sep]) for k in
-                      ("text_cosine_distance", "image_cosine_distance", "captions_disagree", "images_disagree")
-                      } if sep and all(sep) else None
+        separation = (
+            {
+                k: _mean_std([float(s[k]) for s in sep])
+                for k in ("text_cosine_distance", "image_cosine_distance", "captions_disagree", "images_disagree")
+            }
+            if sep and all(sep)
+            else None
+        )
         probes = [r["rows"].get("_layout_probe") for r in mine]
         if separation and probes and all(probes):
             separation["layout_probe_accuracy"] = _mean_std([float(pr["layout_probe_accuracy"]) for pr in probes])
-        arms[arm] = {"lambda": mine[0]["lambda"], "role": mine[0].get("role", "sds"),
-                     "overrides": mine[0].get("overrides") or {}, "rung": mine[0].get("rung"),
-                     "seeds": [r["seed"] for r in mine], "subsets": subsets, "curve": curve,
-                     "object_swap_separation": separation,
-                     "seconds_per_step": _mean_std(per_step) if per_step else None}
+        arms[arm] = {
+            "lambda": mine[0]["lambda"],
+            "role": mine[0].get("role", "sds"),
+            "overrides": mine[0].get("overrides") or {},
+            "rung": mine[0].get("rung"),
+            "seeds": [r["seed"] for r in mine],
+            "subsets": subsets,
+            "curve": curve,
+            "object_swap_separation": separation,
+            "seconds_per_step": _mean_std(per_step) if per_step else None,
+        }
     control = {r["seed"]: r for r in runs if r["arm"] == "control"}
     paired: dict[str, dict[str, Any]] = {}
     bootstrap: dict[str, dict[str, Any]] = {}
@@ -445,9 +587,14 @@ def summarize(runs: list[dict[str, Any]], pretrained: dict[str, Any], diagnostic
             continue
         diffs = {}
         for (bench, row), label in SUBSETS.items():
-            d = [r["rows"][bench][row] - control[r["seed"]]["rows"][bench][row] for r in runs
-                 if r["arm"] == arm and r["seed"] in control and r["rows"].get(bench, {}).get(row) is not None
-                 and control[r["seed"]]["rows"].get(bench, {}).get(row) is not None]
+            d = [
+                r["rows"][bench][row] - control[r["seed"]]["rows"][bench][row]
+                for r in runs
+                if r["arm"] == arm
+                and r["seed"] in control
+                and r["rows"].get(bench, {}).get(row) is not None
+                and control[r["seed"]]["rows"].get(bench, {}).get(row) is not None
+            ]
             if d:
                 diffs[label] = _mean_std(d)
         paired[arm] = diffs
@@ -456,25 +603,52 @@ def summarize(runs: list[dict[str, Any]], pretrained: dict[str, Any], diagnostic
         if mine and ctrl:
             bootstrap[arm] = paired_bootstrap(mine, ctrl, params.science.bootstrap_samples)
     pre = {label: pretrained.get(bench, {}).get(row) for (bench, row), label in SUBSETS.items()}
-    return {"arms": arms, "paired_vs_control": paired, "bootstrap_vs_control": bootstrap, "pretrained": pre,
-            "pretrained_separation": pretrained.get("_separation"),
-            "pretrained_layout_probe": pretrained.get("_layout_probe"),
-            "runs": [{**r, "rows": {k: v for k, v in r["rows"].items() if k != "_items"}} for r in runs],
-            "teacher_diagnostic": {k: diagnostic.get(k) for k in (
-                "text_score", "image_score", "group_score", "swap_effect", "swap_effect_sem", "caption_effect",
-                "swap_to_caption_ratio", "threshold_text_score", "each_tag", "failed_tags", "passed", "n", "by_tag",
-                "by_t")},
-            "best_t_window": best_binding_t_window(diagnostic),
-            "settings": {"profile": params.profile, "seeds": params.science.seeds,
-                         "lambdas": params.science.lambdas, "train_steps": params.train.steps,
-                         "train_batch_size": params.train.batch_size, "train_batching": params.train.batching,
-                         "student_batching": params.student.pretrain.batching,
-                         "student_text_order_steps": params.student.text_order_steps,
-                         "student_text_order_weight": params.student.text_order_weight,
-                         "student_steps": params.student.pretrain.steps, "teacher_steps": params.teacher.pretrain.steps,
-                         "oracle_lr": params.science.oracle_lr, "oracle_train_items": params.science.oracle_train_items,
-                         "oracle_train_seed": params.science.oracle_train_seed,
-                         "holdout_seed": params.science.holdout_seed}}
+    return {
+        "arms": arms,
+        "paired_vs_control": paired,
+        "bootstrap_vs_control": bootstrap,
+        "pretrained": pre,
+        "pretrained_separation": pretrained.get("_separation"),
+        "pretrained_layout_probe": pretrained.get("_layout_probe"),
+        "runs": [{**r, "rows": {k: v for k, v in r["rows"].items() if k != "_items"}} for r in runs],
+        "teacher_diagnostic": {
+            k: diagnostic.get(k)
+            for k in (
+                "text_score",
+                "image_score",
+                "group_score",
+                "swap_effect",
+                "swap_effect_sem",
+                "caption_effect",
+                "swap_to_caption_ratio",
+                "threshold_text_score",
+                "each_tag",
+                "failed_tags",
+                "passed",
+                "n",
+                "by_tag",
+                "by_t",
+            )
+        },
+        "best_t_window": best_binding_t_window(diagnostic),
+        "settings": {
+            "profile": params.profile,
+            "seeds": params.science.seeds,
+            "lambdas": params.science.lambdas,
+            "train_steps": params.train.steps,
+            "train_batch_size": params.train.batch_size,
+            "train_batching": params.train.batching,
+            "student_batching": params.student.pretrain.batching,
+            "student_text_order_steps": params.student.text_order_steps,
+            "student_text_order_weight": params.student.text_order_weight,
+            "student_steps": params.student.pretrain.steps,
+            "teacher_steps": params.teacher.pretrain.steps,
+            "oracle_lr": params.science.oracle_lr,
+            "oracle_train_items": params.science.oracle_train_items,
+            "oracle_train_seed": params.science.oracle_train_seed,
+            "holdout_seed": params.science.holdout_seed,
+        },
+    }
 
 
 def _pm(s: dict[str, float] | None) -> str:
@@ -482,13 +656,28 @@ def _pm(s: dict[str, float] | None) -> str:
 
 
 #: columns of the main table (labels of SUBSETS)
-MAIN_COLUMNS = ("Wino text: object swap", "Wino image: object swap", "Wino group: object swap",
-                "Wino group: attribute swap", "held-out Wino text: object swap", "held-out Wino image: object swap",
-                "held-out Wino group: object swap", "ARO VG-Relation", "ARO VG-Attribution", "ARO COCO-Order P@1",
-                "Zero-shot acc@1")
+MAIN_COLUMNS = (
+    "Wino text: object swap",
+    "Wino image: object swap",
+    "Wino group: object swap",
+    "Wino group: attribute swap",
+    "held-out Wino text: object swap",
+    "held-out Wino image: object swap",
+    "held-out Wino group: object swap",
+    "ARO VG-Relation",
+    "ARO VG-Attribution",
+    "ARO COCO-Order P@1",
+    "Zero-shot acc@1",
+)
 #: columns of the paired-difference table (labels of BOOTSTRAP_ROWS)
-PAIRED_COLUMNS = ("object swap text", "object swap group", "held-out object swap text", "held-out object swap image",
-                  "held-out object swap group", "held-out attribute swap group")
+PAIRED_COLUMNS = (
+    "object swap text",
+    "object swap group",
+    "held-out object swap text",
+    "held-out object swap image",
+    "held-out object swap group",
+    "held-out attribute swap group",
+)
 
 
 def _describe(name: str, arm: dict[str, Any]) -> str:
@@ -503,52 +692,96 @@ def markdown(summary: dict[str, Any]) -> str:
     pre_obj = summary["pretrained"].get("Wino group: object swap")
     sep = summary.get("pretrained_separation") or {}
     obj_sep = (sep.get("by_tag") or {}).get("Object-Swap")
-    lines = ["# SDS-CLIP vs control in the embedded world", "",
-             f"Settings: {json.dumps(summary['settings'])}", "", "Premises:", "",
-             f"- Student fails like CLIP: pretrained object-swap group score {pre_obj} (chance 1/6 ≈ 0.167): "
-             f"{'yes' if pre_obj is not None and pre_obj <= 1 / 6 else 'NO'}.",
-             f"- Teacher binds: {'yes' if diag.get('passed') else 'NO'} (diagnostic below)."]
+    lines = [
+        "# SDS-CLIP vs control in the embedded world",
+        "",
+        f"Settings: {json.dumps(summary['settings'])}",
+        "",
+        "Premises:",
+        "",
+        f"- Student fails like CLIP: pretrained object-swap group score {pre_obj} (chance 1/6 ≈ 0.167): "
+        f"{'yes' if pre_obj is not None and pre_obj <= 1 / 6 else 'NO'}.",
+        f"- Teacher binds: {'yes' if diag.get('passed') else 'NO'} (diagnostic below).",
+    ]
     if obj_sep:
-        lines.append(f"- Room for an image-side method: the frozen text tower separates the two captions of an "
-                     f"object swap by cosine distance {obj_sep['text_cosine_distance']:.4f} (image tower, the two "
-                     f"images: {obj_sep['image_cosine_distance']:.4f}); the two captions prefer different images on "
-                     f"{obj_sep['captions_disagree']:.0%} of the items (an item's image score needs it).")
+        lines.append(
+            f"- Room for an image-side method: the frozen text tower separates the two captions of an "
+            f"object swap by cosine distance {obj_sep['text_cosine_distance']:.4f} (image tower, the two "
+            f"images: {obj_sep['image_cosine_distance']:.4f}); the two captions prefer different images on "
+            f"{obj_sep['captions_disagree']:.0%} of the items (an item's image score needs it)."
+        )
     if not diag.get("passed"):
-        lines.append("- **The teacher fails its binding diagnostic, so this comparison cannot test the paper's "
-                     "claim: whatever SDS changes, it cannot be teaching word order the teacher does not know.**")
+        lines.append(
+            "- **The teacher fails its binding diagnostic, so this comparison cannot test the paper's "
+            "claim: whatever SDS changes, it cannot be teaching word order the teacher does not know.**"
+        )
     cols = [c for c in MAIN_COLUMNS if any(c in a["subsets"] for a in arms.values())]
-    lines += ["", "Mean ± std over fine-tuning seeds (the pretrained student and teacher are shared by all runs; "
-              "held-out: Winoground / ARO rendered with science.holdout_seed).", "",
-              "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
-              "| pretrained | " + " | ".join("—" if summary["pretrained"].get(c) is None
-                                              else f"{summary['pretrained'][c]:.3f}" for c in cols) + " |"]
-    lines += [f"| {_describe(name, a)} | " + " | ".join(_pm(a["subsets"].get(c)) for c in cols) + " |"
-              for name, a in arms.items()]
+    lines += [
+        "",
+        "Mean ± std over fine-tuning seeds (the pretrained student and teacher are shared by all runs; "
+        "held-out: Winoground / ARO rendered with science.holdout_seed).",
+        "",
+        "| arm | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+        "| pretrained | "
+        + " | ".join("—" if summary["pretrained"].get(c) is None else f"{summary['pretrained'][c]:.3f}" for c in cols)
+        + " |",
+    ]
+    lines += [
+        f"| {_describe(name, a)} | " + " | ".join(_pm(a["subsets"].get(c)) for c in cols) + " |"
+        for name, a in arms.items()
+    ]
     boot = summary.get("bootstrap_vs_control") or {}
     if boot:
         pcols = [c for c in PAIRED_COLUMNS if any(c in b for b in boot.values())]
-        lines += ["", "Paired difference arm − control (same seed; per item, averaged over seeds), mean "
-                  "[95 % item-bootstrap interval]:", "",
-                  "| arm | " + " | ".join(pcols) + " |", "|---|" + "---|" * len(pcols)]
+        lines += [
+            "",
+            "Paired difference arm − control (same seed; per item, averaged over seeds), mean "
+            "[95 % item-bootstrap interval]:",
+            "",
+            "| arm | " + " | ".join(pcols) + " |",
+            "|---|" + "---|" * len(pcols),
+        ]
         for name, b in boot.items():
-            lines.append(f"| {name} | " + " | ".join(
-                "—" if c not in b else f"{b[c]['mean']:+.3f} [{b[c]['lo']:+.3f}, {b[c]['hi']:+.3f}]"
-                for c in pcols) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(
+                    "—" if c not in b else f"{b[c]['mean']:+.3f} [{b[c]['lo']:+.3f}, {b[c]['hi']:+.3f}]" for c in pcols
+                )
+                + " |"
+            )
     else:
-        lines += ["", "Paired difference arm − control (same seed), mean ± std [min, max]:", "",
-                  "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += [
+            "",
+            "Paired difference arm − control (same seed), mean ± std [min, max]:",
+            "",
+            "| arm | " + " | ".join(cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
         for name, diffs in summary["paired_vs_control"].items():
-            lines.append(f"| {name} | " + " | ".join(
-                "—" if c not in diffs else
-                f"{diffs[c]['mean']:+.3f} ± {diffs[c]['std']:.3f} [{diffs[c]['min']:+.3f}, {diffs[c]['max']:+.3f}]"
-                for c in cols) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(
+                    "—"
+                    if c not in diffs
+                    else f"{diffs[c]['mean']:+.3f} ± {diffs[c]['std']:.3f} "
+                    f"[{diffs[c]['min']:+.3f}, {diffs[c]['max']:+.3f}]"
+                    for c in cols
+                )
+                + " |"
+            )
     curves = {n: a for n, a in arms.items() if a.get("curve")}
     if curves:
-        lines += ["", "Mechanism probes, from the training logs (mean over seeds): L_SDS over the first / last "
-                  "tenth of the steps; mean gradient norm of L_CLIP and of λ·L_SDS on the trainable CLIP "
-                  "parameters and on σ; z = σ(f(x)) at the last step.", "",
-                  "| arm | L_SDS first → last (fall) | ‖∇ L_CLIP‖ CLIP | ‖∇ λL_SDS‖ CLIP | SDS / CLIP | "
-                  "‖∇ L_CLIP‖ σ | ‖∇ λL_SDS‖ σ | z mean / std |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Mechanism probes, from the training logs (mean over seeds): L_SDS over the first / last "
+            "tenth of the steps; mean gradient norm of L_CLIP and of λ·L_SDS on the trainable CLIP "
+            "parameters and on σ; z = σ(f(x)) at the last step.",
+            "",
+            "| arm | L_SDS first → last (fall) | ‖∇ L_CLIP‖ CLIP | ‖∇ λL_SDS‖ CLIP | SDS / CLIP | "
+            "‖∇ L_CLIP‖ σ | ‖∇ λL_SDS‖ σ | z mean / std |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
 
         def g(a, k, fmt="{:.2e}"):
             v = a["curve"].get(k)
@@ -556,37 +789,59 @@ def markdown(summary: dict[str, Any]) -> str:
 
         for name, a in curves.items():
             c = a["curve"]
-            fall = "—" if "loss_sds_first" not in c else (
-                f"{c['loss_sds_first']['mean']:.4f} → {c['loss_sds_last']['mean']:.4f} "
-                f"({c['loss_sds_relative_fall']['mean']:+.1%})" if "loss_sds_relative_fall" in c else "—")
-            lines.append(f"| {name} | {fall} | {g(a, 'grad_norm_clip_clip_params')} | "
-                         f"{g(a, 'grad_norm_sds_clip_params')} | {g(a, 'sds_to_clip_grad_ratio', '{:.3f}')} | "
-                         f"{g(a, 'grad_norm_clip_sigma')} | {g(a, 'grad_norm_sds_sigma')} | "
-                         f"{g(a, 'z_mean', '{:+.3f}')} / {g(a, 'z_std', '{:.3f}')} |")
+            fall = (
+                "—"
+                if "loss_sds_first" not in c
+                else (
+                    f"{c['loss_sds_first']['mean']:.4f} → {c['loss_sds_last']['mean']:.4f} "
+                    f"({c['loss_sds_relative_fall']['mean']:+.1%})"
+                    if "loss_sds_relative_fall" in c
+                    else "—"
+                )
+            )
+            lines.append(
+                f"| {name} | {fall} | {g(a, 'grad_norm_clip_clip_params')} | "
+                f"{g(a, 'grad_norm_sds_clip_params')} | {g(a, 'sds_to_clip_grad_ratio', '{:.3f}')} | "
+                f"{g(a, 'grad_norm_clip_sigma')} | {g(a, 'grad_norm_sds_sigma')} | "
+                f"{g(a, 'z_mean', '{:+.3f}')} / {g(a, 'z_std', '{:.3f}')} |"
+            )
     cut = summary.get("sds_shortcut")
     if cut:
-        lines += ["", f"SDS shortcut check (teacher, {cut['images']} evaluation images, their true captions, the "
-                  f"diagnostic's draws): mean denoising error {cut['error_true_latent']:.4f} for the image's own "
-                  f"latent, {cut['error_swapped_caption']:.4f} under the swapped caption, "
-                  f"**{cut['error_blank_canvas']:.4f} for a blank canvas** (lower on "
-                  f"{cut['blank_beats_true_fraction']:.0%} of the images), {cut['error_mean_latent']:.4f} for the "
-                  f"mean latent. Data latents: mean {cut['latent_mean']:+.3f}, std {cut['latent_std']:.3f}; the "
-                  f"blank canvas is {cut['blank_latent_mean']:+.3f} everywhere."]
+        lines += [
+            "",
+            f"SDS shortcut check (teacher, {cut['images']} evaluation images, their true captions, the "
+            f"diagnostic's draws): mean denoising error {cut['error_true_latent']:.4f} for the image's own "
+            f"latent, {cut['error_swapped_caption']:.4f} under the swapped caption, "
+            f"**{cut['error_blank_canvas']:.4f} for a blank canvas** (lower on "
+            f"{cut['blank_beats_true_fraction']:.0%} of the images), {cut['error_mean_latent']:.4f} for the "
+            f"mean latent. Data latents: mean {cut['latent_mean']:+.3f}, std {cut['latent_std']:.3f}; the "
+            f"blank canvas is {cut['blank_latent_mean']:+.3f} everywhere.",
+        ]
     seps = {n: a["object_swap_separation"] for n, a in arms.items() if a.get("object_swap_separation")}
     if seps:
-        lines += ["", "Student diagnostic after fine-tuning, object swaps of the evaluation set (mean over seeds); "
-                  "layout probe: a linear read-out of the left / top object from the image embedding, fitted on "
-                  "the oracle's training images (bag-of-words ≈ 0.5, layout-aware → 1):", "",
-                  "| arm | text cos distance | image cos distance | captions prefer different images | "
-                  "images prefer different captions | layout probe |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Student diagnostic after fine-tuning, object swaps of the evaluation set (mean over seeds); "
+            "layout probe: a linear read-out of the left / top object from the image embedding, fitted on "
+            "the oracle's training images (bag-of-words ≈ 0.5, layout-aware → 1):",
+            "",
+            "| arm | text cos distance | image cos distance | captions prefer different images | "
+            "images prefer different captions | layout probe |",
+            "|---|---|---|---|---|---|",
+        ]
         pre_probe = (summary.get("pretrained_layout_probe") or {}).get("layout_probe_accuracy")
         if obj_sep:
-            lines.append(f"| pretrained | {obj_sep['text_cosine_distance']:.4f} | {obj_sep['image_cosine_distance']:.4f}"
-                         f" | {obj_sep['captions_disagree']:.2f} | {obj_sep['images_disagree']:.2f} | "
-                         f"{'—' if pre_probe is None else f'{pre_probe:.3f}'} |")
-        lines += [f"| {n} | {v['text_cosine_distance']['mean']:.4f} | {v['image_cosine_distance']['mean']:.4f} | "
-                  f"{v['captions_disagree']['mean']:.2f} | {v['images_disagree']['mean']:.2f} | "
-                  f"{_pm(v.get('layout_probe_accuracy'))} |" for n, v in seps.items()]
+            lines.append(
+                f"| pretrained | {obj_sep['text_cosine_distance']:.4f} | {obj_sep['image_cosine_distance']:.4f}"
+                f" | {obj_sep['captions_disagree']:.2f} | {obj_sep['images_disagree']:.2f} | "
+                f"{'—' if pre_probe is None else f'{pre_probe:.3f}'} |"
+            )
+        lines += [
+            f"| {n} | {v['text_cosine_distance']['mean']:.4f} | {v['image_cosine_distance']['mean']:.4f} | "
+            f"{v['captions_disagree']['mean']:.2f} | {v['images_disagree']['mean']:.2f} | "
+            f"{_pm(v.get('layout_probe_accuracy'))} |"
+            for n, v in seps.items()
+        ]
     lines += ["", "Cost per fine-tuning step (seconds, mean ± std over seeds; gradient-norm probe steps excluded):", ""]
     lines += [f"- {a}: {_pm(arms[a]['seconds_per_step'])}" for a in arms]
     plain = summary.get("plain_student")
@@ -594,29 +849,42 @@ def markdown(summary: dict[str, Any]) -> str:
         psep = ((plain.get("pretrained_separation") or {}).get("by_tag") or {}).get("Object-Swap")
         lines += ["", "## The plain student (student.text_order_steps 0): premise and ladder", ""]
         if psep:
-            lines.append(f"Its text tower separates the two captions of an object swap by cosine distance "
-                         f"{psep['text_cosine_distance']:.4f} (min {psep['text_cosine_distance_min']:.4f}; the two "
-                         f"images: {psep['image_cosine_distance']:.4f}); the captions prefer different images on "
-                         f"{psep['captions_disagree']:.0%} of the items, the images different captions on "
-                         f"{psep['images_disagree']:.0%}.")
+            lines.append(
+                f"Its text tower separates the two captions of an object swap by cosine distance "
+                f"{psep['text_cosine_distance']:.4f} (min {psep['text_cosine_distance_min']:.4f}; the two "
+                f"images: {psep['image_cosine_distance']:.4f}); the captions prefer different images on "
+                f"{psep['captions_disagree']:.0%} of the items, the images different captions on "
+                f"{psep['images_disagree']:.0%}."
+            )
         pcols = [c for c in MAIN_COLUMNS if any(c in a["subsets"] for a in plain["arms"].values())]
-        lines += ["", "| arm | " + " | ".join(pcols) + " |", "|---|" + "---|" * len(pcols),
-                  "| pretrained | " + " | ".join("—" if plain["pretrained"].get(c) is None
-                                                  else f"{plain['pretrained'][c]:.3f}" for c in pcols) + " |"]
-        lines += [f"| {n} | " + " | ".join(_pm(a["subsets"].get(c)) for c in pcols) + " |"
-                  for n, a in plain["arms"].items()]
+        lines += [
+            "",
+            "| arm | " + " | ".join(pcols) + " |",
+            "|---|" + "---|" * len(pcols),
+            "| pretrained | "
+            + " | ".join("—" if plain["pretrained"].get(c) is None else f"{plain['pretrained'][c]:.3f}" for c in pcols)
+            + " |",
+        ]
+        lines += [
+            f"| {n} | " + " | ".join(_pm(a["subsets"].get(c)) for c in pcols) + " |" for n, a in plain["arms"].items()
+        ]
     ratio = diag.get("swap_to_caption_ratio")
     window = summary.get("best_t_window")
-    lines += ["", f"Teacher diagnostic ({diag.get('n')} items): text score {diag.get('text_score'):.3f}, "
-              f"caption-swap effect {diag.get('swap_effect'):.2e} (± {diag.get('swap_effect_sem'):.1e} s.e.m.; "
-              f"{'n/a' if ratio is None else f'{ratio:.1%}'} of the caption effect {diag.get('caption_effect'):.2e}), "
-              f"{'PASS' if diag.get('passed') else 'FAIL'} at text score ≥ {diag.get('threshold_text_score')}"
-              f"{' overall and on each tag' if diag.get('each_tag') else ''}."
-              + "".join(f" {tag}: text score {row['text_score']:.3f}, swap effect {row['swap_effect']:.2e}."
-                        for tag, row in (diag.get("by_tag") or {}).items())
-              + (f" Below the threshold: {', '.join(diag['failed_tags'])}." if diag.get("failed_tags") else "")
-              + (f" Best-binding timesteps (probe best_t): [{window['t_min']}, {window['t_max']})." if window else ""),
-              ""]
+    lines += [
+        "",
+        f"Teacher diagnostic ({diag.get('n')} items): text score {diag.get('text_score'):.3f}, "
+        f"caption-swap effect {diag.get('swap_effect'):.2e} (± {diag.get('swap_effect_sem'):.1e} s.e.m.; "
+        f"{'n/a' if ratio is None else f'{ratio:.1%}'} of the caption effect {diag.get('caption_effect'):.2e}), "
+        f"{'PASS' if diag.get('passed') else 'FAIL'} at text score ≥ {diag.get('threshold_text_score')}"
+        f"{' overall and on each tag' if diag.get('each_tag') else ''}."
+        + "".join(
+            f" {tag}: text score {row['text_score']:.3f}, swap effect {row['swap_effect']:.2e}."
+            for tag, row in (diag.get("by_tag") or {}).items()
+        )
+        + (f" Below the threshold: {', '.join(diag['failed_tags'])}." if diag.get("failed_tags") else "")
+        + (f" Best-binding timesteps (probe best_t): [{window['t_min']}, {window['t_max']})." if window else ""),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -652,10 +920,18 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         width = 0.8 / max(1, len(boot))
         for j, (arm, b) in enumerate(boot.items()):
             means = [b.get(c, {}).get("mean", 0.0) for c in cols]
-            err = [[m - b.get(c, {}).get("lo", m) for m, c in zip(means, cols)],
-                   [b.get(c, {}).get("hi", m) - m for m, c in zip(means, cols)]]
-            ax.bar([x - 0.4 + width / 2 + j * width for x in range(len(cols))], means, width, yerr=err, capsize=1,
-                   label=arm)
+            err = [
+                [m - b.get(c, {}).get("lo", m) for m, c in zip(means, cols)],
+                [b.get(c, {}).get("hi", m) - m for m, c in zip(means, cols)],
+            ]
+            ax.bar(
+                [x - 0.4 + width / 2 + j * width for x in range(len(cols))],
+                means,
+                width,
+                yerr=err,
+                capsize=1,
+                label=arm,
+            )
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(list(range(len(cols))), cols, rotation=15, ha="right", fontsize=8)
         ax.set_ylabel("arm − control")

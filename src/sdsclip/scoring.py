@@ -6,14 +6,15 @@ pair, higher = better match, so each benchmark's metric is written once for any 
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sdsclip.errors import UserError
 from sdsclip.models.student import Student, is_student_dir, load_student
 from sdsclip.models.teacher import Teacher, is_teacher_dir, teacher_pixels
 
@@ -94,8 +95,10 @@ class StudentScorer:
 
     @torch.no_grad()
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = [F.normalize(self.model.encode_text(chunk.to(self.device)).float(), dim=-1)
-               for chunk in _batches(tokens, self.batch_size)]
+        out = [
+            F.normalize(self.model.encode_text(chunk.to(self.device)).float(), dim=-1)
+            for chunk in _batches(tokens, self.batch_size)
+        ]
         return torch.cat(out)
 
     def embed_texts(self, captions: Sequence[str]) -> torch.Tensor:
@@ -150,9 +153,19 @@ class TeacherScorer:
 
     name = "teacher"
 
-    def __init__(self, teacher: Teacher, draws: int, t_min: int, t_max: int, seed: int = 0,
-                 batch_size: int = 128, device: str = "cpu", vae_batch_size: int = 8, vae_precision: str = "auto",
-                 image_uncond_correction: bool = True):
+    def __init__(
+        self,
+        teacher: Teacher,
+        draws: int,
+        t_min: int,
+        t_max: int,
+        seed: int = 0,
+        batch_size: int = 128,
+        device: str = "cpu",
+        vae_batch_size: int = 8,
+        vae_precision: str = "auto",
+        image_uncond_correction: bool = True,
+    ):
         self.teacher = teacher.freeze().to(device)
         self.batch_size, self.device = batch_size, torch.device(device)
         self.vae_batch_size = max(int(vae_batch_size), 1)
@@ -163,7 +176,7 @@ class TeacherScorer:
         self.t = steps
         self.noise = torch.randn((draws, *teacher.latent_shape), generator=gen)
 
-    def single_draws(self) -> list["TeacherScorer"]:
+    def single_draws(self) -> list[TeacherScorer]:
         """One scorer per (t, eps) draw, sharing the teacher: the mean of their scores is this scorer's score,
         so a diagnostic can see at which noise levels the caption matters, at no extra compute."""
         import copy
@@ -182,8 +195,9 @@ class TeacherScorer:
         size = self.teacher.image_size
         out = []
         for chunk in _batches(list(images), self.vae_batch_size):
-            x = torch.stack([center_crop(resize(to_tensor(im.convert("RGB")), size, antialias=True), size)
-                             for im in chunk])
+            x = torch.stack(
+                [center_crop(resize(to_tensor(im.convert("RGB")), size, antialias=True), size) for im in chunk]
+            )
             out.append(self._encode(teacher_pixels(x)).cpu())
         return torch.cat(out) if out else torch.empty(0, *self.teacher.latent_shape)
 
@@ -231,7 +245,9 @@ class TeacherScorer:
             ci = torch.tensor([pairs[j][1] for j, _ in chunk])
             k = torch.tensor([kk for _, kk in chunk])
             err = self.teacher.epsilon_error(
-                z[pi].to(self.device), cond[ci].to(self.device), self.t[k].to(self.device),
+                z[pi].to(self.device),
+                cond[ci].to(self.device),
+                self.t[k].to(self.device),
                 self.noise[k].to(self.device),
             ).cpu()
             errors[torch.tensor([j for j, _ in chunk]), k] = err
@@ -257,12 +273,25 @@ def load_scorer(ref: str | Path, params) -> Scorer:
         ev = params.eval
         # Before any weights load: a t beyond the scheduler's steps would be an IndexError mid-benchmark.
         root, latent, _ = _teacher_source(ref)
-        check_t_range(check_teacher_dir(root, latent)[0], ev.teacher_t_min, ev.teacher_t_max, "eval.teacher_t_min",
-                      "eval.teacher_t_max")
-        return TeacherScorer(resolve_teacher(ref), ev.teacher_draws, ev.teacher_t_min, ev.teacher_t_max,
-                             seed=params.seed, batch_size=ev.batch_size, device=device,
-                             vae_batch_size=ev.vae_batch_size, vae_precision=ev.vae_precision,
-                             image_uncond_correction=ev.teacher_image_uncond_correction)
+        check_t_range(
+            check_teacher_dir(root, latent)[0],
+            ev.teacher_t_min,
+            ev.teacher_t_max,
+            "eval.teacher_t_min",
+            "eval.teacher_t_max",
+        )
+        return TeacherScorer(
+            resolve_teacher(ref),
+            ev.teacher_draws,
+            ev.teacher_t_min,
+            ev.teacher_t_max,
+            seed=params.seed,
+            batch_size=ev.batch_size,
+            device=device,
+            vae_batch_size=ev.vae_batch_size,
+            vae_precision=ev.vae_precision,
+            image_uncond_correction=ev.teacher_image_uncond_correction,
+        )
     raise ModelRefError(
         f"{ref}: --model must be a student directory (student.json) or a teacher directory "
         "(teacher.json or a Stable Diffusion model_index.json)"

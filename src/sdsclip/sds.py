@@ -55,8 +55,9 @@ class LossTerms:
         return {"loss": self.total.item(), "loss_clip": self.clip.item(), "loss_sds": self.sds.item()}
 
 
-def select_trainable(clip_model: nn.Module, sigma: nn.Module,
-                     trainable: str = "image_layernorms") -> list[nn.Parameter]:
+def select_trainable(
+    clip_model: nn.Module, sigma: nn.Module, trainable: str = "image_layernorms"
+) -> list[nn.Parameter]:
     """Freeze everything in CLIP except ``trainable`` (train.trainable; default the image tower's LayerNorms,
     the paper); sigma trains fully. Returns the CLIP parameters first, then sigma's."""
     clip_model.requires_grad_(False)
@@ -87,7 +88,11 @@ class StudentWithSigma(nn.Module):
 
 
 def draw_t_and_noise(
-    n: int, shape: tuple[int, ...], t_min: int, t_max: int, generator: torch.Generator | None,
+    n: int,
+    shape: tuple[int, ...],
+    t_min: int,
+    t_max: int,
+    generator: torch.Generator | None,
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, eps) for ``n`` local samples: draws for all ``n * world`` samples of the global batch (on CPU,
@@ -114,8 +119,14 @@ SDS_WEIGHTS = {
 }
 
 
-def jacobian_free_sds_loss(teacher: Teacher, z: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
-                           noise: torch.Tensor, weighting: str = "constant") -> torch.Tensor:
+def jacobian_free_sds_loss(
+    teacher: Teacher,
+    z: torch.Tensor,
+    cond: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    weighting: str = "constant",
+) -> torch.Tensor:
     """L_SDS whose VALUE is the real denoising error (as ``full``: curves compare) and whose gradient on z is
     2/(N D) w(t) (eps_hat - eps), the UNet Jacobian dropped (``SDS_WEIGHTS``).
 
@@ -216,5 +227,17 @@ def sds_clip_loss(
     """L_CLIP + lambda * L_SDS on one batch. With lambda == 0 the teacher is never run (the control)."""
     project = lambda_sds != 0 and teacher is not None
     image_emb, text_emb, z = StudentWithSigma(clip_model, sigma)(images, tokens, project)
-    return sds_clip_objective(image_emb, text_emb, z, clip_model.logit_scale.exp(), teacher, text_cond,
-                              lambda_sds, t_min, t_max, noise_draws, generator, contrastive)
+    return sds_clip_objective(
+        image_emb,
+        text_emb,
+        z,
+        clip_model.logit_scale.exp(),
+        teacher,
+        text_cond,
+        lambda_sds,
+        t_min,
+        t_max,
+        noise_draws,
+        generator,
+        contrastive,
+    )

@@ -13,8 +13,9 @@ from typing import Any
 from sdsclip.config import Params
 
 
-def synth(params: Params, out_dir: Path, seed: int | None = None, families: list[str] | None = None,
-          world: Any = None) -> dict[str, Any]:
+def synth(
+    params: Params, out_dir: Path, seed: int | None = None, families: list[str] | None = None, world: Any = None
+) -> dict[str, Any]:
     """Render the world (``families``: only those; ``world``: a WorldConfig in place of params.world)."""
     from sdsclip.synth import generate_world
 
@@ -31,23 +32,31 @@ def _write_json_file(path: str | Path, obj: Any) -> None:
     loc.write_atomic((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def ingest(params: Params, coco_root: str | Path, out_root: str | Path, metrics: str | Path | None = None
-           ) -> dict[str, Any]:
+def ingest(
+    params: Params, coco_root: str | Path, out_root: str | Path, metrics: str | Path | None = None
+) -> dict[str, Any]:
     """Each configured split: COCO captions JSON + image folder -> WebDataset shards + manifest in
     ``out_root/{split}/``. Roots may be local paths or fsspec URLs. ``metrics``: also write the per-split
     counts there as one JSON (a DVC metrics file; run-dependent fields such as timings left out)."""
     from sdsclip.ingest import ingest_split, join
 
-    results = {split: ingest_split(coco_root, split, join(out_root, split), params.ingest)
-               for split in params.ingest.splits}
+    results = {
+        split: ingest_split(coco_root, split, join(out_root, split), params.ingest) for split in params.ingest.splits
+    }
     if metrics is not None:
-        _write_json_file(metrics, {split: {k: v for k, v in r.items() if k not in ("seconds", "shards_reused")}
-                                   for split, r in results.items()})
+        _write_json_file(
+            metrics,
+            {
+                split: {k: v for k, v in r.items() if k not in ("seconds", "shards_reused")}
+                for split, r in results.items()
+            },
+        )
     return results
 
 
-def validate(params: Params, shards_root: str | Path, out_root: str | Path, metrics: str | Path | None = None
-             ) -> dict[str, Any]:
+def validate(
+    params: Params, shards_root: str | Path, out_root: str | Path, metrics: str | Path | None = None
+) -> dict[str, Any]:
     """Great Expectations over each split's manifest -> ``out_root/{split}/`` (accepted / quarantine / Data
     Docs ...) and ``out_root/data_docs.html`` (one self-contained page over all splits); ``metrics``: also
     write each split's validation_metrics.json into one JSON (a DVC metrics file). Raises ValidationFailed past
@@ -99,14 +108,32 @@ def pretrain_teacher(
 
 
 def train(
-    params: Params, student: Path, teacher: Path, shards_root: Path, validated_root: Path, out_dir: Path,
-    control: bool = False, log_dir: Path | None = None, resume: bool = False, checkpoint_dir: Path | None = None,
+    params: Params,
+    student: Path,
+    teacher: Path,
+    shards_root: Path,
+    validated_root: Path,
+    out_dir: Path,
+    control: bool = False,
+    log_dir: Path | None = None,
+    resume: bool = False,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
     from sdsclip.train import finetune
 
     shards, accepted = _split_paths(shards_root, validated_root, params.data.train_split)
-    return finetune(params, Path(student), Path(teacher), shards, accepted, Path(out_dir), control, log_dir,
-                    resume=resume, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None)
+    return finetune(
+        params,
+        Path(student),
+        Path(teacher),
+        shards,
+        accepted,
+        Path(out_dir),
+        control,
+        log_dir,
+        resume=resume,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+    )
 
 
 def _teacher_limits(params: Params, teacher: bool) -> dict[str, Any]:
@@ -115,8 +142,10 @@ def _teacher_limits(params: Params, teacher: bool) -> dict[str, Any]:
     records n / total / seed under ``subset``) and ``chunk_items`` (eval.teacher_chunk_items: items per scorer
     call, the unit a sharded evaluation is split by). None: the benchmark's own defaults."""
     ev = params.eval
-    return {"max_items": ev.teacher_max_items if teacher else None,
-            "chunk_items": ev.teacher_chunk_items if teacher else None}
+    return {
+        "max_items": ev.teacher_max_items if teacher else None,
+        "chunk_items": ev.teacher_chunk_items if teacher else None,
+    }
 
 
 def _is_teacher(scorer) -> bool:
@@ -125,30 +154,71 @@ def _is_teacher(scorer) -> bool:
     return isinstance(scorer, TeacherScorer)
 
 
-def _winoground(params: Params, scorer, teacher: bool, data_dir: Path, out: Path, scores: Path | None = None,
-                **_: Any) -> dict[str, Any]:
+def _winoground(
+    params: Params, scorer, teacher: bool, data_dir: Path, out: Path, scores: Path | None = None, **_: Any
+) -> dict[str, Any]:
     from sdsclip.evaluate.winoground import evaluate_winoground as run
 
-    return run(scorer, Path(data_dir), Path(out), scores, on_missing=params.eval.on_missing,
-               chunk_items=_teacher_limits(params, teacher)["chunk_items"])
+    return run(
+        scorer,
+        Path(data_dir),
+        Path(out),
+        scores,
+        on_missing=params.eval.on_missing,
+        chunk_items=_teacher_limits(params, teacher)["chunk_items"],
+    )
 
 
-def _aro(params: Params, scorer, teacher: bool, data_dir: Path, out: Path, scores: Path | None = None, *,
-         datasets: list[str] | None = None, order_dirs: dict[str, Path] | None = None) -> dict[str, Any]:
+def _aro(
+    params: Params,
+    scorer,
+    teacher: bool,
+    data_dir: Path,
+    out: Path,
+    scores: Path | None = None,
+    *,
+    datasets: list[str] | None = None,
+    order_dirs: dict[str, Path] | None = None,
+) -> dict[str, Any]:
     from sdsclip.evaluate.aro import evaluate_aro as run
 
     ev = params.eval
-    return run(scorer, Path(data_dir), Path(out), datasets or None, order_dirs=order_dirs, pos_tagger=ev.aro_pos_tagger,
-               seed=params.seed, min_count=ev.aro_attribution_min_count, on_missing=ev.on_missing,
-               **_teacher_limits(params, teacher))
+    return run(
+        scorer,
+        Path(data_dir),
+        Path(out),
+        datasets or None,
+        order_dirs=order_dirs,
+        pos_tagger=ev.aro_pos_tagger,
+        seed=params.seed,
+        min_count=ev.aro_attribution_min_count,
+        on_missing=ev.on_missing,
+        **_teacher_limits(params, teacher),
+    )
 
 
-def _sugarcrepe(params: Params, scorer, teacher: bool, data_dir: Path, out: Path, scores: Path | None = None, *,
-                images_dir: Path | None = None) -> dict[str, Any]:
+def _sugarcrepe(
+    params: Params,
+    scorer,
+    teacher: bool,
+    data_dir: Path,
+    out: Path,
+    scores: Path | None = None,
+    *,
+    images_dir: Path | None = None,
+) -> dict[str, Any]:
     from sdsclip.evaluate.sugarcrepe import evaluate_sugarcrepe as run
 
-    return run(scorer, Path(data_dir), Path(out), images_dir=images_dir, on_missing=params.eval.on_missing,
-               scores_out=scores, seed=params.seed, **_teacher_limits(params, teacher))
+    return run(
+        scorer,
+        Path(data_dir),
+        Path(out),
+        images_dir=images_dir,
+        on_missing=params.eval.on_missing,
+        scores_out=scores,
+        seed=params.seed,
+        **_teacher_limits(params, teacher),
+    )
 
 
 # one benchmark's metrics JSON (and score file) from a scorer, be it a model or a sharded replay: the one place
@@ -174,7 +244,11 @@ def evaluate_winoground(
 
 
 def evaluate_aro(
-    params: Params, model: Path, data_dir: Path, out: Path, datasets: list[str] | None = None,
+    params: Params,
+    model: Path,
+    data_dir: Path,
+    out: Path,
+    datasets: list[str] | None = None,
     order_dirs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     from sdsclip.scoring import load_scorer
@@ -184,7 +258,11 @@ def evaluate_aro(
 
 
 def evaluate_sugarcrepe(
-    params: Params, model: Path, data_dir: Path, out: Path, images_dir: Path | None = None,
+    params: Params,
+    model: Path,
+    data_dir: Path,
+    out: Path,
+    images_dir: Path | None = None,
     scores: Path | None = None,
 ) -> dict[str, Any]:
     from sdsclip.scoring import load_scorer
@@ -193,8 +271,9 @@ def evaluate_sugarcrepe(
     return _sugarcrepe(params, scorer, _is_teacher(scorer), data_dir, out, scores, images_dir=images_dir)
 
 
-def evaluate_shard(params: Params, benchmark: str, model: Path, data_dir: Path, part: Path, shard: int,
-                   shards: int) -> dict[str, Any]:
+def evaluate_shard(
+    params: Params, benchmark: str, model: Path, data_dir: Path, part: Path, shard: int, shards: int
+) -> dict[str, Any]:
     """Shard ``shard`` of ``shards`` of one benchmark's evaluation of ``model``: its share of the scorer calls,
     as a part file for :func:`merge_shards` (sdsclip.evaluate.shards)."""
     import tempfile
@@ -211,8 +290,9 @@ def evaluate_shard(params: Params, benchmark: str, model: Path, data_dir: Path, 
     return recording.save(Path(part), benchmark)
 
 
-def merge_shards(params: Params, benchmark: str, data_dir: Path, parts: list[Path], out: Path,
-                 scores: Path | None = None) -> dict[str, Any]:
+def merge_shards(
+    params: Params, benchmark: str, data_dir: Path, parts: list[Path], out: Path, scores: Path | None = None
+) -> dict[str, Any]:
     """The metrics JSON (and score file) of the unsharded evaluation, from the shards' parts, without the model."""
     from sdsclip.evaluate.shards import ReplayScorer, load_parts
 
@@ -224,8 +304,9 @@ def merge_shards(params: Params, benchmark: str, data_dir: Path, parts: list[Pat
     return result
 
 
-def evaluate_zeroshot(params: Params, model: Path, data_dir: Path, out: Path,
-                      prompt_set: str | None = None) -> dict[str, Any]:
+def evaluate_zeroshot(
+    params: Params, model: Path, data_dir: Path, out: Path, prompt_set: str | None = None
+) -> dict[str, Any]:
     from sdsclip.evaluate.zeroshot import check_prompt_set
     from sdsclip.evaluate.zeroshot import evaluate_zeroshot as run
     from sdsclip.scoring import load_scorer
@@ -235,8 +316,16 @@ def evaluate_zeroshot(params: Params, model: Path, data_dir: Path, out: Path,
     check_prompt_set(Path(data_dir), prompt_set or ev.zeroshot_prompt_set, prompts)  # before the model loads
     scorer = load_scorer(model, params)
     cap = _teacher_limits(params, _is_teacher(scorer))["max_items"]
-    return run(scorer, Path(data_dir), Path(out), prompt_set=prompt_set or ev.zeroshot_prompt_set,
-               prompts_file=prompts, on_missing=ev.on_missing, max_items=cap, seed=params.seed)
+    return run(
+        scorer,
+        Path(data_dir),
+        Path(out),
+        prompt_set=prompt_set or ev.zeroshot_prompt_set,
+        prompts_file=prompts,
+        on_missing=ev.on_missing,
+        max_items=cap,
+        seed=params.seed,
+    )
 
 
 def benchmark_data_dir(params: Params, benchmark: str, data_root: Path) -> Path:
@@ -259,13 +348,16 @@ def headline_metrics(benchmark: str, result: dict[str, Any]) -> dict[str, float]
         out |= {f"{key}.uncorrected": v for key, v in result.get("uncorrected", {}).items() if key != "n"}
         return out
     if benchmark == "aro":
-        values = {name: result[name].get("macro_accuracy", result[name].get("precision_at_1"))
-                  for name in result["datasets"]}
+        values = {
+            name: result[name].get("macro_accuracy", result[name].get("precision_at_1")) for name in result["datasets"]
+        }
     elif benchmark == "zeroshot":
         values = {key: result[key] for key in ("acc1", "acc5", "mean_per_class_recall", "n")}
     elif benchmark == "sugarcrepe":
-        values = {**{name: sub["accuracy"] for name, sub in result["subsets"].items()},
-                  "mean_accuracy": result["mean_accuracy"]}
+        values = {
+            **{name: sub["accuracy"] for name, sub in result["subsets"].items()},
+            "mean_accuracy": result["mean_accuracy"],
+        }
     else:
         raise ValueError(f"benchmark {benchmark!r}: expected winoground, aro, zeroshot or sugarcrepe")
     return {key: value for key, value in values.items() if value is not None}
@@ -285,7 +377,11 @@ def report(metrics_dir: Path, out_dir: Path, summary: Path) -> dict[str, Any]:
 
 
 def register(
-    params: Params, model: Path, metrics: Path, baseline_metrics: Path, out: Path,
+    params: Params,
+    model: Path,
+    metrics: Path,
+    baseline_metrics: Path,
+    out: Path,
     data_files: list[Path] | None = None,
 ) -> dict[str, Any]:
     from sdsclip.register import register_model
@@ -301,6 +397,11 @@ def results_table(metrics: dict[str, Path]) -> list[dict[str, Any]]:
     rows = []
     for name, path in metrics.items():
         m = json.loads(Path(path).read_text())
-        rows.append({"model": name, **{k: m[k] for k in ("n", "text_score", "image_score", "group_score")},
-                     "by_collapsed_tag": m.get("by_collapsed_tag", {})})
+        rows.append(
+            {
+                "model": name,
+                **{k: m[k] for k in ("n", "text_score", "image_score", "group_score")},
+                "by_collapsed_tag": m.get("by_collapsed_tag", {}),
+            }
+        )
     return rows

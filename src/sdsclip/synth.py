@@ -251,9 +251,7 @@ def _uniform_int(rng: np.random.Generator, lo: int, hi: int) -> int:
     return int(rng.integers(lo, hi + 1))
 
 
-def _place_pair(
-    rng: np.random.Generator, canvas: int, relation: str, r_a: int, r_b: int
-) -> tuple[int, int, int, int]:
+def _place_pair(rng: np.random.Generator, canvas: int, relation: str, r_a: int, r_b: int) -> tuple[int, int, int, int]:
     """Centres (xA, yA, xB, yB) such that ``A relation B`` holds with margin, both inside, boxes disjoint."""
     margin = _relation_margin(canvas)
     min_separation = -(-canvas // 4) + margin  # >= canvas/4 along the relation axis
@@ -266,9 +264,7 @@ def _place_pair(
     u_low = _uniform_int(rng, r_low, canvas - 1 - r_high - separation)
     u_high = u_low + separation
     offset = _uniform_int(rng, -max_offset, max_offset)
-    v_low = _uniform_int(
-        rng, max(r_low, r_high - offset), min(canvas - 1 - r_low, canvas - 1 - r_high - offset)
-    )
+    v_low = _uniform_int(rng, max(r_low, r_high - offset), min(canvas - 1 - r_low, canvas - 1 - r_high - offset))
     v_high = v_low + offset
     (ua, va), (ub, vb) = ((u_low, v_low), (u_high, v_high)) if a_is_low else ((u_high, v_high), (u_low, v_low))
     if relation in ("to the left of", "to the right of"):
@@ -548,8 +544,9 @@ _FAMILIES: tuple[tuple[str, Callable[[WorldConfig, Path, int], dict[str, int]]],
 )
 
 
-def generate_world(world: WorldConfig, out_dir: Path, seed: int,
-                   families: Sequence[str] | None = None) -> dict[str, int]:
+def generate_world(
+    world: WorldConfig, out_dir: Path, seed: int, families: Sequence[str] | None = None
+) -> dict[str, int]:
     """Render the toy world under ``out_dir`` and return the item counts.
 
     ``families``: a subset of coco / winoground / aro / zeroshot (default all), e.g. evaluation sets rendered

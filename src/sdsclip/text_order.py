@@ -1,5 +1,5 @@
-"""Text-order pretraining (``student.text_order_steps`` / ``text_order_weight``; research path, README "Headroom"): an auxiliary
-text-only loss that makes the from-scratch student's text tower separate object swaps.
+"""Text-order pretraining (``student.text_order_steps`` / ``text_order_weight``; research path, README
+"Headroom"): an auxiliary text-only loss that makes the from-scratch student's text tower separate object swaps.
 
 The head reads the scene a relational caption describes, in canonical order (which colour-shape is left / on
 top, which is right / below, and the axis), from the text embedding, through cosine classifiers: the two
@@ -66,8 +66,11 @@ class TextOrderHead(nn.Module):
         if not bool(keep.any()):
             return text_embedding.sum() * 0.0
         x, y = text_embedding[keep], targets[keep]
-        return (F.cross_entropy(self.first(x), y[:, 0]) + F.cross_entropy(self.second(x), y[:, 1])
-                + F.cross_entropy(self.axis(x), y[:, 2])) / 3
+        return (
+            F.cross_entropy(self.first(x), y[:, 0])
+            + F.cross_entropy(self.second(x), y[:, 1])
+            + F.cross_entropy(self.axis(x), y[:, 2])
+        ) / 3
 
 
 def text_order_phase(student, batches, steps: int, weight: float, opt, device, log) -> dict:
@@ -85,8 +88,9 @@ def text_order_phase(student, batches, steps: int, weight: float, opt, device, l
         p.requires_grad_(True)
     head = TextOrderHead(student.embed_dim).to(device)
     optimizer = torch.optim.AdamW(text_params + list(head.parameters()), lr=opt.lr, weight_decay=opt.weight_decay)
-    sched = get_scheduler("cosine", optimizer, num_warmup_steps=min(opt.warmup_steps, steps // 10),
-                          num_training_steps=steps)
+    sched = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=min(opt.warmup_steps, steps // 10), num_training_steps=steps
+    )
     contrastive = ClipLoss()
     scale = model.logit_scale.detach().exp()
     model.train()
@@ -104,5 +108,9 @@ def text_order_phase(student, batches, steps: int, weight: float, opt, device, l
         optimizer.zero_grad(set_to_none=True)
         log.log({"loss_clip": clip.item(), "loss_text_order": order.item()})
     model.requires_grad_(True)
-    return {"steps": steps, "weight": weight, "final_loss_clip": float(clip.detach()),
-            "final_loss_text_order": float(order.detach())}
+    return {
+        "steps": steps,
+        "weight": weight,
+        "final_loss_clip": float(clip.detach()),
+        "final_loss_text_order": float(order.detach()),
+    }

@@ -13,15 +13,15 @@ compute (params, data, teacher layout, student weights, checkpoint compatibility
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import hashlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from sdsclip import checkpoint as ckpt
 from sdsclip.config import OptimConfig, Params, TeacherConfig, params_to_dict
 from sdsclip.data import DataError, check_batchable, count_dataset, pair_loader
 from sdsclip.distributed import normalize_dist_env
+from sdsclip.errors import UserError
 from sdsclip.hashing import file_sha256, files_digest, tree_sha256  # noqa: F401 - importers use train.*
 from sdsclip.models.student import (
     STUDENT_WEIGHTS,
@@ -60,7 +61,6 @@ from sdsclip.models.teacher import (
     teacher_pixels,
 )
 from sdsclip.sds import LatentProjection, StudentWithSigma, sds_clip_objective, select_trainable
-
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,28 @@ def _cycle(loader) -> Iterator:
         yield from loader
 
 
-def _loader(params: Params, shards: Path, accepted: Path, transform: Callable, batch_size: int, seed: int,
-            batching: str = "random"):
-    return iter(_cycle(pair_loader(shards, accepted, transform, batch_size=batch_size, seed=seed,
-                                   batching=batching, num_workers=params.train.loader_workers)))
+def _loader(
+    params: Params,
+    shards: Path,
+    accepted: Path,
+    transform: Callable,
+    batch_size: int,
+    seed: int,
+    batching: str = "random",
+):
+    return iter(
+        _cycle(
+            pair_loader(
+                shards,
+                accepted,
+                transform,
+                batch_size=batch_size,
+                seed=seed,
+                batching=batching,
+                num_workers=params.train.loader_workers,
+            )
+        )
+    )
 
 
 def student_transform(student: Student) -> Callable:
@@ -186,9 +204,7 @@ def student_transform(student: Student) -> Callable:
 def teacher_transform(image_size: int) -> Callable:
     from torchvision import transforms
 
-    return transforms.Compose(
-        [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
-    )
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()])
 
 
 # ------------------------------------------------------------------------------- student pretraining
@@ -226,7 +242,7 @@ def pretrain_student(
     log = LossLog(log_dir or out_dir / "dvclive")
     model.train()
     started = time.time()
-    for step in tqdm(range(opt.steps), desc="pretrain_student", mininterval=5):
+    for _ in tqdm(range(opt.steps), desc="pretrain_student", mininterval=5):
         images, captions = next(batches)
         images = images.to(accelerator.device)
         tokens = student.tokenizer(captions).to(accelerator.device)
@@ -241,13 +257,18 @@ def pretrain_student(
             accelerator.unwrap_model(model).logit_scale.clamp_(0, 4.6052)
         log.log({"loss_clip": loss.item()})
     student.model = accelerator.unwrap_model(model)
-    meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss.detach()),
-            "batching": opt.batching}
+    meta = {
+        "source": "pretrained_from_scratch",
+        "steps": opt.steps,
+        "final_loss": float(loss.detach()),
+        "batching": opt.batching,
+    }
     if cfg.text_order_steps:  # research option (README "Headroom"): an order-sensitive text tower, image frozen
         from sdsclip.text_order import text_order_phase
 
-        meta["text_order"] = text_order_phase(student, batches, cfg.text_order_steps, cfg.text_order_weight, opt,
-                                              accelerator.device, log)
+        meta["text_order"] = text_order_phase(
+            student, batches, cfg.text_order_steps, cfg.text_order_weight, opt, accelerator.device, log
+        )
     log.close()
     student.model = student.model.eval()
     meta["seconds"] = round(time.time() - started, 1)
@@ -264,8 +285,14 @@ def _accepted_captions(accepted: Path) -> list[str]:
     return pd.read_csv(accepted, usecols=["caption"], keep_default_na=False)["caption"].astype(str).tolist()
 
 
-def teacher_pretrain_loss(teacher: Teacher, cfg: TeacherConfig, images: torch.Tensor, captions: list[str],
-                          t_range: tuple[int, int], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+def teacher_pretrain_loss(
+    teacher: Teacher,
+    cfg: TeacherConfig,
+    images: torch.Tensor,
+    captions: list[str],
+    t_range: tuple[int, int],
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """One batch of tiny-teacher pretraining: the denoising loss (with caption dropout), plus, when
     ``teacher.hard_negative_weight`` > 0, a ranking loss on the same (t, eps) that asks the error under a
     word-order hard negative of each caption to exceed the error under the caption by a relative margin
@@ -289,8 +316,9 @@ def teacher_pretrain_loss(teacher: Teacher, cfg: TeacherConfig, images: torch.Te
     if cfg.hard_negative_weight > 0:
         kinds = (torch.rand(len(captions), generator=gen) < 0.5).tolist()  # object swap or colour swap
         if cfg.hard_negative_swap == "both":
-            negatives = [hard_negative_caption(c, k) or hard_negative_caption(c, not k)
-                         for c, k in zip(captions, kinds)]
+            negatives = [
+                hard_negative_caption(c, k) or hard_negative_caption(c, not k) for c, k in zip(captions, kinds)
+            ]
         else:
             negatives = [hard_negative_caption(c, cfg.hard_negative_swap == "object") for c in captions]
         eligible = (t >= cfg.hard_negative_t_min).tolist()
@@ -298,8 +326,9 @@ def teacher_pretrain_loss(teacher: Teacher, cfg: TeacherConfig, images: torch.Te
         parts["hard_negative_rows"] = float(len(idx))
         if idx:
             pos = errors[idx]
-            neg = teacher.denoising_loss(latents[idx], teacher.encode_text([negatives[i] for i in idx]), t[idx],
-                                         noise[idx])
+            neg = teacher.denoising_loss(
+                latents[idx], teacher.encode_text([negatives[i] for i in idx]), t[idx], noise[idx]
+            )
             rank = F.relu(pos - neg + cfg.hard_negative_margin * pos.detach()).mean()
             loss = loss + cfg.hard_negative_weight * rank
             parts["loss_hard_negative"] = rank.item()
@@ -318,12 +347,17 @@ def pretrain_teacher(
         # file hashed once per (path, size, mtime) thanks to the cache in sdsclip.hashing.
         loaded = teacher_files(cfg.pretrained_dir, cfg.latent, with_vae=True)
         digest = files_digest(Path(cfg.pretrained_dir), loaded.all)
-        meta = {"source": "pretrained_dir", "pretrained_dir": str(Path(cfg.pretrained_dir).resolve()),
-                "sha256": digest["sha256"], "hashed_files": digest["files"],
-                "latent_shape": list(teacher.latent_shape)}
+        meta = {
+            "source": "pretrained_dir",
+            "pretrained_dir": str(Path(cfg.pretrained_dir).resolve()),
+            "sha256": digest["sha256"],
+            "hashed_files": digest["files"],
+            "latent_shape": list(teacher.latent_shape),
+        }
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "teacher.json").write_text(json.dumps({**meta, "latent": teacher.latent,
-                                                          "image_size": teacher.image_size}, indent=2) + "\n")
+        (out_dir / "teacher.json").write_text(
+            json.dumps({**meta, "latent": teacher.latent, "image_size": teacher.image_size}, indent=2) + "\n"
+        )
         return meta
 
     set_seed(params.seed)
@@ -335,8 +369,9 @@ def pretrain_teacher(
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.steps)
     modules, optimizer, lr_sched = accelerator.prepare(modules, optimizer, lr_sched)
     teacher.to(accelerator.device)
-    batches = _loader(params, shards, accepted, teacher_transform(cfg.image_size), opt.batch_size, params.seed,
-                      opt.batching)
+    batches = _loader(
+        params, shards, accepted, teacher_transform(cfg.image_size), opt.batch_size, params.seed, opt.batching
+    )
     gen = torch.Generator().manual_seed(params.seed)
     log = LossLog(log_dir or out_dir / "dvclive")
     n_timesteps = teacher.scheduler.config.num_train_timesteps
@@ -345,7 +380,7 @@ def pretrain_teacher(
         raise TrainError(f"teacher.pretrain_t_min ({t_lo}) must be < pretrain_t_max ({t_hi})")
     modules.train()
     started = time.time()
-    for step in tqdm(range(opt.steps), desc="pretrain_teacher", mininterval=5):
+    for _ in tqdm(range(opt.steps), desc="pretrain_teacher", mininterval=5):
         images, captions = next(batches)
         loss, parts = teacher_pretrain_loss(teacher, cfg, images, captions, (t_lo, t_hi), gen)
         accelerator.backward(loss)
@@ -355,8 +390,12 @@ def pretrain_teacher(
         log.log(parts)
     log.close()
     teacher.to("cpu")
-    meta = {"source": "pretrained_from_scratch", "steps": opt.steps, "final_loss": float(loss.detach()),
-            "seconds": round(time.time() - started, 1)}
+    meta = {
+        "source": "pretrained_from_scratch",
+        "steps": opt.steps,
+        "final_loss": float(loss.detach()),
+        "seconds": round(time.time() - started, 1),
+    }
     save_teacher(teacher.freeze(), out_dir, meta)
     return meta
 
@@ -396,8 +435,15 @@ def _teacher_identity(root: Path) -> str:
 # --------------------------------------------------------------------------- SDS-CLIP fine-tuning
 
 # Knobs that do not change the trained weights: a checkpoint stays valid when only these differ.
-_RESUME_NEUTRAL = ("checkpoint_every", "keep_checkpoints", "log_mlflow", "text_cache_size", "gradient_checkpointing",
-                   "loader_workers", "memory_check")  # loader_workers: the same batches for any value
+_RESUME_NEUTRAL = (
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_mlflow",
+    "text_cache_size",
+    "gradient_checkpointing",
+    "loader_workers",
+    "memory_check",
+)  # loader_workers: the same batches for any value
 
 
 @dataclass
@@ -419,19 +465,32 @@ class _Plan:
     resume_meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _fingerprint(params: Params, lambda_sds: float, student_ref: Path, teacher_root: Path, shards: Path,
-                 accepted: Path) -> dict[str, str]:
+def _fingerprint(
+    params: Params, lambda_sds: float, student_ref: Path, teacher_root: Path, shards: Path, accepted: Path
+) -> dict[str, str]:
     train = {k: v for k, v in params_to_dict(params)["train"].items() if k not in _RESUME_NEUTRAL}
     shard_list = sorted(f"{p.name}:{p.stat().st_size}" for p in Path(shards).glob("shard-*.tar"))
     return {
-        "train": json.dumps(train, sort_keys=True), "seed": str(params.seed), "lambda_sds": repr(lambda_sds),
-        "student": file_sha256(Path(student_ref) / STUDENT_WEIGHTS), "teacher": _teacher_identity(teacher_root),
+        "train": json.dumps(train, sort_keys=True),
+        "seed": str(params.seed),
+        "lambda_sds": repr(lambda_sds),
+        "student": file_sha256(Path(student_ref) / STUDENT_WEIGHTS),
+        "teacher": _teacher_identity(teacher_root),
         "data": hashlib.sha256((file_sha256(Path(accepted)) + "\n".join(shard_list)).encode()).hexdigest(),
     }
 
 
-def _preflight(params: Params, student_ref: Path, teacher_ref: Path, shards: Path, accepted: Path,
-               control: bool, resume: bool, checkpoint_dir: Path | None, out_dir: Path) -> _Plan:
+def _preflight(
+    params: Params,
+    student_ref: Path,
+    teacher_ref: Path,
+    shards: Path,
+    accepted: Path,
+    control: bool,
+    resume: bool,
+    checkpoint_dir: Path | None,
+    out_dir: Path,
+) -> _Plan:
     """Every check that needs no training compute, cheapest first; each failure is one line."""
     cfg = params.train
     name = "train_baseline" if control else "train_sds"
@@ -452,18 +511,33 @@ def _preflight(params: Params, student_ref: Path, teacher_ref: Path, shards: Pat
     latent_shape = latent_shape_of(teacher_root)
     student = load_student(student_ref)  # WeightFileError: corrupt file; StudentLoadError: does not fit the arch
     if cfg.trainable == "sigma_only" and lambda_sds == 0:
-        raise TrainError(f"train.trainable: sigma_only trains nothing in {name} (lambda_sds 0: sigma has no loss); "
-                         "set train.trainable: image_layernorms")
+        raise TrainError(
+            f"train.trainable: sigma_only trains nothing in {name} (lambda_sds 0: sigma has no loss); "
+            "set train.trainable: image_layernorms"
+        )
     if cfg.trainable != "sigma_only" and not trainable_clip_parameters(student.model, cfg.trainable):  # e.g. RN50
-        lacks = {"image_layernorms": "image-tower LayerNorms (a ResNet has BatchNorms)",
-                 "image_norms": "image-tower normalization layers with affine parameters"}.get(cfg.trainable,
-                                                                                            "image-tower parameters")
-        raise TrainError(f"train.trainable: {cfg.trainable}: student architecture {student.arch!r} has no {lacks}, so "
-                         "only sigma would train and CLIP would never change; set train.trainable: image_norms or "
-                         "image_tower")
+        lacks = {
+            "image_layernorms": "image-tower LayerNorms (a ResNet has BatchNorms)",
+            "image_norms": "image-tower normalization layers with affine parameters",
+        }.get(cfg.trainable, "image-tower parameters")
+        raise TrainError(
+            f"train.trainable: {cfg.trainable}: student architecture {student.arch!r} has no {lacks}, so "
+            "only sigma would train and CLIP would never change; set train.trainable: image_norms or "
+            "image_tower"
+        )
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (Path(out_dir) / "checkpoints")
-    plan = _Plan(name, lambda_sds, total_steps, n_pairs, teacher_root, latent, image_size, latent_shape, student,
-                 ckpt_dir if (cfg.checkpoint_every or resume) else None)
+    plan = _Plan(
+        name,
+        lambda_sds,
+        total_steps,
+        n_pairs,
+        teacher_root,
+        latent,
+        image_size,
+        latent_shape,
+        student,
+        ckpt_dir if (cfg.checkpoint_every or resume) else None,
+    )
     if plan.ckpt_dir is not None:
         plan.fingerprint = _fingerprint(params, lambda_sds, student_ref, teacher_root, shards, accepted)
     if resume:
@@ -472,14 +546,17 @@ def _preflight(params: Params, student_ref: Path, teacher_ref: Path, shards: Pat
             meta = ckpt.read_checkpoint_meta(plan.resume_from)
             changed = sorted(k for k in plan.fingerprint if meta.get("fingerprint", {}).get(k) != plan.fingerprint[k])
             if changed:
-                raise TrainError(f"--resume: {plan.resume_from} was written by a different run ({', '.join(changed)} "
-                                 f"changed); delete {ckpt_dir} or drop --resume")
+                raise TrainError(
+                    f"--resume: {plan.resume_from} was written by a different run ({', '.join(changed)} "
+                    f"changed); delete {ckpt_dir} or drop --resume"
+                )
             plan.resume_meta = meta
     return plan
 
 
-def gradient_norms(terms, lambda_sds: float, clip_params: list[torch.nn.Parameter],
-                   sigma_params: list[torch.nn.Parameter]) -> dict[str, float]:
+def gradient_norms(
+    terms, lambda_sds: float, clip_params: list[torch.nn.Parameter], sigma_params: list[torch.nn.Parameter]
+) -> dict[str, float]:
     """L2 norms of the gradient that L_CLIP and lambda * L_SDS each put on the trainable CLIP parameters and on
     sigma (keeps the graph for the step's own backward). Which term steers the LayerNorms is the question: under
     the paper's lambda 0.001 the SDS term may be a rounding error next to L_CLIP, while AdamW's normalised
@@ -492,8 +569,9 @@ def gradient_norms(terms, lambda_sds: float, clip_params: list[torch.nn.Paramete
                 out[f"grad_norm_{term_name}_{group_name}"] = 0.0
                 continue
             grads = torch.autograd.grad(term, group, retain_graph=True, allow_unused=True)
-            out[f"grad_norm_{term_name}_{group_name}"] = float(torch.sqrt(sum(
-                (g.float() ** 2).sum() for g in grads if g is not None) or torch.zeros(())))
+            out[f"grad_norm_{term_name}_{group_name}"] = float(
+                torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) or torch.zeros(()))
+            )
     return out
 
 
@@ -527,8 +605,17 @@ def finetune(
     from sdsclip.memory import check_step_memory
 
     # Before the teacher is loaded: a step that cannot fit the device stops here, with the knobs that shrink it.
-    check_step_memory(cfg, student.model_cfg or student.arch, plan.teacher_root if lambda_sds > 0 else None, plan.teacher_latent,
-                      plan.teacher_image_size, plan.latent_shape, plan.n_pairs, world, accelerator.device)
+    check_step_memory(
+        cfg,
+        student.model_cfg or student.arch,
+        plan.teacher_root if lambda_sds > 0 else None,
+        plan.teacher_latent,
+        plan.teacher_image_size,
+        plan.latent_shape,
+        plan.n_pairs,
+        world,
+        accelerator.device,
+    )
     set_seed(params.seed)
     model = student.model
     teacher = None
@@ -536,8 +623,10 @@ def finetune(
         teacher = load_teacher(plan.teacher_root, plan.teacher_latent, plan.teacher_image_size, with_vae=False)
         teacher.freeze()
         if cfg.gradient_checkpointing and cfg.sds_gradient == "jacobian_free":
-            log.info("train.gradient_checkpointing: a no-op for the UNet with train.sds_gradient: jacobian_free "
-                     "(its forward runs without autograd, nothing is kept to recompute)")
+            log.info(
+                "train.gradient_checkpointing: a no-op for the UNet with train.sds_gradient: jacobian_free "
+                "(its forward runs without autograd, nothing is kept to recompute)"
+            )
         elif cfg.gradient_checkpointing:
             teacher.enable_gradient_checkpointing()
     # sigma exists in both arms so that the control differs from SDS-CLIP in lambda alone.
@@ -554,8 +643,9 @@ def finetune(
         weight_decay=cfg.weight_decay,
     )
     # Stepped by hand once per global step (accelerate's prepared scheduler would step once per process).
-    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps,
-                             num_training_steps=plan.total_steps)
+    lr_sched = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=plan.total_steps
+    )
     gen = torch.Generator().manual_seed(params.seed + 1)  # (t, eps) draws: same stream on every process
     start_step, position = 0, (0, 0)
     if plan.resume_from is not None:
@@ -564,7 +654,7 @@ def finetune(
         with torch.no_grad():
             for key, value in tensors.items():
                 if key.startswith("param."):
-                    named[key[len("param."):]].copy_(value)
+                    named[key[len("param.") :]].copy_(value)
         optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors, meta["optimizer"]))
         lr_sched.load_state_dict(meta["lr_scheduler"])
         start_step, position = int(meta["step"]), tuple(meta["data_position"])
@@ -579,9 +669,19 @@ def finetune(
         teacher.to(accelerator.device)
     text_cond_of = TextConditioningCache(teacher, cfg.text_cache_size) if teacher is not None else None
     contrastive = ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world)
-    loader = pair_loader(shards, accepted, student.preprocess, cfg.batch_size, params.seed, rank=rank,
-                         world_size=world, batching=cfg.batching, captions=cfg.captions,
-                         num_workers=cfg.loader_workers, pin_memory=accelerator.device.type == "cuda")
+    loader = pair_loader(
+        shards,
+        accepted,
+        student.preprocess,
+        cfg.batch_size,
+        params.seed,
+        rank=rank,
+        world_size=world,
+        batching=cfg.batching,
+        captions=cfg.captions,
+        num_workers=cfg.loader_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     stream = loader.batches(*position)
 
     log = mlflow_log = None
@@ -596,12 +696,18 @@ def finetune(
         tensors = {f"param.{n}": p for n, p in unwrapped.named_parameters() if p.requires_grad}
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer.optimizer)
         rng_tensors, rng_meta = ckpt.rng_to_flat(gen)
-        meta = {"fingerprint": plan.fingerprint, "data_position": list(position), "optimizer": opt_meta,
-                "lr_scheduler": lr_sched.state_dict(), "rng": rng_meta, "world_size": world,
-                "total_steps": plan.total_steps, "mlflow_run_id": mlflow_log.run_id if mlflow_log else None,
-                "last_values": values}
-        ckpt.save_checkpoint(plan.ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, meta,
-                             cfg.keep_checkpoints)
+        meta = {
+            "fingerprint": plan.fingerprint,
+            "data_position": list(position),
+            "optimizer": opt_meta,
+            "lr_scheduler": lr_sched.state_dict(),
+            "rng": rng_meta,
+            "world_size": world,
+            "total_steps": plan.total_steps,
+            "mlflow_run_id": mlflow_log.run_id if mlflow_log else None,
+            "last_values": values,
+        }
+        ckpt.save_checkpoint(plan.ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, meta, cfg.keep_checkpoints)
 
     # A checkpoint dir inside the model dir is removed after success, so the last one is not worth writing;
     # one outside it keeps a final checkpoint (a later --resume then just rewrites the same model).
@@ -619,9 +725,23 @@ def finetune(
         text_cond = text_cond_of(captions) if text_cond_of is not None else None
         with accelerator.autocast():
             image_emb, text_emb, z = module(images, tokens, project)
-            terms = sds_clip_objective(image_emb, text_emb, z, logit_scale, teacher, text_cond, lambda_sds,
-                                       cfg.t_min, cfg.t_max, cfg.noise_draws, gen, contrastive, (rank, world),
-                                       cfg.sds_gradient, cfg.sds_weighting)
+            terms = sds_clip_objective(
+                image_emb,
+                text_emb,
+                z,
+                logit_scale,
+                teacher,
+                text_cond,
+                lambda_sds,
+                cfg.t_min,
+                cfg.t_max,
+                cfg.noise_draws,
+                gen,
+                contrastive,
+                (rank, world),
+                cfg.sds_gradient,
+                cfg.sds_weighting,
+            )
         probe = {}
         if cfg.grad_norm_every and world == 1 and step % cfg.grad_norm_every == 0:
             probe_started = time.time()
@@ -656,14 +776,23 @@ def finetune(
     seconds = time.time() - started - probe_seconds  # the cost of a step, without the gradient-norm probes
     steps_run = plan.total_steps - start_step
     meta = {
-        "source": plan.name, "lambda_sds": lambda_sds, "steps": plan.total_steps, "epochs": cfg.epochs,
-        "pairs": plan.n_pairs, "captions": cfg.captions, "batch_size": cfg.batch_size, "processes": world,
+        "source": plan.name,
+        "lambda_sds": lambda_sds,
+        "steps": plan.total_steps,
+        "epochs": cfg.epochs,
+        "pairs": plan.n_pairs,
+        "captions": cfg.captions,
+        "batch_size": cfg.batch_size,
+        "processes": world,
         "resumed_from_step": start_step if plan.resume_from is not None else None,
-        "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps_run), 4),
+        "seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, steps_run), 4),
         "grad_norm_probe_seconds": round(probe_seconds, 1),
-        "latent_shape": list(plan.latent_shape), "profile": params.profile,
+        "latent_shape": list(plan.latent_shape),
+        "profile": params.profile,
         **{k: v for k, v in values.items() if k != "lr"},
-        "student_ref": str(student_ref), "teacher_ref": str(teacher_ref),
+        "student_ref": str(student_ref),
+        "teacher_ref": str(teacher_ref),
     }
     if text_cond_of is not None:
         meta["text_conditioning_encoded"] = text_cond_of.encoded
@@ -673,8 +802,10 @@ def finetune(
         save_student(student, out_dir, meta)
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.sigma.state_dict().items()},
-                  str(out_dir / "sigma.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in unwrapped.sigma.state_dict().items()},
+            str(out_dir / "sigma.safetensors"),
+        )
         if mlflow_log:
             mlflow_log.close(meta)
         if inside:

@@ -26,7 +26,6 @@ artifact). :class:`ValidationFailed` is raised after all files are written when 
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import html
 import json
 import logging
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sdsclip.config import ValidateConfig
+from sdsclip.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ def load_suite(cfg: ValidateConfig, path: Path = SUITE_PATH) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(raw.get("expectations"), list) or not raw.get("name"):
         raise SuiteError(f"{path}: expected an object with 'name' and an 'expectations' list")
     suite = dict(raw)
-    suite["expectations"] = [
-        _fill(e, cfg, f"{path}: expectations[{i}]") for i, e in enumerate(raw["expectations"])
-    ]
+    suite["expectations"] = [_fill(e, cfg, f"{path}: expectations[{i}]") for i, e in enumerate(raw["expectations"])]
     return suite
 
 
@@ -105,11 +103,15 @@ def _frame_for_gx(raw, numeric_columns: list[str]):
             s = pd.to_numeric(s, errors="coerce")
         df[col] = s
     if "caption" in df:
-        df["caption_chars"] = pd.to_numeric(raw["caption"].where(df["caption"].notna()).str.strip().str.len(),
-                                            errors="coerce")
+        df["caption_chars"] = pd.to_numeric(
+            raw["caption"].where(df["caption"].notna()).str.strip().str.len(), errors="coerce"
+        )
     if "image_id" in df:
-        df["captions_per_image"] = df.groupby("image_id", dropna=False)["image_id"].transform("size") \
-            if len(df) else pd.Series(dtype="float64")
+        df["captions_per_image"] = (
+            df.groupby("image_id", dropna=False)["image_id"].transform("size")
+            if len(df)
+            else pd.Series(dtype="float64")
+        )
     return df
 
 
@@ -136,34 +138,51 @@ def _run_gx(df, suite: dict[str, Any], docs_dir: Path | None = None) -> dict[str
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     ctx.variables.data_docs_sites = {}  # the ephemeral default site points into a temp dir
     if docs_dir is not None:
-        ctx.add_data_docs_site(site_name=DOCS_SITE, site_config={
-            "class_name": "SiteBuilder",
-            "show_how_to_buttons": False,
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
-    batch_def = (ctx.data_sources.add_pandas("sdsclip")
-                 .add_dataframe_asset("manifest")
-                 .add_batch_definition_whole_dataframe("manifest"))
+        ctx.add_data_docs_site(
+            site_name=DOCS_SITE,
+            site_config={
+                "class_name": "SiteBuilder",
+                "show_how_to_buttons": False,
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+    batch_def = (
+        ctx.data_sources.add_pandas("sdsclip")
+        .add_dataframe_asset("manifest")
+        .add_batch_definition_whole_dataframe("manifest")
+    )
     expectations = []
     for i, e in enumerate(suite["expectations"]):
         try:
-            expectations.append(ExpectationConfiguration(type=e["type"], kwargs=e.get("kwargs", {}),
-                                                         meta=e.get("meta") or None).to_domain_obj())
+            expectations.append(
+                ExpectationConfiguration(
+                    type=e["type"], kwargs=e.get("kwargs", {}), meta=e.get("meta") or None
+                ).to_domain_obj()
+            )
         except Exception as err:  # noqa: BLE001 - GX raises various types on bad configs
-            raise SuiteError(f"{SUITE_PATH}: expectations[{i}] ({e.get('type')}): "
-                             f"{' '.join(str(err).split())}") from None
-    gx_suite = ctx.suites.add(gx.ExpectationSuite(name=suite["name"], expectations=expectations,
-                                                  meta={"sdsclip_suite_version": suite.get("version")}))
+            raise SuiteError(
+                f"{SUITE_PATH}: expectations[{i}] ({e.get('type')}): {' '.join(str(err).split())}"
+            ) from None
+    gx_suite = ctx.suites.add(
+        gx.ExpectationSuite(
+            name=suite["name"], expectations=expectations, meta={"sdsclip_suite_version": suite.get("version")}
+        )
+    )
     vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="manifest", data=batch_def, suite=gx_suite))
     result_format = {"result_format": "COMPLETE"}
     if docs_dir is None:
         return vd.run(batch_parameters={"dataframe": df}, result_format=result_format).to_json_dict()
     from great_expectations.checkpoint import UpdateDataDocsAction
 
-    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-        name="manifest", validation_definitions=[vd], result_format=result_format,
-        actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])]))
+    checkpoint = ctx.checkpoints.add(
+        gx.Checkpoint(
+            name="manifest",
+            validation_definitions=[vd],
+            result_format=result_format,
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
+        )
+    )
     (result,) = checkpoint.run(batch_parameters={"dataframe": df}).run_results.values()
     return result.to_json_dict()
 
@@ -195,31 +214,44 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _metrics(summary: dict[str, Any], row_reasons: dict[int, list[str]], ingest: dict[str, Any] | None,
-             manifest_shown: str) -> dict[str, Any]:
+def _metrics(
+    summary: dict[str, Any], row_reasons: dict[int, list[str]], ingest: dict[str, Any] | None, manifest_shown: str
+) -> dict[str, Any]:
     rows, accepted, quarantined = summary["rows_in"], summary["accepted"], summary["quarantined"]
     by_reason = Counter(label for labels in row_reasons.values() for label in labels)
     metrics: dict[str, Any] = {
-        "rows": rows, "accepted": accepted, "quarantined": quarantined,
-        "pass_rate": round(accepted / rows, 6) if rows else 0.0, "passed": summary["passed"],
+        "rows": rows,
+        "accepted": accepted,
+        "quarantined": quarantined,
+        "pass_rate": round(accepted / rows, 6) if rows else 0.0,
+        "passed": summary["passed"],
         "quarantined_by_reason": dict(sorted(by_reason.items())),  # a row failing k expectations counts k times
     }
     if ingest is None:
         return metrics
     if ingest["annotations_written"] != rows:
-        raise ValidationFailed(f"{manifest_shown}: {rows} rows, but ingest_summary.json next to it says "
-                               f"{ingest['annotations_written']} were written; re-run the ingest stage")
+        raise ValidationFailed(
+            f"{manifest_shown}: {rows} rows, but ingest_summary.json next to it says "
+            f"{ingest['annotations_written']} were written; re-run the ingest stage"
+        )
     a_in, a_q = ingest["annotations_in"], ingest["annotations_quarantined"]
     if accepted + quarantined + a_q != a_in:
-        raise AssertionError(f"invariant broken: {accepted} accepted + {quarantined} quarantined by validate + {a_q} "
-                             f"quarantined by ingest != {a_in} annotations in")
+        raise AssertionError(
+            f"invariant broken: {accepted} accepted + {quarantined} quarantined by validate + {a_q} "
+            f"quarantined by ingest != {a_in} annotations in"
+        )
     metrics["ingest"] = {
-        "annotations_in": a_in, "annotations_quarantined": a_q,
-        "images_in": ingest.get("images_in"), "images_written": ingest.get("images_written"),
-        "quarantined_by_reason": ingest.get("quarantined", {}), "conversions": ingest.get("conversions", {}),
+        "annotations_in": a_in,
+        "annotations_quarantined": a_q,
+        "images_in": ingest.get("images_in"),
+        "images_written": ingest.get("images_written"),
+        "quarantined_by_reason": ingest.get("quarantined", {}),
+        "conversions": ingest.get("conversions", {}),
     }
     metrics["end_to_end"] = {
-        "annotations_in": a_in, "accepted": accepted, "quarantined": a_q + quarantined,
+        "annotations_in": a_in,
+        "accepted": accepted,
+        "quarantined": a_q + quarantined,
         "pass_rate": round(accepted / a_in, 6) if a_in else 0.0,
     }
     return metrics
@@ -244,8 +276,9 @@ def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLik
         with man.fs.open(man.path, "rb") as fh:
             raw = pd.read_csv(fh, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValidationFailed(f"{man.shown}: not a readable CSV manifest ({' '.join(str(err).split())}); "
-                               "re-run the ingest stage") from None
+        raise ValidationFailed(
+            f"{man.shown}: not a readable CSV manifest ({' '.join(str(err).split())}); re-run the ingest stage"
+        ) from None
     raw = raw.reset_index(drop=True)
     ingest = _ingest_summary(man)
     suite = load_suite(cfg)
@@ -324,16 +357,26 @@ def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLik
     finally:
         if docs_tmp is not None:
             shutil.rmtree(docs_tmp, ignore_errors=True)
-    log.info("validate %s: %d rows, %d accepted, %d quarantined, %d expectations, %.1fs", man.shown, rows_in,
-             len(accepted), len(quarantined), summary["expectations"], time.perf_counter() - t0)
+    log.info(
+        "validate %s: %d rows, %d accepted, %d quarantined, %d expectations, %.1fs",
+        man.shown,
+        rows_in,
+        len(accepted),
+        len(quarantined),
+        summary["expectations"],
+        time.perf_counter() - t0,
+    )
 
     if blocking:
-        raise ValidationFailed(f"{man.shown}: table-level expectation(s) failed: {', '.join(blocking)}; "
-                               f"see {out.child('gx_result.json').shown}")
+        raise ValidationFailed(
+            f"{man.shown}: table-level expectation(s) failed: {', '.join(blocking)}; "
+            f"see {out.child('gx_result.json').shown}"
+        )
     if not passed:
         raise ValidationFailed(
             f"{man.shown}: rejected fraction {fraction:.4f} ({len(quarantined)}/{rows_in} rows) > threshold "
-            f"{cfg.max_rejected_fraction} (validation.max_rejected_fraction), see {out.child('quarantine.csv').shown}")
+            f"{cfg.max_rejected_fraction} (validation.max_rejected_fraction), see {out.child('quarantine.csv').shown}"
+        )
     return summary
 
 
@@ -372,41 +415,65 @@ def data_docs_page(out_dirs: dict[str, str | os.PathLike]) -> str:
     from sdsclip.ingest import _Loc
 
     esc = html.escape
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>sdsclip manifest validation</title>",
-             f"<style>{_PAGE_CSS}</style></head><body><h1>sdsclip: manifest validation (Great Expectations)</h1>"]
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>sdsclip manifest validation</title>",
+        f"<style>{_PAGE_CSS}</style></head><body><h1>sdsclip: manifest validation (Great Expectations)</h1>",
+    ]
     for split, out_dir in out_dirs.items():
         out = _Loc.of(out_dir)
         summary = _read_json(out.child("summary.json")) or {}
         metrics = _read_json(out.child(METRICS_FILE)) or {}
         result = _read_json(out.child("gx_result.json")) or {}
-        verdict = ("<span class='ok'>PASSED</span>" if summary.get("passed")
-                   else "<span class='fail'>FAILED</span>" if summary else "<span class='fail'>NOT RUN</span>")
+        verdict = (
+            "<span class='ok'>PASSED</span>"
+            if summary.get("passed")
+            else "<span class='fail'>FAILED</span>"
+            if summary
+            else "<span class='fail'>NOT RUN</span>"
+        )
         parts.append(f"<h2>{esc(str(split))}: {verdict}</h2>")
-        parts.append(f"<p class='muted'>{esc(out.shown)} &middot; suite {esc(str(summary.get('suite')))} "
-                     f"v{esc(str(summary.get('suite_version')))}</p>")
-        rows = [("rows (image-caption pairs)", metrics.get("rows")), ("accepted", metrics.get("accepted")),
-                ("quarantined by validate", metrics.get("quarantined")), ("pass rate", metrics.get("pass_rate")),
-                ("rejected fraction / threshold",
-                 f"{summary.get('rejected_fraction')} / {summary.get('threshold')}")]
+        parts.append(
+            f"<p class='muted'>{esc(out.shown)} &middot; suite {esc(str(summary.get('suite')))} "
+            f"v{esc(str(summary.get('suite_version')))}</p>"
+        )
+        rows = [
+            ("rows (image-caption pairs)", metrics.get("rows")),
+            ("accepted", metrics.get("accepted")),
+            ("quarantined by validate", metrics.get("quarantined")),
+            ("pass rate", metrics.get("pass_rate")),
+            ("rejected fraction / threshold", f"{summary.get('rejected_fraction')} / {summary.get('threshold')}"),
+        ]
         e2e = metrics.get("end_to_end")
         if e2e:
-            rows += [("captions in the COCO file", e2e["annotations_in"]),
-                     ("quarantined by ingest", metrics["ingest"]["annotations_quarantined"]),
-                     ("end-to-end pass rate", e2e["pass_rate"])]
-        parts.append("<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
-                     + "</table>")
-        for title, counts in (("Quarantined by ingest (reason code: records)",
-                               (metrics.get("ingest") or {}).get("quarantined_by_reason")),
-                              ("Quarantined by validate (expectation: rows)", metrics.get("quarantined_by_reason")),
-                              ("Images converted by ingest (conversion: images)",
-                               (metrics.get("ingest") or {}).get("conversions"))):
+            rows += [
+                ("captions in the COCO file", e2e["annotations_in"]),
+                ("quarantined by ingest", metrics["ingest"]["annotations_quarantined"]),
+                ("end-to-end pass rate", e2e["pass_rate"]),
+            ]
+        parts.append(
+            "<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in rows) + "</table>"
+        )
+        for title, counts in (
+            (
+                "Quarantined by ingest (reason code: records)",
+                (metrics.get("ingest") or {}).get("quarantined_by_reason"),
+            ),
+            ("Quarantined by validate (expectation: rows)", metrics.get("quarantined_by_reason")),
+            ("Images converted by ingest (conversion: images)", (metrics.get("ingest") or {}).get("conversions")),
+        ):
             if counts:
-                parts.append(f"<h3>{esc(title)}</h3><table>" + "".join(
-                    f"<tr><td><code>{esc(str(k))}</code></td><td>{esc(str(v))}</td></tr>" for k, v in counts.items())
-                    + "</table>")
+                parts.append(
+                    f"<h3>{esc(title)}</h3><table>"
+                    + "".join(
+                        f"<tr><td><code>{esc(str(k))}</code></td><td>{esc(str(v))}</td></tr>" for k, v in counts.items()
+                    )
+                    + "</table>"
+                )
         if result.get("results"):
-            parts.append("<h3>Expectations</h3><table><tr><th>expectation</th><th>kwargs</th><th>result</th>"
-                         "<th>unexpected</th><th>sample unexpected values</th></tr>")
+            parts.append(
+                "<h3>Expectations</h3><table><tr><th>expectation</th><th>kwargs</th><th>result</th>"
+                "<th>unexpected</th><th>sample unexpected values</th></tr>"
+            )
             for r in result["results"]:
                 cfg = r.get("expectation_config", {})
                 kwargs = {k: v for k, v in cfg.get("kwargs", {}).items() if k != "batch_id"}
@@ -417,11 +484,14 @@ def data_docs_page(out_dirs: dict[str, str | os.PathLike]) -> str:
                     f"<tr><td><code>{esc(str(cfg.get('type')))}</code></td>"
                     f"<td><code>{esc(json.dumps(kwargs, default=str)[:300])}</code></td><td>{ok}</td>"
                     f"<td>{esc(str(res.get('unexpected_count', '')))}</td>"
-                    f"<td><code>{esc(json.dumps(sample[:5], default=str, ensure_ascii=False)[:300])}</code></td></tr>")
+                    f"<td><code>{esc(json.dumps(sample[:5], default=str, ensure_ascii=False)[:300])}</code></td></tr>"
+                )
             parts.append("</table>")
         page = _validation_page(out.child(DOCS_DIR))
         if page:
-            parts.append("<details><summary>Great Expectations Data Docs: validation result page</summary>"
-                         f"<iframe srcdoc=\"{esc(page, quote=True)}\"></iframe></details>")
+            parts.append(
+                "<details><summary>Great Expectations Data Docs: validation result page</summary>"
+                f'<iframe srcdoc="{esc(page, quote=True)}"></iframe></details>'
+            )
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -8,8 +8,9 @@ every weight file of a run can be checked up front in milliseconds.
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 from pathlib import Path
+
+from sdsclip.errors import UserError
 
 
 class WeightFileError(UserError, ValueError):

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,40 +60,178 @@ from sdsclip.evaluate.common import (
 
 DATASETS = ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
 VG_FILES = {"vg_relation": "visual_genome_relation.json", "vg_attribution": "visual_genome_attribution.json"}
-ORDER_FILES = {"coco_order": ("coco_karpathy_test.json",),
-               "flickr30k_order": ("flickr30k_test.json", "flickr30k_test_karpathy.json")}
+ORDER_FILES = {
+    "coco_order": ("coco_karpathy_test.json",),
+    "flickr30k_order": ("flickr30k_test.json", "flickr30k_test_karpathy.json"),
+}
 ATTRIBUTION_MIN_COUNT = 25
 MAX_WORDS = 30
-PERTURBATIONS = ("shuffle_nouns_and_adj", "shuffle_allbut_nouns_and_adj", "shuffle_within_trigrams",
-                 "shuffle_trigrams")
+PERTURBATIONS = ("shuffle_nouns_and_adj", "shuffle_allbut_nouns_and_adj", "shuffle_within_trigrams", "shuffle_trigrams")
 NOUN_TAGS = ("NN", "NNS", "NNP", "NNPS")
 ADJ_TAGS = ("JJ", "JJR", "JJS")
 
 #: Relations the ARO repository leaves out of the VG-Relation macro accuracy (its VG notebook's list).
-SYMMETRIC_RELATIONS = frozenset([
-    "adjusting", "attached to", "between", "bigger than", "biting", "boarding", "brushing", "chewing", "cleaning",
-    "climbing", "close to", "coming from", "coming out of", "contain", "crossing", "dragging", "draped over",
-    "drinking", "drinking from", "driving", "driving down", "driving on", "eating from", "eating in", "enclosing",
-    "exiting", "facing", "filled with", "floating in", "floating on", "flying", "flying above", "flying in",
-    "flying over", "flying through", "full of", "going down", "going into", "going through", "grazing in",
-    "growing in", "growing on", "guiding", "hanging from", "hanging in", "hanging off", "hanging over",
-    "higher than", "holding onto", "hugging", "in between", "jumping off", "jumping on", "jumping over", "kept in",
-    "larger than", "leading", "leaning over", "leaving", "licking", "longer than", "looking in", "looking into",
-    "looking out", "looking over", "looking through", "lying next to", "lying on top of", "making", "mixed with",
-    "mounted on", "moving", "on the back of", "on the edge of", "on the front of", "on the other side of",
-    "opening", "painted on", "parked at", "parked beside", "parked by", "parked in", "parked in front of",
-    "parked near", "parked next to", "perched on", "petting", "piled on", "playing", "playing in", "playing on",
-    "playing with", "pouring", "reaching for", "reading", "reflected on", "riding on", "running in", "running on",
-    "running through", "seen through", "sitting behind", "sitting beside", "sitting by", "sitting in front of",
-    "sitting near", "sitting next to", "sitting under", "skiing down", "skiing on", "sleeping in", "sleeping on",
-    "smiling at", "sniffing", "splashing", "sprinkled on", "stacked on", "standing against", "standing around",
-    "standing behind", "standing beside", "standing in front of", "standing near", "standing next to",
-    "staring at", "stuck in", "surrounding", "swimming in", "swinging", "talking to", "topped with", "touching",
-    "traveling down", "traveling on", "tying", "typing on", "underneath", "wading in", "waiting for",
-    "walking across", "walking by", "walking down", "walking next to", "walking through", "working in",
-    "working on", "worn on", "wrapped around", "wrapped in", "by", "of", "near", "next to", "with", "beside",
-    "on the side of", "around",
-])
+SYMMETRIC_RELATIONS = frozenset(
+    [
+        "adjusting",
+        "attached to",
+        "between",
+        "bigger than",
+        "biting",
+        "boarding",
+        "brushing",
+        "chewing",
+        "cleaning",
+        "climbing",
+        "close to",
+        "coming from",
+        "coming out of",
+        "contain",
+        "crossing",
+        "dragging",
+        "draped over",
+        "drinking",
+        "drinking from",
+        "driving",
+        "driving down",
+        "driving on",
+        "eating from",
+        "eating in",
+        "enclosing",
+        "exiting",
+        "facing",
+        "filled with",
+        "floating in",
+        "floating on",
+        "flying",
+        "flying above",
+        "flying in",
+        "flying over",
+        "flying through",
+        "full of",
+        "going down",
+        "going into",
+        "going through",
+        "grazing in",
+        "growing in",
+        "growing on",
+        "guiding",
+        "hanging from",
+        "hanging in",
+        "hanging off",
+        "hanging over",
+        "higher than",
+        "holding onto",
+        "hugging",
+        "in between",
+        "jumping off",
+        "jumping on",
+        "jumping over",
+        "kept in",
+        "larger than",
+        "leading",
+        "leaning over",
+        "leaving",
+        "licking",
+        "longer than",
+        "looking in",
+        "looking into",
+        "looking out",
+        "looking over",
+        "looking through",
+        "lying next to",
+        "lying on top of",
+        "making",
+        "mixed with",
+        "mounted on",
+        "moving",
+        "on the back of",
+        "on the edge of",
+        "on the front of",
+        "on the other side of",
+        "opening",
+        "painted on",
+        "parked at",
+        "parked beside",
+        "parked by",
+        "parked in",
+        "parked in front of",
+        "parked near",
+        "parked next to",
+        "perched on",
+        "petting",
+        "piled on",
+        "playing",
+        "playing in",
+        "playing on",
+        "playing with",
+        "pouring",
+        "reaching for",
+        "reading",
+        "reflected on",
+        "riding on",
+        "running in",
+        "running on",
+        "running through",
+        "seen through",
+        "sitting behind",
+        "sitting beside",
+        "sitting by",
+        "sitting in front of",
+        "sitting near",
+        "sitting next to",
+        "sitting under",
+        "skiing down",
+        "skiing on",
+        "sleeping in",
+        "sleeping on",
+        "smiling at",
+        "sniffing",
+        "splashing",
+        "sprinkled on",
+        "stacked on",
+        "standing against",
+        "standing around",
+        "standing behind",
+        "standing beside",
+        "standing in front of",
+        "standing near",
+        "standing next to",
+        "staring at",
+        "stuck in",
+        "surrounding",
+        "swimming in",
+        "swinging",
+        "talking to",
+        "topped with",
+        "touching",
+        "traveling down",
+        "traveling on",
+        "tying",
+        "typing on",
+        "underneath",
+        "wading in",
+        "waiting for",
+        "walking across",
+        "walking by",
+        "walking down",
+        "walking next to",
+        "walking through",
+        "working in",
+        "working on",
+        "worn on",
+        "wrapped around",
+        "wrapped in",
+        "by",
+        "of",
+        "near",
+        "next to",
+        "with",
+        "beside",
+        "on the side of",
+        "around",
+    ]
+)
 
 
 class AroDataError(EvalDataError):
@@ -229,7 +368,9 @@ def load_vg(data_dir: Path, dataset: str, on_missing: str, skipped: SkipLog) -> 
             group = f"{attrs[0]}_{attrs[1]}"
         image = images_dir / str(rec["image_path"])
         if not image.is_file():
-            missing_image(AroDataError, on_missing, skipped, where, f"image {rec['image_path']!r} not found under {images_dir}")
+            missing_image(
+                AroDataError, on_missing, skipped, where, f"image {rec['image_path']!r} not found under {images_dir}"
+            )
             continue
         box = (x, y, x + w, y + h)  # PIL crop box, exactly as the repository crops
         opts = (str(rec["false_caption"]), str(rec["true_caption"]))
@@ -257,8 +398,13 @@ def load_order(path: Path, shuffler: TextShuffler, on_missing: str, skipped: Ski
         candidates = [path.parent / str(rec["image"]), path.parent / "images" / str(rec["image"])]
         image = next((p for p in candidates if p.is_file()), None)
         if image is None:
-            missing_image(AroDataError, on_missing, skipped, where,
-                          f"image {rec['image']!r} not found under {path.parent} or {path.parent / 'images'}")
+            missing_image(
+                AroDataError,
+                on_missing,
+                skipped,
+                where,
+                f"image {rec['image']!r} not found under {path.parent} or {path.parent / 'images'}",
+            )
             continue
         n_images += 1
         load = partial(open_rgb, image)
@@ -301,8 +447,12 @@ def vg_relation_metrics(scores: torch.Tensor, relations: Sequence[str]) -> dict[
     }
 
 
-def vg_attribution_metrics(scores: torch.Tensor, pairs: Sequence[str], min_count: int = ATTRIBUTION_MIN_COUNT,
-                           full_counts: dict[str, int] | None = None) -> dict[str, Any]:
+def vg_attribution_metrics(
+    scores: torch.Tensor,
+    pairs: Sequence[str],
+    min_count: int = ATTRIBUTION_MIN_COUNT,
+    full_counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """``full_counts`` (a capped subset): each pair's count in the whole file, so the pairs in the macro
     average are the benchmark's (>= min_count in the file), not those a small subset happens to fill."""
     correct = vg_correct(scores)
@@ -328,8 +478,11 @@ def order_metrics(scores: torch.Tensor) -> dict[str, Any]:
         return {"precision_at_1": None, "n": 0, "ties_at_top": 0}
     best_other = scores[:, 1:].max(dim=1).values
     correct = scores[:, 0] >= best_other
-    return {"precision_at_1": float(correct.double().mean()), "n": int(scores.shape[0]),
-            "ties_at_top": int((scores[:, 0] == best_other).sum())}
+    return {
+        "precision_at_1": float(correct.double().mean()),
+        "n": int(scores.shape[0]),
+        "ties_at_top": int((scores[:, 0] == best_other).sum()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,10 +498,19 @@ def available_datasets(data_dir: Path, order_dirs: dict[str, Path] | None = None
 
 
 def evaluate_aro(
-    scorer, data_dir: Path, out: Path, datasets: Sequence[str] | None = None, *,
-    order_dirs: dict[str, Path] | None = None, pos_tagger: str = "textblob", seed: int = 0,
-    min_count: int = ATTRIBUTION_MIN_COUNT, on_missing: str = "error", max_items: int | None = None,
-    chunk_items: int | None = None, tagger_factory: Callable[[str], PosTagger] = PosTagger,
+    scorer,
+    data_dir: Path,
+    out: Path,
+    datasets: Sequence[str] | None = None,
+    *,
+    order_dirs: dict[str, Path] | None = None,
+    pos_tagger: str = "textblob",
+    seed: int = 0,
+    min_count: int = ATTRIBUTION_MIN_COUNT,
+    on_missing: str = "error",
+    max_items: int | None = None,
+    chunk_items: int | None = None,
+    tagger_factory: Callable[[str], PosTagger] = PosTagger,
 ) -> dict[str, Any]:
     """Every requested (default: every present) ARO dataset -> one metrics JSON at ``out``.
 
@@ -366,8 +528,10 @@ def evaluate_aro(
     if datasets is None:
         datasets = present
         if not datasets:
-            raise AroDataError(f"{data_dir}: no ARO file found (expected one of "
-                               f"{', '.join([*VG_FILES.values(), *(n for v in ORDER_FILES.values() for n in v)])})")
+            raise AroDataError(
+                f"{data_dir}: no ARO file found (expected one of "
+                f"{', '.join([*VG_FILES.values(), *(n for v in ORDER_FILES.values() for n in v)])})"
+            )
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         raise AroDataError(f"unknown ARO dataset(s) {unknown}; expected some of {DATASETS}")
@@ -390,9 +554,11 @@ def evaluate_aro(
             vg = [vg[i] for i in keep]
             scores = score_options(scorer, [v.item for v in vg], **chunk)
             groups = [v.group for v in vg]
-            result[name] = (vg_relation_metrics(scores, groups) if name == "vg_relation"
-                            else vg_attribution_metrics(scores, groups, min_count,
-                                                        file_counts if subset is not None else None))
+            result[name] = (
+                vg_relation_metrics(scores, groups)
+                if name == "vg_relation"
+                else vg_attribution_metrics(scores, groups, min_count, file_counts if subset is not None else None)
+            )
         else:
             if tagger is None:
                 tagger = tagger_factory(pos_tagger)

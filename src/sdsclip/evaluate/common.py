@@ -8,17 +8,19 @@ counted, listed in the metrics JSON under ``skipped`` and announced on stderr (`
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from sdsclip.errors import UserError
 
 ON_MISSING = ("error", "skip")
 
@@ -52,8 +54,11 @@ class SkipLog:
     def announce(self, benchmark: str) -> None:
         if self.items:
             first = self.items[0]
-            print(f"sdsclip evaluate {benchmark}: skipped {len(self.items)} item(s) (first: {first['where']}: "
-                  f"{first['reason']}); listed under 'skipped' in the metrics JSON", file=sys.stderr)
+            print(
+                f"sdsclip evaluate {benchmark}: skipped {len(self.items)} item(s) (first: {first['where']}: "
+                f"{first['reason']}); listed under 'skipped' in the metrics JSON",
+                file=sys.stderr,
+            )
 
 
 def missing_image(error_cls: type[EvalDataError], on_missing: str, skipped: SkipLog, where: str, what: str) -> None:
@@ -97,8 +102,9 @@ def mean_or_none(values: Sequence[float]) -> float | None:
 PIPELINE: bool | None = None
 
 
-def score_pairs(scorer, load_images: Sequence[Callable[[], Image.Image]], captions: Sequence[str],
-                pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+def score_pairs(
+    scorer, load_images: Sequence[Callable[[], Image.Image]], captions: Sequence[str], pairs: Sequence[tuple[int, int]]
+) -> torch.Tensor:
     """``scorer.score`` over lazily loaded images; the same numbers, with the I/O hidden behind the model.
 
     On CUDA (or with ``PIPELINE = True``) a CLIP student (``embed_images`` / ``tokenize`` / ``embed_tokens`` /
@@ -169,9 +175,14 @@ def score_options(scorer, items: Sequence[OptionItem], chunk_items: int = 2048) 
     return torch.cat(out)
 
 
-def capped_subset(n_items: int, max_items: int | None, seed: int, groups: Sequence[Hashable] | None = None,
-                  eligible: Callable[[Hashable], bool] | None = None, stratified_by: str | None = None,
-                  ) -> tuple[list[int], dict[str, Any] | None]:
+def capped_subset(
+    n_items: int,
+    max_items: int | None,
+    seed: int,
+    groups: Sequence[Hashable] | None = None,
+    eligible: Callable[[Hashable], bool] | None = None,
+    stratified_by: str | None = None,
+) -> tuple[list[int], dict[str, Any] | None]:
     """Indices (ascending, so file order is kept) of a seeded random subset of at most ``max_items`` items,
     and its description for the metrics JSON (None when no cap applies).
 
@@ -187,8 +198,13 @@ def capped_subset(n_items: int, max_items: int | None, seed: int, groups: Sequen
     if max_items is None:
         return list(range(n_items)), None
     rng = np.random.default_rng(seed)
-    info: dict[str, Any] = {"n": min(max_items, n_items), "total": n_items, "seed": seed, "max_items": max_items,
-                            "stratified_by": stratified_by if groups is not None else None}
+    info: dict[str, Any] = {
+        "n": min(max_items, n_items),
+        "total": n_items,
+        "seed": seed,
+        "max_items": max_items,
+        "stratified_by": stratified_by if groups is not None else None,
+    }
     if max_items >= n_items:
         return list(range(n_items)), info
     if groups is None:

@@ -16,13 +16,19 @@ from typing import Any
 
 from sdsclip.evaluate.common import write_json
 
-MODELS = {"pretrained": "pretrained student", "baseline": "baseline (λ=0)", "sds": "SDS-CLIP",
-          "teacher": "teacher (diffusion)"}
+MODELS = {
+    "pretrained": "pretrained student",
+    "baseline": "baseline (λ=0)",
+    "sds": "SDS-CLIP",
+    "teacher": "teacher (diffusion)",
+}
 BENCHMARKS = ("winoground", "aro", "sugarcrepe", "zeroshot")
-TITLES = {"winoground": "Winoground (text / image / group, strict >)",
-          "aro": "ARO (VG: macro accuracy; Order: Precision@1)",
-          "sugarcrepe": "SugarCrepe (accuracy, strict >)",
-          "zeroshot": "Zero-shot classification"}
+TITLES = {
+    "winoground": "Winoground (text / image / group, strict >)",
+    "aro": "ARO (VG: macro accuracy; Order: Precision@1)",
+    "sugarcrepe": "SugarCrepe (accuracy, strict >)",
+    "zeroshot": "Zero-shot classification",
+}
 WINO_SCORES = ("text_score", "image_score", "group_score")
 
 
@@ -37,8 +43,12 @@ def _rows_winoground(m: dict[str, Any]) -> dict[str, float | None]:
 
 def _rows_aro(m: dict[str, Any]) -> dict[str, float | None]:
     rows: dict[str, float | None] = {}
-    for name, key in (("vg_relation", "macro_accuracy"), ("vg_attribution", "macro_accuracy"),
-                      ("coco_order", "precision_at_1"), ("flickr30k_order", "precision_at_1")):
+    for name, key in (
+        ("vg_relation", "macro_accuracy"),
+        ("vg_attribution", "macro_accuracy"),
+        ("coco_order", "precision_at_1"),
+        ("flickr30k_order", "precision_at_1"),
+    ):
         if name in m:
             rows[f"{name}.{key}"] = m[name].get(key)
     return rows
@@ -55,15 +65,27 @@ def _rows_zeroshot(m: dict[str, Any]) -> dict[str, float | None]:
     return {k: m.get(k) for k in ("acc1", "acc5", "mean_per_class_recall")}
 
 
-ROWS = {"winoground": _rows_winoground, "aro": _rows_aro, "sugarcrepe": _rows_sugarcrepe,
-        "zeroshot": _rows_zeroshot}
+ROWS = {"winoground": _rows_winoground, "aro": _rows_aro, "sugarcrepe": _rows_sugarcrepe, "zeroshot": _rows_zeroshot}
 #: the numbers the bar chart shows, per benchmark
-HEADLINE = {"winoground": ("text_score", "image_score", "group_score"),
-            "aro": ("vg_relation.macro_accuracy", "vg_attribution.macro_accuracy", "coco_order.precision_at_1",
-                    "flickr30k_order.precision_at_1"),
-            "sugarcrepe": ("replace_att.accuracy", "replace_obj.accuracy", "replace_rel.accuracy",
-                           "swap_att.accuracy", "swap_obj.accuracy", "add_att.accuracy", "add_obj.accuracy"),
-            "zeroshot": ("acc1", "acc5", "mean_per_class_recall")}
+HEADLINE = {
+    "winoground": ("text_score", "image_score", "group_score"),
+    "aro": (
+        "vg_relation.macro_accuracy",
+        "vg_attribution.macro_accuracy",
+        "coco_order.precision_at_1",
+        "flickr30k_order.precision_at_1",
+    ),
+    "sugarcrepe": (
+        "replace_att.accuracy",
+        "replace_obj.accuracy",
+        "replace_rel.accuracy",
+        "swap_att.accuracy",
+        "swap_obj.accuracy",
+        "add_att.accuracy",
+        "add_obj.accuracy",
+    ),
+    "zeroshot": ("acc1", "acc5", "mean_per_class_recall"),
+}
 
 
 def collect(metrics_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -74,14 +96,17 @@ def collect(metrics_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
             path = Path(metrics_dir) / f"{bench}_{model}.json"
             if path.is_file():
                 table.setdefault(bench, {})[model] = {
-                    "rows": ROWS[bench](json.loads(path.read_text())), "n": _n(bench, json.loads(path.read_text()))}
+                    "rows": ROWS[bench](json.loads(path.read_text())),
+                    "n": _n(bench, json.loads(path.read_text())),
+                }
     return table
 
 
 def _n(bench: str, m: dict[str, Any]) -> str:
     if bench == "aro":
-        return ", ".join(f"{k} {m[k].get('n')}" for k in ("vg_relation", "vg_attribution", "coco_order",
-                                                          "flickr30k_order") if k in m)
+        return ", ".join(
+            f"{k} {m[k].get('n')}" for k in ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order") if k in m
+        )
     if bench == "sugarcrepe":
         return str(sum(v.get("n", 0) for v in m.get("subsets", {}).values()))
     return str(m.get("n"))
@@ -90,8 +115,13 @@ def _n(bench: str, m: dict[str, Any]) -> str:
 def flat_metrics(table: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
     """``{benchmark}.{model}.{row}`` -> number (rows with no value, e.g. no attribute pair with >= 25 items,
     are left out: DVC metrics are numbers)."""
-    return {f"{bench}.{model}.{row}": float(v) for bench, models in table.items() for model, rec in models.items()
-            for row, v in rec["rows"].items() if v is not None}
+    return {
+        f"{bench}.{model}.{row}": float(v)
+        for bench, models in table.items()
+        for model, rec in models.items()
+        for row, v in rec["rows"].items()
+        if v is not None
+    }
 
 
 def _fmt(v: Any) -> str:
@@ -113,31 +143,45 @@ def _tables(table) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def markdown(table) -> str:
-    lines = ["# SDS-CLIP evaluation report", "",
-             "Pretrained student, contrastive-only baseline, SDS-CLIP and the diffusion teacher (as a matcher: "
-             "negative denoising error over shared (t, ε) draws) on every benchmark and subset. "
-             "Metric definitions: README, section Evaluation. '—' = not evaluated / undefined.", "",
-             "![bar chart](evaluation.png)", ""]
+    lines = [
+        "# SDS-CLIP evaluation report",
+        "",
+        "Pretrained student, contrastive-only baseline, SDS-CLIP and the diffusion teacher (as a matcher: "
+        "negative denoising error over shared (t, ε) draws) on every benchmark and subset. "
+        "Metric definitions: README, section Evaluation. '—' = not evaluated / undefined.",
+        "",
+        "![bar chart](evaluation.png)",
+        "",
+    ]
     for bench, header, body in _tables(table):
-        lines += [f"## {TITLES[bench]}", "", "| " + " | ".join(header) + " |",
-                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += [
+            f"## {TITLES[bench]}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         lines.append("")
     return "\n".join(lines)
 
 
 def html_page(table) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>SDS-CLIP evaluation report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "margin-bottom:2em}td,th{border:1px solid #ccc;padding:3px 8px}td{text-align:right}"
-             "td:first-child{text-align:left;font-family:monospace}</style></head><body>",
-             "<h1>SDS-CLIP evaluation report</h1>",
-             "<p>Pretrained student, contrastive-only baseline, SDS-CLIP and the diffusion teacher on every "
-             "benchmark and subset. '—' = not evaluated / undefined.</p>",
-             "<img src='evaluation.png' alt='bar chart of the headline metrics' style='max-width:100%'>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>SDS-CLIP evaluation report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+        "margin-bottom:2em}td,th{border:1px solid #ccc;padding:3px 8px}td{text-align:right}"
+        "td:first-child{text-align:left;font-family:monospace}</style></head><body>",
+        "<h1>SDS-CLIP evaluation report</h1>",
+        "<p>Pretrained student, contrastive-only baseline, SDS-CLIP and the diffusion teacher on every "
+        "benchmark and subset. '—' = not evaluated / undefined.</p>",
+        "<img src='evaluation.png' alt='bar chart of the headline metrics' style='max-width:100%'>",
+    ]
     for bench, header, body in _tables(table):
-        parts.append(f"<h2>{html.escape(TITLES[bench])}</h2><table><tr>"
-                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts.append(
+            f"<h2>{html.escape(TITLES[bench])}</h2><table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            + "</tr>"
+        )
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body]
         parts.append("</table>")
     parts.append("</body></html>")
@@ -161,8 +205,14 @@ def bar_chart(table, path: Path) -> None:
             values = [table[bench][model]["rows"].get(r) for r in rows]
             xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(rows))]
             ax.bar(xs, [0.0 if v is None else v for v in values], width, label=MODELS[model], color=colors[model])
-        ax.set_xticks(range(len(rows)), [r.replace(".accuracy", "").replace(".macro_accuracy", "")
-                                         .replace(".precision_at_1", " P@1") for r in rows], fontsize=8)
+        ax.set_xticks(
+            range(len(rows)),
+            [
+                r.replace(".accuracy", "").replace(".macro_accuracy", "").replace(".precision_at_1", " P@1")
+                for r in rows
+            ],
+            fontsize=8,
+        )
         ax.set_ylim(0, 1)
         ax.set_title(TITLES[bench], fontsize=10)
         ax.grid(axis="y", alpha=0.3)

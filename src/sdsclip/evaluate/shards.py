@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -43,8 +44,10 @@ def _fingerprint(method: str, images: Sequence[Any], captions: Sequence[str], pa
 
 def _scorer_traits(scorer: Any) -> dict[str, Any]:
     """What the benchmarks read off a scorer besides its calls (kept so the replay takes the same branches)."""
-    traits: dict[str, Any] = {"name": getattr(scorer, "name", type(scorer).__name__),
-                              "with_uncond": callable(getattr(scorer, "score_with_uncond", None))}
+    traits: dict[str, Any] = {
+        "name": getattr(scorer, "name", type(scorer).__name__),
+        "with_uncond": callable(getattr(scorer, "score_with_uncond", None)),
+    }
     if hasattr(scorer, "image_uncond_correction"):
         traits["image_uncond_correction"] = bool(scorer.image_uncond_correction)
     return traits
@@ -88,14 +91,24 @@ class RecordingScorer(_Calls):
             return zeros + [torch.zeros(len(images))] if method == "score_with_uncond" else zeros
         out = getattr(self.scorer, method)(images, list(captions), list(pairs))
         outputs = [t.detach().cpu() for t in (out if isinstance(out, tuple) else (out,))]
-        self.records[j] = {"method": method, "fingerprint": _fingerprint(method, images, captions, pairs),
-                           "outputs": outputs}
+        self.records[j] = {
+            "method": method,
+            "fingerprint": _fingerprint(method, images, captions, pairs),
+            "outputs": outputs,
+        }
         return outputs
 
     def save(self, path: Path, benchmark: str) -> dict[str, Any]:
         """The part file (torch.save of tensors and plain values) and its summary."""
-        summary = {"format": PART_FORMAT, "benchmark": benchmark, "shard": self.shard, "shards": self.shards,
-                   "calls": self.calls, "scored": sorted(self.records), "scorer": self.traits}
+        summary = {
+            "format": PART_FORMAT,
+            "benchmark": benchmark,
+            "shard": self.shard,
+            "shards": self.shards,
+            "calls": self.calls,
+            "scored": sorted(self.records),
+            "scorer": self.traits,
+        }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save({**summary, "records": self.records}, path)
         return summary
@@ -124,9 +137,11 @@ def load_parts(paths: Sequence[Path], benchmark: str) -> tuple[dict[int, dict[st
     for path, part in parts:
         other = {k: part[k] for k in header}
         if other != header:
-            raise ShardError(f"{path}: shards {other['shards']}, {other['calls']} calls, scorer {other['scorer']} "
-                             f"disagree with {first_path} ({header['shards']}, {header['calls']}, {header['scorer']}):"
-                             " the parts come from different runs; rerun every shard")
+            raise ShardError(
+                f"{path}: shards {other['shards']}, {other['calls']} calls, scorer {other['scorer']} "
+                f"disagree with {first_path} ({header['shards']}, {header['calls']}, {header['scorer']}):"
+                " the parts come from different runs; rerun every shard"
+            )
         if part["shard"] in seen:
             raise ShardError(f"{path}: shard {part['shard']} again (also {seen[part['shard']]})")
         seen[part["shard"]] = path
@@ -149,12 +164,20 @@ class ReplayScorer(_Calls):
     def _call(self, method: str, images, captions, pairs) -> list[torch.Tensor]:
         j, self.calls = self.calls, self.calls + 1
         rec = self.records.get(j)
-        if rec is None or rec["method"] != method or rec["fingerprint"] != _fingerprint(method, images, captions, pairs):
-            raise ShardError(f"scorer call {j}: not the call the shards scored (other data or params than the "
-                             "shard tasks had); rerun the shards with the merge's params")
+        if (
+            rec is None
+            or rec["method"] != method
+            or rec["fingerprint"] != _fingerprint(method, images, captions, pairs)
+        ):
+            raise ShardError(
+                f"scorer call {j}: not the call the shards scored (other data or params than the "
+                "shard tasks had); rerun the shards with the merge's params"
+            )
         return [t.clone() for t in rec["outputs"]]
 
     def check_complete(self) -> None:
         if self.calls != self.expected:
-            raise ShardError(f"the merge made {self.calls} scorer calls, the shards {self.expected}: other data or "
-                             "params than the shard tasks had; rerun the shards with the merge's params")
+            raise ShardError(
+                f"the merge made {self.calls} scorer calls, the shards {self.expected}: other data or "
+                "params than the shard tasks had; rerun the shards with the merge's params"
+            )

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,11 @@ from sdsclip.evaluate.common import (
 
 SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 LEGACY_NAMES = {"add_obj": "add_ent", "replace_obj": "replace_ent", "swap_obj": "swap_ent"}
-CATEGORIES = {"add": ("add_att", "add_obj"), "replace": ("replace_att", "replace_obj", "replace_rel"),
-              "swap": ("swap_att", "swap_obj")}
+CATEGORIES = {
+    "add": ("add_att", "add_obj"),
+    "replace": ("replace_att", "replace_obj", "replace_rel"),
+    "swap": ("swap_att", "swap_obj"),
+}
 FIELDS = ("filename", "caption", "negative_caption")
 
 
@@ -72,7 +76,13 @@ def load_subset(path: Path, images_dir: Path, on_missing: str, skipped: SkipLog)
             raise SugarCrepeDataError(f"{where}: {', '.join(FIELDS)} must be non-empty strings")
         image = Path(images_dir) / rec["filename"]
         if not image.is_file():
-            missing_image(SugarCrepeDataError, on_missing, skipped, where, f"image {rec['filename']!r} not found under {images_dir}")
+            missing_image(
+                SugarCrepeDataError,
+                on_missing,
+                skipped,
+                where,
+                f"image {rec['filename']!r} not found under {images_dir}",
+            )
             continue
         ids.append(str(key))
         items.append(OptionItem(str(image), partial(open_rgb, image), (rec["caption"], rec["negative_caption"])))
@@ -83,14 +93,26 @@ def subset_metrics(scores: torch.Tensor) -> dict[str, Any]:
     """scores[n, 2] over (caption, negative_caption): strict >, ties reported."""
     n = int(scores.shape[0])
     correct = scores[:, 0] > scores[:, 1]
-    return {"accuracy": float(correct.double().mean()) if n else None, "n": n,
-            "ties": int((scores[:, 0] == scores[:, 1]).sum()) if n else 0}
+    return {
+        "accuracy": float(correct.double().mean()) if n else None,
+        "n": n,
+        "ties": int((scores[:, 0] == scores[:, 1]).sum()) if n else 0,
+    }
 
 
-def evaluate_sugarcrepe(scorer, data_dir: Path, out: Path, *, images_dir: Path | None = None,
-                        subsets: Sequence[str] | None = None, on_missing: str = "error",
-                        max_items: int | None = None, scores_out: Path | None = None, seed: int = 0,
-                        chunk_items: int | None = None) -> dict[str, Any]:
+def evaluate_sugarcrepe(
+    scorer,
+    data_dir: Path,
+    out: Path,
+    *,
+    images_dir: Path | None = None,
+    subsets: Sequence[str] | None = None,
+    on_missing: str = "error",
+    max_items: int | None = None,
+    scores_out: Path | None = None,
+    seed: int = 0,
+    chunk_items: int | None = None,
+) -> dict[str, Any]:
     """Accuracy per subset -> metrics JSON ``out``. ``max_items`` (bounding the teacher's cost) keeps a seeded
     random sample (``seed``) of N items per subset, in file order, recorded under ``subset`` (per subset).
     ``chunk_items``: items per scorer call (default: score_options')."""
@@ -114,14 +136,19 @@ def evaluate_sugarcrepe(scorer, data_dir: Path, out: Path, *, images_dir: Path |
         loaded[name] = ([ids[i] for i in keep], [items[i] for i in keep])
     # One scoring pass over every subset: an (image, caption) pair shared by subsets (the positive caption of
     # an image appears in several) is scored once, which matters for the teacher's cost.
-    all_scores = score_options(scorer, [it for _, items in loaded.values() for it in items],
-                               **({"chunk_items": chunk_items} if chunk_items else {}))
+    all_scores = score_options(
+        scorer,
+        [it for _, items in loaded.values() for it in items],
+        **({"chunk_items": chunk_items} if chunk_items else {}),
+    )
     lines, start = [], 0
     for name, (ids, items) in loaded.items():
         scores, start = all_scores[start : start + len(items)], start + len(items)
         result["subsets"][name] = subset_metrics(scores)
-        lines += [json.dumps({"subset": name, "id": i, "positive": float(s[0]), "negative": float(s[1])})
-                  for i, s in zip(ids, scores.tolist())]
+        lines += [
+            json.dumps({"subset": name, "id": i, "positive": float(s[0]), "negative": float(s[1])})
+            for i, s in zip(ids, scores.tolist())
+        ]
     acc = {k: v["accuracy"] for k, v in result["subsets"].items() if v["accuracy"] is not None}
     result["categories"] = {c: mean_or_none([acc[s] for s in members if s in acc]) for c, members in CATEGORIES.items()}
     result["mean_accuracy"] = mean_or_none(list(acc.values()))
@@ -142,8 +169,9 @@ def evaluate_sugarcrepe(scorer, data_dir: Path, out: Path, *, images_dir: Path |
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def derive_from_winoground(winoground_dir: Path, out_dir: Path, seed: int = 0,
-                           max_per_subset: int | None = None) -> dict[str, int]:
+def derive_from_winoground(
+    winoground_dir: Path, out_dir: Path, seed: int = 0, max_per_subset: int | None = None
+) -> dict[str, int]:
     """Write SugarCrepe files + ``val2017/`` from a synthetic Winoground set (../shared/toyworld.md grammar).
 
     Each image with its true caption ``a {cA} {sA} {rel} a {cB} {sB}`` gives hard negatives of five subsets:
@@ -162,8 +190,9 @@ def derive_from_winoground(winoground_dir: Path, out_dir: Path, seed: int = 0,
     if images_out.exists():
         shutil.rmtree(images_out)
     images_out.mkdir(parents=True)
-    subsets: dict[str, dict[str, dict[str, str]]] = {s: {} for s in ("replace_att", "replace_obj", "replace_rel",
-                                                                     "swap_att", "swap_obj")}
+    subsets: dict[str, dict[str, dict[str, str]]] = {
+        s: {} for s in ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
+    }
 
     def parse(caption: str) -> tuple[str, str, str, str, str]:
         for rel in RELATIONS:
@@ -193,10 +222,16 @@ def derive_from_winoground(winoground_dir: Path, out_dir: Path, seed: int = 0,
             first = bool(rng.integers(2))  # which object's attribute / shape is replaced
             att = (new_c, sa, rel, cb, sb) if first else (ca, sa, rel, new_c, sb)
             obj = (ca, new_s, rel, cb, sb) if first else (ca, sa, rel, cb, new_s)
-            for subset, (c1, s1, r, c2, s2) in (("replace_att", att), ("replace_obj", obj),
-                                                ("replace_rel", (ca, sa, new_r, cb, sb))):
-                subsets[subset][key] = {"filename": filename, "caption": caption,
-                                        "negative_caption": f"a {c1} {s1} {r} a {c2} {s2}"}
+            for subset, (c1, s1, r, c2, s2) in (
+                ("replace_att", att),
+                ("replace_obj", obj),
+                ("replace_rel", (ca, sa, new_r, cb, sb)),
+            ):
+                subsets[subset][key] = {
+                    "filename": filename,
+                    "caption": caption,
+                    "negative_caption": f"a {c1} {s1} {r} a {c2} {s2}",
+                }
     counts = {}
     for subset, items in subsets.items():
         keep = dict(list(items.items())[:max_per_subset])

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -107,9 +108,15 @@ def _example(rec: dict[str, Any], where: str) -> Example:
         if not isinstance(rec[key], str) or not rec[key].strip():
             raise WinogroundDataError(f"{where}: {key} must be a non-empty string")
     return Example(
-        id=ex_id, caption_0=rec["caption_0"], caption_1=rec["caption_1"], image_0=str(rec["image_0"]),
-        image_1=str(rec["image_1"]), tag=str(rec.get("tag") or ""), secondary_tag=str(rec.get("secondary_tag") or ""),
-        num_main_preds=preds, collapsed_tag=rec["collapsed_tag"],
+        id=ex_id,
+        caption_0=rec["caption_0"],
+        caption_1=rec["caption_1"],
+        image_0=str(rec["image_0"]),
+        image_1=str(rec["image_1"]),
+        tag=str(rec.get("tag") or ""),
+        secondary_tag=str(rec.get("secondary_tag") or ""),
+        num_main_preds=preds,
+        collapsed_tag=rec["collapsed_tag"],
     )
 
 
@@ -140,8 +147,9 @@ def _load_jsonl(data_dir: Path, on_missing: str) -> WinogroundData:
         found = {name: paths.get(name) or _image_path(images_dir, name) for name in (ex.image_0, ex.image_1)}
         absent = [name for name, p in found.items() if p is None]
         if absent:
-            missing_image(WinogroundDataError, on_missing, skipped, where,
-                          f"image {absent[0]!r} not found under {images_dir}")
+            missing_image(
+                WinogroundDataError, on_missing, skipped, where, f"image {absent[0]!r} not found under {images_dir}"
+            )
             continue
         paths.update(found)
         examples.append(ex)
@@ -170,7 +178,9 @@ def _load_parquet(files: list[Path], on_missing: str) -> WinogroundData:
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow ships with the project's dependencies
-        raise WinogroundDataError(f"{files[0]}: reading the parquet layout needs pyarrow (pip install pyarrow)") from None
+        raise WinogroundDataError(
+            f"{files[0]}: reading the parquet layout needs pyarrow (pip install pyarrow)"
+        ) from None
     examples, wheres, skipped = [], [], SkipLog()
     blobs: dict[str, bytes] = {}
     for path in files:
@@ -217,8 +227,10 @@ def load_data(data_dir: Path, on_missing: str = "error") -> WinogroundData:
             "or with the Hugging Face *.parquet files)"
         )
     if not data.examples:
-        raise WinogroundDataError(f"{data.source}: no examples" + (
-            f" ({len(data.skipped)} skipped: {data.skipped.items[0]['reason']})" if len(data.skipped) else ""))
+        raise WinogroundDataError(
+            f"{data.source}: no examples"
+            + (f" ({len(data.skipped)} skipped: {data.skipped.items[0]['reason']})" if len(data.skipped) else "")
+        )
     return data
 
 
@@ -269,18 +281,27 @@ def uses_uncond_correction(scorer) -> bool:
     """Whether ``scorer`` (the teacher, with eval.teacher_image_uncond_correction) scores image competition
     with its unconditional error subtracted."""
     return bool(getattr(scorer, "image_uncond_correction", False)) and callable(
-        getattr(scorer, "score_with_uncond", None))
+        getattr(scorer, "score_with_uncond", None)
+    )
 
 
-def score_examples(scorer, data: WinogroundData | Path, examples: list[Example] | None = None,
-                   chunk_examples: int = DEFAULT_CHUNK_EXAMPLES) -> torch.Tensor:
+def score_examples(
+    scorer,
+    data: WinogroundData | Path,
+    examples: list[Example] | None = None,
+    chunk_examples: int = DEFAULT_CHUNK_EXAMPLES,
+) -> torch.Tensor:
     """Similarities [n, caption, image] for every example: batched ``scorer.score`` calls over chunks of
     examples (each chunk: its unique images and captions in one call), so memory stays bounded."""
     return _score_chunks(scorer, data, examples, chunk_examples, uncond=False)[0]
 
 
-def score_examples_with_uncond(scorer, data: WinogroundData | Path, examples: list[Example] | None = None,
-                               chunk_examples: int = DEFAULT_CHUNK_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+def score_examples_with_uncond(
+    scorer,
+    data: WinogroundData | Path,
+    examples: list[Example] | None = None,
+    chunk_examples: int = DEFAULT_CHUNK_EXAMPLES,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(raw similarities [n, caption, image], the unconditional error err(image, "") [n, image]) through the
     scorer's ``score_with_uncond``; the corrected similarity is ``raw + uncond[:, None, :]``."""
     return _score_chunks(scorer, data, examples, chunk_examples, uncond=True)
@@ -300,13 +321,18 @@ def _score_chunks(scorer, data, examples, chunk_examples: int, uncond: bool):
         loaders = [partial(data.load_image, name) for name in image_names]
         pairs = [
             (img_index[getattr(e, f"image_{i}")], cap_index[getattr(e, f"caption_{c}")])
-            for e in chunk for c in (0, 1) for i in (0, 1)
+            for e in chunk
+            for c in (0, 1)
+            for i in (0, 1)
         ]
         if uncond:
             raw, err_empty = scorer.score_with_uncond([load() for load in loaders], captions, pairs)
             out.append(raw.reshape(len(chunk), 2, 2).double())
-            offsets.append(torch.stack([err_empty[[img_index[getattr(e, f"image_{i}")] for e in chunk]]
-                                        for i in (0, 1)], dim=1).double())
+            offsets.append(
+                torch.stack(
+                    [err_empty[[img_index[getattr(e, f"image_{i}")] for e in chunk]] for i in (0, 1)], dim=1
+                ).double()
+            )
         else:
             out.append(score_pairs(scorer, loaders, captions, pairs).reshape(len(chunk), 2, 2).double())
     scores = torch.cat(out) if out else torch.empty(0, 2, 2, dtype=torch.float64)
@@ -324,17 +350,27 @@ def score_lines(examples: Iterable[Example], scores: torch.Tensor, raw: torch.Te
     if raws is None:
         return [
             f'{{"label": "{e.id}_c{c}_i{i}", "score": {json.dumps(values[n][c][i])}}}'
-            for n, e in enumerate(examples) for c in (0, 1) for i in (0, 1)
+            for n, e in enumerate(examples)
+            for c in (0, 1)
+            for i in (0, 1)
         ]
     return [
         f'{{"label": "{e.id}_c{c}_i{i}", "score": {json.dumps(values[n][c][i])}, '
         f'"raw_score": {json.dumps(raws[n][c][i])}}}'
-        for n, e in enumerate(examples) for c in (0, 1) for i in (0, 1)
+        for n, e in enumerate(examples)
+        for c in (0, 1)
+        for i in (0, 1)
     ]
 
 
-def evaluate_winoground(scorer, data_dir: Path, out: Path, scores_out: Path | None = None,
-                        on_missing: str = "error", chunk_items: int | None = None) -> dict:
+def evaluate_winoground(
+    scorer,
+    data_dir: Path,
+    out: Path,
+    scores_out: Path | None = None,
+    on_missing: str = "error",
+    chunk_items: int | None = None,
+) -> dict:
     """Metrics JSON ``out`` (and the official score file ``scores_out``); ``chunk_items``: examples per scorer
     call (default 512)."""
     data = load_data(Path(data_dir), on_missing)

@@ -13,9 +13,10 @@ Class names and prompt templates come from a prompt file (default: the packaged
 entry of that name (CLIP's 18-template ensemble); an ImageFolder -> the entry whose ``classnames`` mapping has
 exactly the folder classes (e.g. ``toyworld`` for the synthetic world), else the generic ``imagefolder`` entry. A named
 set whose class names do not cover the dataset's classes (``toyworld`` on CIFAR-10) is an error, not a run
-with the wrong prompts; an entry without ``classnames`` is generic (the dataset's own names). A student scores with CLIP's prompt ensembling: the class embedding is the
-renormalised mean of its normalised template embeddings, logits = cosine similarity. Any other scorer (the
-diffusion teacher) scores every (image, prompt) pair and averages over templates.
+with the wrong prompts; an entry without ``classnames`` is generic (the dataset's own names). A student scores
+with CLIP's prompt ensembling: the class embedding is the renormalised mean of its normalised template
+embeddings, logits = cosine similarity. Any other scorer (the diffusion teacher) scores every (image, prompt)
+pair and averages over templates.
 
 Metrics: acc@1, acc@5 (top-k by ``torch.topk``, as CLIP_benchmark; k is capped at the number of classes) and
 mean per-class recall (balanced accuracy: mean over classes with at least one image of the recall of that class).
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,8 +104,9 @@ def uncovered_classes(raw: Sequence[str], entry: dict[str, Any]) -> list[str]:
     return [c for c in raw if c not in names]
 
 
-def resolve_prompt_set(requested: str | None, fmt: str, raw: Sequence[str], prompts_file: Path | None = None,
-                       where: str = "") -> tuple[str, dict[str, Any], str]:
+def resolve_prompt_set(
+    requested: str | None, fmt: str, raw: Sequence[str], prompts_file: Path | None = None, where: str = ""
+) -> tuple[str, dict[str, Any], str]:
     """(prompt set name, its entry, "requested" | "detected") for a dataset of format ``fmt`` with classes ``raw``.
 
     Requested: that entry, which must cover the classes. Detected: CIFAR -> the entry named like the format;
@@ -122,7 +125,8 @@ def resolve_prompt_set(requested: str | None, fmt: str, raw: Sequence[str], prom
             raise ZeroShotDataError(
                 f"{path}: prompt set {requested!r} has no class name for {len(missing)} of the {len(raw)} classes "
                 f"of the {fmt} data{where} ({shown}); set eval.zeroshot_prompt_set: null to follow the data{hint}, "
-                "or name a prompt set whose classnames cover them")
+                "or name a prompt set whose classnames cover them"
+            )
         return requested, entry, "requested"
     if fmt != "imagefolder":
         entry = load_prompt_set(fmt, prompts_file)
@@ -131,7 +135,8 @@ def resolve_prompt_set(requested: str | None, fmt: str, raw: Sequence[str], prom
             raise ZeroShotDataError(
                 f"{path}: prompt set {fmt!r} has no class name for {len(missing)} of the {len(raw)} {fmt} classes"
                 f"{where} ({', '.join(missing[:5])}); a re-labelled batch needs its own prompt set "
-                "(eval.zeroshot_prompt_set)")
+                "(eval.zeroshot_prompt_set)"
+            )
         return fmt, entry, "detected"
     sets = {k: v for k, v in data.items() if not k.startswith("_") and isinstance(v, dict)}
     # the same classes, not a superset: a cat/dog folder is not CIFAR-10 (an ImageFolder export of it is)
@@ -143,18 +148,28 @@ def resolve_prompt_set(requested: str | None, fmt: str, raw: Sequence[str], prom
 class _Images:
     """Images + integer labels of one dataset, loaded lazily (ImageFolder) or from arrays (CIFAR)."""
 
-    def __init__(self, raw_classes: list[str], targets: list[int], paths: list[Path] | None = None,
-                 arrays: np.ndarray | None = None, info: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        raw_classes: list[str],
+        targets: list[int],
+        paths: list[Path] | None = None,
+        arrays: np.ndarray | None = None,
+        info: dict[str, Any] | None = None,
+    ):
         self.raw_classes, self.targets, self.paths, self.arrays = raw_classes, targets, paths, arrays
         self.info = info or {}
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def subset(self, idx: Sequence[int]) -> "_Images":
-        return _Images(self.raw_classes, [self.targets[i] for i in idx],
-                       paths=[self.paths[i] for i in idx] if self.paths is not None else None,
-                       arrays=self.arrays[list(idx)] if self.arrays is not None else None, info=self.info)
+    def subset(self, idx: Sequence[int]) -> _Images:
+        return _Images(
+            self.raw_classes,
+            [self.targets[i] for i in idx],
+            paths=[self.paths[i] for i in idx] if self.paths is not None else None,
+            arrays=self.arrays[list(idx)] if self.arrays is not None else None,
+            info=self.info,
+        )
 
     def load(self, i: int) -> Image.Image:
         if self.arrays is not None:
@@ -209,7 +224,8 @@ def read_cifar(root: Path, kind: str) -> _Images:
     except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
         raise ZeroShotDataError(f"{folder}: not a readable {kind} batch ({type(err).__name__}: {err})") from None
     md5_ok = all(check_integrity(str(folder / n), md5) for n, md5 in base.test_list) and check_integrity(
-        str(folder / base.meta["filename"]), base.meta["md5"])
+        str(folder / base.meta["filename"]), base.meta["md5"]
+    )
     return _Images(list(ds.classes), [int(t) for t in ds.targets], arrays=ds.data, info={"official_md5": md5_ok})
 
 
@@ -266,8 +282,11 @@ def zeroshot_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seque
         if mask.any():
             recall[name] = float(hit[mask, 0].double().mean())
     return {
-        "n": n, "n_classes": c, "acc1": float(hit[:, 0].double().mean()) if n else None,
-        "acc5": float(hit.any(dim=1).double().mean()) if n else None, "acc5_k": k5,
+        "n": n,
+        "n_classes": c,
+        "acc1": float(hit[:, 0].double().mean()) if n else None,
+        "acc5": float(hit.any(dim=1).double().mean()) if n else None,
+        "acc5_k": k5,
         "mean_per_class_recall": float(np.mean(list(recall.values()))) if recall else None,
         "per_class_recall": recall,
     }
@@ -286,8 +305,9 @@ def _load_chunk(data: _Images, idx: Sequence[int], on_missing: str, skipped: Ski
 
 
 @torch.no_grad()
-def zeroshot_logits(scorer, data: _Images, names: list[str], templates: list[str], on_missing: str,
-                    skipped: SkipLog, chunk: int = 1024) -> tuple[torch.Tensor, list[int]]:
+def zeroshot_logits(
+    scorer, data: _Images, names: list[str], templates: list[str], on_missing: str, skipped: SkipLog, chunk: int = 1024
+) -> tuple[torch.Tensor, list[int]]:
     prompts = [t.format(c=name) for name in names for t in templates]
     ensemble = hasattr(scorer, "embed_images") and hasattr(scorer, "embed_texts")
     if ensemble:
@@ -308,9 +328,17 @@ def zeroshot_logits(scorer, data: _Images, names: list[str], templates: list[str
     return (torch.cat(logits).double() if logits else torch.empty(0, len(names))), kept_all
 
 
-def evaluate_zeroshot(scorer, data_dir: Path, out: Path, *, prompt_set: str | None = None,
-                      prompts_file: Path | None = None, on_missing: str = "error",
-                      max_items: int | None = None, seed: int = 0) -> dict[str, Any]:
+def evaluate_zeroshot(
+    scorer,
+    data_dir: Path,
+    out: Path,
+    *,
+    prompt_set: str | None = None,
+    prompts_file: Path | None = None,
+    on_missing: str = "error",
+    max_items: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Zero-shot acc@1 / acc@5 / mean per-class recall of ``scorer`` on ``data_dir`` -> metrics JSON ``out``.
 
     ``prompt_set`` (default: follow the data, see ``resolve_prompt_set``) selects the prompt file entry;
@@ -319,8 +347,7 @@ def evaluate_zeroshot(scorer, data_dir: Path, out: Path, *, prompt_set: str | No
     check_on_missing(on_missing)
     fmt = detect_format(Path(data_dir))
     data = read_imagefolder(Path(data_dir)) if fmt == "imagefolder" else read_cifar(Path(data_dir), fmt)
-    prompt_set, entry, source = resolve_prompt_set(prompt_set, fmt, data.raw_classes, prompts_file,
-                                                   f" in {data_dir}")
+    prompt_set, entry, source = resolve_prompt_set(prompt_set, fmt, data.raw_classes, prompts_file, f" in {data_dir}")
     names = class_names(data.raw_classes, entry, f"{prompts_file or default_prompts_file()}: {prompt_set}")
     keep, subset = capped_subset(len(data), max_items, seed, data.targets, stratified_by="class")
     if subset is not None:
@@ -328,9 +355,16 @@ def evaluate_zeroshot(scorer, data_dir: Path, out: Path, *, prompt_set: str | No
     skipped = SkipLog()
     logits, kept = zeroshot_logits(scorer, data, names, list(entry["templates"]), on_missing, skipped)
     targets = torch.tensor([data.targets[i] for i in kept], dtype=torch.long)
-    result = {"format": fmt, "prompt_set": prompt_set, "prompt_set_source": source,
-              "templates": len(entry["templates"]), **zeroshot_metrics(logits, targets, names), **data.info,
-              "skipped": skipped.summary(), **({"subset": subset} if subset is not None else {})}
+    result = {
+        "format": fmt,
+        "prompt_set": prompt_set,
+        "prompt_set_source": source,
+        "templates": len(entry["templates"]),
+        **zeroshot_metrics(logits, targets, names),
+        **data.info,
+        "skipped": skipped.summary(),
+        **({"subset": subset} if subset is not None else {}),
+    }
     skipped.announce("zeroshot")
     write_json(Path(out), result)
     return result

@@ -40,8 +40,14 @@ def has_hf_tokenizer(path: str | Path) -> bool:
 
 
 # Tokenizer / preprocessing files save_pretrained writes beside the weights (hashed when present).
-_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-               "preprocessor_config.json")
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+)
 
 
 def loaded_files(path: str | Path) -> list[str]:
@@ -72,8 +78,10 @@ def _read_config(path: Path):
     except (OSError, ValueError) as err:
         raise HFCLIPError(f"{cfg_file}: unreadable JSON ({err})") from None
     if raw.get("model_type") != "clip":
-        raise HFCLIPError(f"{cfg_file}: model_type {raw.get('model_type')!r} is not a transformers CLIPModel "
-                          "(model_type 'clip'); student.checkpoint must be a CLIPModel save_pretrained directory")
+        raise HFCLIPError(
+            f"{cfg_file}: model_type {raw.get('model_type')!r} is not a transformers CLIPModel "
+            "(model_type 'clip'); student.checkpoint must be a CLIPModel save_pretrained directory"
+        )
     return CLIPConfig.from_json_file(str(cfg_file))  # fills the defaults a hub config leaves out
 
 
@@ -84,8 +92,10 @@ def open_clip_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     tc, vc = cfg.text_config, cfg.vision_config
     acts = {tc.hidden_act, vc.hidden_act}
     if len(acts) != 1 or not acts <= set(_ACTIVATIONS):
-        raise HFCLIPError(f"{path / HF_CONFIG}: hidden_act text {tc.hidden_act!r} / vision {vc.hidden_act!r}: "
-                          f"open_clip needs one activation for both towers, one of {sorted(_ACTIVATIONS)}")
+        raise HFCLIPError(
+            f"{path / HF_CONFIG}: hidden_act text {tc.hidden_act!r} / vision {vc.hidden_act!r}: "
+            f"open_clip needs one activation for both towers, one of {sorted(_ACTIVATIONS)}"
+        )
     if vc.num_channels != 3:
         raise HFCLIPError(f"{path / HF_CONFIG}: vision_config.num_channels {vc.num_channels}; open_clip expects 3")
     if vc.hidden_size % vc.num_attention_heads or tc.hidden_size % tc.num_attention_heads:
@@ -94,20 +104,31 @@ def open_clip_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     # id); any other value pools the first position holding it (open_clip's 'eos' pool).
     pool = {"pool_type": "argmax"} if tc.eos_token_id == 2 else {"pool_type": "eos", "eos_id": int(tc.eos_token_id)}
     vision_cfg: dict[str, Any] = {
-        "image_size": int(vc.image_size), "patch_size": int(vc.patch_size), "layers": int(vc.num_hidden_layers),
-        "width": int(vc.hidden_size), "head_width": vc.hidden_size // vc.num_attention_heads,
+        "image_size": int(vc.image_size),
+        "patch_size": int(vc.patch_size),
+        "layers": int(vc.num_hidden_layers),
+        "width": int(vc.hidden_size),
+        "head_width": vc.hidden_size // vc.num_attention_heads,
         "mlp_ratio": vc.intermediate_size / vc.hidden_size,
     }
     text_cfg: dict[str, Any] = {
-        "context_length": int(tc.max_position_embeddings), "vocab_size": int(tc.vocab_size),
-        "width": int(tc.hidden_size), "heads": int(tc.num_attention_heads), "layers": int(tc.num_hidden_layers),
-        "mlp_ratio": tc.intermediate_size / tc.hidden_size, **pool,
+        "context_length": int(tc.max_position_embeddings),
+        "vocab_size": int(tc.vocab_size),
+        "width": int(tc.hidden_size),
+        "heads": int(tc.num_attention_heads),
+        "layers": int(tc.num_hidden_layers),
+        "mlp_ratio": tc.intermediate_size / tc.hidden_size,
+        **pool,
     }
     for sub, hf in ((vision_cfg, vc), (text_cfg, tc)):
         if hf.layer_norm_eps != 1e-5:  # open_clip's LayerNorm default
             sub["norm_kwargs"] = {"eps": float(hf.layer_norm_eps)}
-    model_cfg = {"embed_dim": int(cfg.projection_dim), "quick_gelu": _ACTIVATIONS[vc.hidden_act],
-                 "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    model_cfg = {
+        "embed_dim": int(cfg.projection_dim),
+        "quick_gelu": _ACTIVATIONS[vc.hidden_act],
+        "vision_cfg": vision_cfg,
+        "text_cfg": text_cfg,
+    }
     preprocess_cfg: dict[str, Any] = {"size": int(vc.image_size)}
     proc = path / "preprocessor_config.json"
     if proc.is_file():  # the image processor's normalisation, if the dir has one (else open_clip's = OpenAI's)
@@ -133,8 +154,9 @@ def _hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise HFCLIPError(f"{index}: unreadable shard index ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())[:120]}); {fix}") from None
+            raise HFCLIPError(
+                f"{index}: unreadable shard index ({type(err).__name__}: {' '.join(str(err).split())[:120]}); {fix}"
+            ) from None
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state.update(load_file(str(check_safetensors(path / shard, fix))))
@@ -158,7 +180,8 @@ def convert_state_dict(hf: dict[str, torch.Tensor], model_cfg: dict[str, Any]) -
             s, d = f"{src}.encoder.layers.{i}", f"{dst}.resblocks.{i}"
             for part in ("weight", "bias"):
                 out[f"{d}.attn.in_proj_{part}"] = torch.cat(
-                    [hf[f"{s}.self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")])
+                    [hf[f"{s}.self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")]
+                )
                 out[f"{d}.attn.out_proj.{part}"] = hf[f"{s}.self_attn.out_proj.{part}"]
                 out[f"{d}.ln_1.{part}"] = hf[f"{s}.layer_norm1.{part}"]
                 out[f"{d}.ln_2.{part}"] = hf[f"{s}.layer_norm2.{part}"]
@@ -188,13 +211,17 @@ def load_hf_clip(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict
     path = Path(path)
     model_cfg, preprocess_cfg = open_clip_config(path)
     if not has_hf_tokenizer(path) and model_cfg["text_cfg"]["vocab_size"] != OPEN_CLIP_VOCAB:
-        raise HFCLIPError(f"{path}: no tokenizer files ({' / '.join(HF_TOKENIZER_FILES)}) and vocab_size "
-                          f"{model_cfg['text_cfg']['vocab_size']} is not open_clip's default tokenizer's "
-                          f"{OPEN_CLIP_VOCAB}; save the model's tokenizer into {path} (tokenizer.save_pretrained)")
+        raise HFCLIPError(
+            f"{path}: no tokenizer files ({' / '.join(HF_TOKENIZER_FILES)}) and vocab_size "
+            f"{model_cfg['text_cfg']['vocab_size']} is not open_clip's default tokenizer's "
+            f"{OPEN_CLIP_VOCAB}; save the model's tokenizer into {path} (tokenizer.save_pretrained)"
+        )
     hf = _hf_state_dict(path)
     try:
         state = convert_state_dict(hf, model_cfg)
     except KeyError as err:
-        raise HFCLIPError(f"{path}: weights miss {err.args[0]!r}, which its config.json implies; "
-                          "the weights and config.json are of different models") from None
+        raise HFCLIPError(
+            f"{path}: weights miss {err.args[0]!r}, which its config.json implies; "
+            "the weights and config.json are of different models"
+        ) from None
     return model_cfg, preprocess_cfg, state

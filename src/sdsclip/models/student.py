@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -70,8 +71,10 @@ class Student:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else int(
-            self.model.visual.output_dim
+        return (
+            int(self.model.text_projection.shape[1])
+            if hasattr(self.model, "text_projection")
+            else int(self.model.visual.output_dim)
         )
 
     @property
@@ -143,7 +146,8 @@ def _unreadable(path: Path, reason: str) -> WeightFileError:
     return WeightFileError(
         f"{path}: unreadable student checkpoint ({reason}); student.checkpoint must be an open_clip state dict "
         "(.safetensors, or .pt/.bin from torch.save), an OpenAI TorchScript .pt or a Hugging Face CLIPModel "
-        "directory; re-download or re-export it")
+        "directory; re-download or re-export it"
+    )
 
 
 def _check_torch_container(path: Path) -> None:
@@ -199,7 +203,8 @@ def _load_open_clip_file(arch: str, path: Path):
         if "Unsupported global" in str(err):
             raise WeightFileError(
                 f"{path}: holds pickled Python objects besides tensors, which safe loading (weights_only) refuses; "
-                "re-save just the state dict (torch.save(model.state_dict(), ...) or safetensors)") from None
+                "re-save just the state dict (torch.save(model.state_dict(), ...) or safetensors)"
+            ) from None
         raise _unreadable(path, str(err).splitlines()[0] if str(err) else "unpickling failed") from None
     except (EOFError, zipfile.BadZipFile) as err:
         raise _unreadable(path, str(err) or type(err).__name__) from None
@@ -218,7 +223,8 @@ def _load_openai_torchscript(arch: str, path: Path):
     if not cfg.get("quick_gelu", False):
         raise StudentLoadError(
             f"{path}: an OpenAI TorchScript checkpoint, trained with QuickGELU, but student.arch {arch!r} uses "
-            f"nn.GELU (it would load and silently compute the wrong activation); {_quickgelu_hint(arch)}")
+            f"nn.GELU (it would load and silently compute the wrong activation); {_quickgelu_hint(arch)}"
+        )
     try:
         # As open_clip.openai.load_openai_model, minus its fallback to an unrestricted torch.load (pickle).
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
@@ -249,10 +255,10 @@ def _from_model_cfg(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any]):
 
 
 # The parts of an open_clip config that decide the weights' shapes and the activation, with their defaults.
-_SHAPE_KEYS = {"vision_cfg": {"image_size": 224, "patch_size": 16, "layers": 12, "width": 768, "head_width": 64,
-                              "mlp_ratio": 4.0},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
-                            "mlp_ratio": 4.0}}
+_SHAPE_KEYS = {
+    "vision_cfg": {"image_size": 224, "patch_size": 16, "layers": 12, "width": 768, "head_width": 64, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12, "mlp_ratio": 4.0},
+}
 
 
 def _shape_signature(cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -278,8 +284,10 @@ def _check_hf_arch_name(arch: str, path: Path, model_cfg: dict[str, Any]) -> Non
     diff = [f"{k} {have.get(k)} vs {v}" for k, v in want.items() if have is None or have.get(k) != v][:3]
     matches = [m for m in open_clip.list_models() if _shape_signature(open_clip.get_model_config(m) or {}) == want]
     hint = f"set student.arch: {matches[0]}" if matches else "set student.arch to a new name for this model"
-    raise StudentLoadError(f"{path}: student.arch {arch!r} is a registered open_clip architecture that is not this "
-                           f"CLIPModel ({', '.join(diff)}); {hint}")
+    raise StudentLoadError(
+        f"{path}: student.arch {arch!r} is a registered open_clip architecture that is not this "
+        f"CLIPModel ({', '.join(diff)}); {hint}"
+    )
 
 
 def _build_from_hf(arch: str, path: Path) -> Student:
@@ -303,10 +311,18 @@ def _build_from_hf(arch: str, path: Path) -> Student:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise StudentLoadError(f"{path}: weights do not fit the architecture its config.json describes: "
-                               f"{first}") from None
-    return Student(model=model.eval(), preprocess=preprocess, tokenizer=tokenizer, arch=arch, model_cfg=model_cfg,
-                   converted_from="hf_clip", extra={"hf_dir": str(path.resolve())})
+        raise StudentLoadError(
+            f"{path}: weights do not fit the architecture its config.json describes: {first}"
+        ) from None
+    return Student(
+        model=model.eval(),
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        arch=arch,
+        model_cfg=model_cfg,
+        converted_from="hf_clip",
+        extra={"hf_dir": str(path.resolve())},
+    )
 
 
 def build_student(arch: str, checkpoint: str | Path | None = None) -> Student:
@@ -319,12 +335,16 @@ def build_student(arch: str, checkpoint: str | Path | None = None) -> Student:
         return Student(model, preprocess, open_clip.get_tokenizer(arch), arch, model_cfg, "random")
     path = Path(checkpoint)
     if not path.exists():
-        raise StudentLoadError(f"{path}: student checkpoint not found (student.checkpoint must be a local file "
-                               "or a Hugging Face CLIPModel directory)")
+        raise StudentLoadError(
+            f"{path}: student checkpoint not found (student.checkpoint must be a local file "
+            "or a Hugging Face CLIPModel directory)"
+        )
     fmt = checkpoint_format(path)
     if fmt == "directory":
-        raise StudentLoadError(f"{path}: a directory, but not a Hugging Face CLIPModel one (no config.json); "
-                               "student.checkpoint must be a checkpoint file or a CLIPModel save_pretrained dir")
+        raise StudentLoadError(
+            f"{path}: a directory, but not a Hugging Face CLIPModel one (no config.json); "
+            "student.checkpoint must be a checkpoint file or a CLIPModel save_pretrained dir"
+        )
     if fmt == "hf_clip":
         if not arch or not isinstance(arch, str):
             raise StudentLoadError("student.arch: must name the student (any name for a CLIPModel directory)")
@@ -359,12 +379,20 @@ def save_student(student: Student, out_dir: Path, meta: dict[str, Any] | None = 
     save_file(state, str(out_dir / STUDENT_WEIGHTS))
     if student.model_cfg is not None:  # model configs are data: the dir rebuilds without the registry
         preprocess_cfg = dict(getattr(student.model.visual, "preprocess_cfg", {}) or {})
-        (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(
-            {"model_cfg": student.model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2, sort_keys=True) + "\n")
+        (out_dir / OPEN_CLIP_CONFIG).write_text(
+            json.dumps({"model_cfg": student.model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2, sort_keys=True)
+            + "\n"
+        )
     if isinstance(student.tokenizer, HFTokenizer):
         student.tokenizer.save_pretrained(str(out_dir))  # where open_clip's local-dir tokenizer looks
-    info = {"arch": student.arch, "quick_gelu": student.quick_gelu, "converted_from": student.converted_from,
-            "tokenizer": _tokenizer_kind(student.tokenizer), **student.extra, **(meta or {})}
+    info = {
+        "arch": student.arch,
+        "quick_gelu": student.quick_gelu,
+        "converted_from": student.converted_from,
+        "tokenizer": _tokenizer_kind(student.tokenizer),
+        **student.extra,
+        **(meta or {}),
+    }
     (out_dir / STUDENT_META).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -406,8 +434,7 @@ def load_student(ref: str | Path) -> Student:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise StudentLoadError(f"{ref / OPEN_CLIP_CONFIG}: cannot build the student ({first})") from None
     extra = {k: meta[k] for k in ("hf_dir",) if k in meta}
-    return Student(model, preprocess, tokenizer, arch, model_cfg, meta.get("converted_from", "open_clip"),
-                   extra)
+    return Student(model, preprocess, tokenizer, arch, model_cfg, meta.get("converted_from", "open_clip"), extra)
 
 
 def load_sigma_state(ref: str | Path) -> dict[str, torch.Tensor] | None:

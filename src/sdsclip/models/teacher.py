@@ -9,7 +9,6 @@ directory layout (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) 
 
 from __future__ import annotations
 
-from sdsclip.errors import UserError
 import json
 import re
 from collections import OrderedDict
@@ -20,10 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config,
-                          T5EncoderModel)
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from sdsclip.config import TeacherConfig, TinyUNetConfig
+from sdsclip.errors import UserError
 
 TEACHER_META = "teacher.json"
 CAPTION_MAP_DIR = "caption_map"  # tiny-teacher option: caption -> spatial input channels (CaptionMap)
@@ -47,8 +46,11 @@ class CaptionMap(torch.nn.Module):
     def __init__(self, text_width: int, channels: int, size: int):
         super().__init__()
         self.config = {"text_width": int(text_width), "channels": int(channels), "size": int(size)}
-        self.net = torch.nn.Sequential(torch.nn.Linear(text_width, 4 * text_width), torch.nn.SiLU(),
-                                       torch.nn.Linear(4 * text_width, channels * size * size))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(text_width, 4 * text_width),
+            torch.nn.SiLU(),
+            torch.nn.Linear(4 * text_width, channels * size * size),
+        )
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         c, n = self.config["channels"], self.config["size"]
@@ -62,7 +64,7 @@ class CaptionMap(torch.nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out_dir / "model.safetensors"))
 
     @classmethod
-    def load(cls, path: Path) -> "CaptionMap":
+    def load(cls, path: Path) -> CaptionMap:
         from safetensors.torch import load_file
 
         cfg = _read_config(path / "config.json")
@@ -72,8 +74,9 @@ class CaptionMap(torch.nn.Module):
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error type; any is a bad file
             if isinstance(err, TeacherLoadError):
                 raise
-            raise TeacherLoadError(f"{path}: unusable caption map ({' '.join(str(err).split())[:200]}); "
-                                   "re-run the teacher's pretraining") from None
+            raise TeacherLoadError(
+                f"{path}: unusable caption map ({' '.join(str(err).split())[:200]}); re-run the teacher's pretraining"
+            ) from None
         return head
 
 
@@ -109,13 +112,13 @@ class Teacher:
             mods["caption_map"] = self.caption_map
         return torch.nn.ModuleDict(mods)
 
-    def to(self, device: torch.device | str) -> "Teacher":
+    def to(self, device: torch.device | str) -> Teacher:
         for m in (self.unet, self.text_encoder, self.vae, self.caption_map):
             if m is not None:
                 m.to(device)
         return self
 
-    def freeze(self) -> "Teacher":
+    def freeze(self) -> Teacher:
         """Frozen teacher: eval mode and no parameter gradients (gradients may still flow *through* it)."""
         for m in (self.unet, self.text_encoder, self.vae, self.caption_map):
             if m is not None:
@@ -123,7 +126,7 @@ class Teacher:
                 m.requires_grad_(False)
         return self
 
-    def enable_gradient_checkpointing(self) -> "Teacher":
+    def enable_gradient_checkpointing(self) -> Teacher:
         """Recompute the UNet's activations in backward (memory for compute); gradients into z unchanged."""
         self.unet.enable_gradient_checkpointing()
         return self
@@ -151,8 +154,9 @@ class Teacher:
             return dist.mean * self.vae.config.scaling_factor
         return F.pixel_unshuffle(pixels, self.unshuffle_factor)
 
-    def _predict(self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(
+        self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, the UNet's raw prediction at x_t, as fp32) for latents noised with ``noise`` to timestep ``t``.
 
         Under mixed precision (accelerate's autocast wraps the whole step) only the UNet runs in bf16/fp16:
@@ -298,13 +302,15 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
     tiny: TinyUNetConfig = cfg.tiny
     factor = tiny.unshuffle_factor
     if cfg.image_size % factor:
-        raise TeacherLoadError(f"teacher.image_size: must be a multiple of teacher.tiny.unshuffle_factor {factor} "
-                               f"(got {cfg.image_size})")
+        raise TeacherLoadError(
+            f"teacher.image_size: must be a multiple of teacher.tiny.unshuffle_factor {factor} (got {cfg.image_size})"
+        )
     tokenizer = build_word_tokenizer(vocabulary, tiny.max_caption_tokens)
     if tiny.text_encoder == "t5":
         if tiny.text_width % tiny.text_heads:
-            raise TeacherLoadError(f"teacher.tiny.text_width {tiny.text_width} must be a multiple of text_heads "
-                                   f"{tiny.text_heads}")
+            raise TeacherLoadError(
+                f"teacher.tiny.text_width {tiny.text_width} must be a multiple of text_heads {tiny.text_heads}"
+            )
         text_encoder = T5EncoderModel(
             T5Config(
                 vocab_size=len(tokenizer),
@@ -363,12 +369,27 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
         norm_num_groups=groups,
         resnet_time_scale_shift=tiny.resnet_time_scale_shift,
     )
-    scheduler = DDPMScheduler(num_train_timesteps=tiny.train_timesteps, beta_schedule="squaredcos_cap_v2",
-                              prediction_type=tiny.prediction_type)
-    caption_map = (CaptionMap(tiny.text_width, tiny.caption_map_channels, cfg.image_size // factor)
-                   if tiny.caption_map_channels else None)
-    return Teacher(unet, text_encoder, tokenizer, scheduler, latent="pixel_unshuffle", image_size=cfg.image_size,
-                   unshuffle_factor=factor, coord_channels=2 if tiny.coord_channels else 0, caption_map=caption_map)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=tiny.train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=tiny.prediction_type,
+    )
+    caption_map = (
+        CaptionMap(tiny.text_width, tiny.caption_map_channels, cfg.image_size // factor)
+        if tiny.caption_map_channels
+        else None
+    )
+    return Teacher(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        latent="pixel_unshuffle",
+        image_size=cfg.image_size,
+        unshuffle_factor=factor,
+        coord_channels=2 if tiny.coord_channels else 0,
+        caption_map=caption_map,
+    )
 
 
 def save_teacher(teacher: Teacher, out_dir: Path, meta: dict[str, Any] | None = None) -> Path:
@@ -404,13 +425,29 @@ def _read_config(path: Path) -> dict[str, Any]:
 # What diffusers / transformers ``from_pretrained`` read from a local folder, in their order of preference
 # (diffusers 0.3x-0.4x, transformers 4.x-5.x, no ``variant``): a sharded safetensors index, else the single
 # safetensors file, else the pickled .bin. fp16 variants, .ckpt files and unlisted subfolders are never read.
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
-                      "diffusion_pytorch_model.bin")
-_TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                         "pytorch_model.bin.index.json")
+_DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+)
+_TRANSFORMERS_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 #: tokenizer files AutoTokenizer may read (whichever of them the folder has)
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 @dataclass
@@ -425,12 +462,13 @@ class TeacherFiles:
         return sorted(set(self.configs) | set(self.weights))
 
 
-def _weight_files(path: Path, sub: str, names: tuple[str, ...],
-                  explicit: str | None = None) -> tuple[list[str], list[str]]:
+def _weight_files(
+    path: Path, sub: str, names: tuple[str, ...], explicit: str | None = None
+) -> tuple[list[str], list[str]]:
     """(index files, weight files) that from_pretrained reads in ``path/sub``: the first of ``names`` present;
     an ``*.index.json`` brings the shards its weight_map lists."""
     folder = path / sub
-    for name in ((explicit,) if explicit else names):
+    for name in (explicit,) if explicit else names:
         if not (folder / name).is_file():
             continue
         if not name.endswith(".index.json"):
@@ -438,11 +476,13 @@ def _weight_files(path: Path, sub: str, names: tuple[str, ...],
         try:
             shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise TeacherLoadError(f"{folder / name}: unreadable shard index ({' '.join(str(err).split())[:160]}); "
-                                   "re-download the model") from None
+            raise TeacherLoadError(
+                f"{folder / name}: unreadable shard index ({' '.join(str(err).split())[:160]}); re-download the model"
+            ) from None
         return [f"{sub}/{name}"], [f"{sub}/{shard}" for shard in shards]
-    raise TeacherLoadError(f"{folder}: no weight file ({' or '.join(((explicit,) if explicit else names)[:2])}); "
-                           "not a save_pretrained dir")
+    raise TeacherLoadError(
+        f"{folder}: no weight file ({' or '.join(((explicit,) if explicit else names)[:2])}); not a save_pretrained dir"
+    )
 
 
 def teacher_files(path: str | Path, latent: str | None = None, with_vae: bool = True) -> TeacherFiles:
@@ -455,8 +495,10 @@ def teacher_files(path: str | Path, latent: str | None = None, with_vae: bool = 
     configs += [f"tokenizer/{name}" for name in TOKENIZER_FILES if (path / "tokenizer" / name).is_file()]
     weights: list[str] = []
     text_cfg = _read_config(path / "text_encoder" / "config.json")
-    parts = [("unet", _DIFFUSERS_WEIGHTS, None), ("text_encoder", _TRANSFORMERS_WEIGHTS,
-                                                   text_cfg.get("transformers_weights"))]
+    parts = [
+        ("unet", _DIFFUSERS_WEIGHTS, None),
+        ("text_encoder", _TRANSFORMERS_WEIGHTS, text_cfg.get("transformers_weights")),
+    ]
     if latent == "vae" and with_vae:
         configs.append("vae/config.json")
         parts.append(("vae", _DIFFUSERS_WEIGHTS, None))
@@ -477,8 +519,11 @@ def check_teacher_weights(path: str | Path, latent: str | None = None, with_vae:
 
     path = Path(path)
     files = teacher_files(path, latent, with_vae)
-    fix = ("re-run the teacher's pretraining (dvc repro pretrain_teacher)" if (path / TEACHER_META).is_file()
-           else "re-download this Stable Diffusion directory (teacher.pretrained_dir)")
+    fix = (
+        "re-run the teacher's pretraining (dvc repro pretrain_teacher)"
+        if (path / TEACHER_META).is_file()
+        else "re-download this Stable Diffusion directory (teacher.pretrained_dir)"
+    )
     # The caption map (tiny teacher option) has its own one-line error in CaptionMap.load.
     check_weight_files([path / w for w in files.weights if not w.startswith(f"{CAPTION_MAP_DIR}/")], fix)
     return files
@@ -497,9 +542,11 @@ def check_t_range(path: str | Path, t_min: int, t_max: int, min_key: str, max_ke
     n = scheduler_timesteps(path)
     for key, value in ((max_key, t_max), (min_key, t_min)):
         if not 0 <= value <= n - 1:
-            raise TeacherLoadError(f"{key} = {value} is outside the teacher's timesteps 0..{n - 1} "
-                                   f"({Path(path) / 'scheduler' / 'scheduler_config.json'}: num_train_timesteps "
-                                   f"{n}); set {key} <= {n - 1}")
+            raise TeacherLoadError(
+                f"{key} = {value} is outside the teacher's timesteps 0..{n - 1} "
+                f"({Path(path) / 'scheduler' / 'scheduler_config.json'}: num_train_timesteps "
+                f"{n}); set {key} <= {n - 1}"
+            )
     return n
 
 
@@ -534,8 +581,9 @@ def latent_shape_of(path: str | Path) -> tuple[int, int, int]:
     return (int(cfg.get("out_channels", cfg["in_channels"])), int(size), int(size))
 
 
-def load_teacher(path: str | Path, latent: str | None = None, image_size: int | None = None,
-                 with_vae: bool = True) -> Teacher:
+def load_teacher(
+    path: str | Path, latent: str | None = None, image_size: int | None = None, with_vae: bool = True
+) -> Teacher:
     """Load a teacher from a local SD-layout directory (the tiny teacher or a real Stable Diffusion).
 
     ``with_vae=False`` skips the VAE: SDS needs only the UNet, the text encoder and the scheduler (its
@@ -545,8 +593,9 @@ def load_teacher(path: str | Path, latent: str | None = None, image_size: int | 
     unet = UNet2DConditionModel.from_pretrained(path / "unet")
     arch = (_read_config(path / "text_encoder" / "config.json").get("architectures") or ["CLIPTextModel"])[0]
     if arch not in TEXT_ENCODERS:
-        raise TeacherLoadError(f"{path}: text_encoder architecture {arch!r} is not supported "
-                               f"(one of {', '.join(TEXT_ENCODERS)})")
+        raise TeacherLoadError(
+            f"{path}: text_encoder architecture {arch!r} is not supported (one of {', '.join(TEXT_ENCODERS)})"
+        )
     text_encoder = TEXT_ENCODERS[arch].from_pretrained(path / "text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
@@ -562,10 +611,18 @@ def load_teacher(path: str | Path, latent: str | None = None, image_size: int | 
         if latent == "vae":
             factor = 2 ** (len(_read_config(path / "vae" / "config.json")["block_out_channels"]) - 1)
         image_size = latent_shape_of(path)[1] * factor
-    return Teacher(unet, text_encoder, tokenizer, scheduler, latent=latent, image_size=int(image_size), vae=vae,
-                   unshuffle_factor=int(meta.get("unshuffle_factor", 2)),
-                   coord_channels=int(meta.get("coord_channels", 0)),
-                   caption_map=CaptionMap.load(path / CAPTION_MAP_DIR) if meta.get("caption_map_channels") else None)
+    return Teacher(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        latent=latent,
+        image_size=int(image_size),
+        vae=vae,
+        unshuffle_factor=int(meta.get("unshuffle_factor", 2)),
+        coord_channels=int(meta.get("coord_channels", 0)),
+        caption_map=CaptionMap.load(path / CAPTION_MAP_DIR) if meta.get("caption_map_channels") else None,
+    )
 
 
 def teacher_pixels(images: torch.Tensor) -> torch.Tensor:
