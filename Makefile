@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv pipeline clean realshape images test-images
+.PHONY: demo test test-fast lint venv pipeline clean realshape images test-images
 
 # torch 2.14.1 / torchvision 0.29.1 and friends resolve from the machine's local wheel indexes
 # (pip.conf extra-index-url); requirements.lock pins the whole set that was tested together.
@@ -21,9 +21,19 @@ demo: venv
 	dvc repro
 	sdsclip results
 
-## the test suite (what CI runs)
+## the test suite (what CI runs): every test, lint and types included
 test: venv
 	$(PY) -m pytest -q --durations=10
+
+## the inner loop (<= 2 min): every test not marked slow (end-to-end runs, the images)
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" --durations=5
+
+## style and types only (also tests/test_lint.py and the pre-commit hooks): ruff lint + format, mypy on src/sdsclip
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 ## the real path end to end at the real shapes: random-init ViT-B-32-quickgelu (OpenAI .pt) + SD-1.5-shaped dir,
 ## 64 COCO-format JPEGs, every stage from ingest to register, a few steps on the CPU (~10 min, peak RSS ~10 GiB;

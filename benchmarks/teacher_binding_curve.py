@@ -1,7 +1,7 @@
 """Learning curve of the tiny teacher's binding: pretrain it and run `sdsclip diagnose teacher` every K steps.
 
-Used to choose the science profile's teacher (README "Does SDS-CLIP help in the miniature?"). Same loop as
-``sdsclip.train.pretrain_teacher`` (same data stream and ``teacher_pretrain_loss``), plus a diagnostic on the
+Used to choose the science profile's teacher (docs/science.md). Same loop as
+``sdsclip.pretrain.pretrain_teacher`` (same data stream and ``teacher_pretrain_loss``), plus a diagnostic on the
 first ``--items`` Winoground-format items at every ``--every`` steps; rows go to ``--out`` (JSON) as they come.
 
     OMP_NUM_THREADS=1 python benchmarks/teacher_binding_curve.py --shards data/shards --validated data/validated \
@@ -53,7 +53,13 @@ def main() -> None:
     from sdsclip.config import apply_profile, params_from_dict
     from sdsclip.diagnose import teacher_binding
     from sdsclip.models.teacher import build_tiny_teacher, caption_vocabulary, save_teacher
-    from sdsclip.train import _accepted_captions, _loader, _optimizer, teacher_pretrain_loss, teacher_transform
+    from sdsclip.pretrain import (
+        accepted_captions,
+        pretrain_loader,
+        pretrain_optimizer,
+        teacher_pretrain_loss,
+        teacher_transform,
+    )
 
     raw = yaml.safe_load(args.params.read_text()) or {}
     if args.profile:  # merged here, so --set and --steps win over the profile's own keys
@@ -67,11 +73,11 @@ def main() -> None:
     split = params.data.pretrain_split
     shards, accepted = args.shards / split, args.validated / split / "accepted.csv"
     set_seed(params.seed)
-    teacher = build_tiny_teacher(cfg, caption_vocabulary(_accepted_captions(accepted)))
+    teacher = build_tiny_teacher(cfg, caption_vocabulary(accepted_captions(accepted)))
     modules = teacher.trainable_modules()
-    optimizer = _optimizer(list(modules.parameters()), opt)
+    optimizer = pretrain_optimizer(list(modules.parameters()), opt)
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.steps)
-    batches = _loader(
+    batches = pretrain_loader(
         params, shards, accepted, teacher_transform(cfg.image_size), opt.batch_size, params.seed, opt.batching
     )
     gen = torch.Generator().manual_seed(params.seed)

@@ -205,14 +205,14 @@ def toy_world_caption_pool(seed: int = 0) -> list[str]:
     """The toy world's train captions (the COCO-style captions sdsclip.synth writes for world.train_images
     two-object scenes; the pixels are not rendered): what the embedded demo's fine-tuning batches draw from."""
     from sdsclip.config import Params
-    from sdsclip.synth import _coco_style_captions, _random_two_object_scene, _rng
+    from sdsclip.synth import coco_style_captions, family_rng, random_two_object_scene
 
     world = Params().world
-    rng = _rng(seed, "coco/train")
+    rng = family_rng(seed, "coco/train")
     return [
         c
         for _ in range(world.train_images)
-        for c in _coco_style_captions(rng, _random_two_object_scene(rng, world), world.captions_per_image)
+        for c in coco_style_captions(rng, random_two_object_scene(rng, world), world.captions_per_image)
     ]
 
 

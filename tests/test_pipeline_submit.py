@@ -19,8 +19,9 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from typer.testing import CliRunner
 
 from sdsclip.cli import app
+from sdsclip.cluster.kfp_submit import SubmitError, validate_cron
 from sdsclip.config import ConfigError
-from sdsclip.kubeflow import SubmitError, apply_run_form, form_spec, validate_cron
+from sdsclip.kubeflow import apply_run_form, form_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipelines" / "sdsclip_pipeline.yaml"

@@ -1,4 +1,4 @@
-"""Multi-node training as a Kubeflow PyTorchJob (src/sdsclip/pytorchjob.py, components/multinode.py).
+"""Multi-node training as a Kubeflow PyTorchJob (src/sdsclip/cluster/, components/multinode.py).
 
 The job is checked against the PyTorchJob CRD's schema (k8s/training/pytorchjob-crd-schema.yaml) and its pod
 templates against Kubernetes' own PodTemplateSpec schema (kubernetes-validate). Submission runs the real
@@ -20,7 +20,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from sdsclip import pytorchjob as pj
+from sdsclip.cluster import jobspec as js
+from sdsclip.cluster import pytorchjob as pj
 from sdsclip.distributed import LaunchError, normalize_dist_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ NS = "team-a"
 
 
 def make_job(name="sdsclip-sds-test", num_nodes=3, gpus_per_node=0, control=False, **section):
-    cfg = pj.job_config(
+    cfg = js.job_config(
         section,
         name=name,
         image="registry.example/sdsclip:0.1",
@@ -39,7 +40,7 @@ def make_job(name="sdsclip-sds-test", num_nodes=3, gpus_per_node=0, control=Fals
         gpus_per_node=gpus_per_node,
         namespace=section.pop("namespace", NS),
     )
-    return pj.render_job(cfg, pj.TrainPaths.standard(f"/mnt/data/sdsclip-runs/{name}", name), control=control)
+    return js.render_job(cfg, js.TrainPaths.standard(f"/mnt/data/sdsclip-runs/{name}", name), control=control)
 
 
 def pod_spec(job, rtype="Master"):
@@ -63,7 +64,7 @@ def test_rendered_job_passes_the_crd_and_pod_schemas(num_nodes, gpus):
         tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
     )
     for version in K8S_VERSIONS:
-        pj.validate_job(job, kubernetes_version=version)
+        js.validate_job(job, kubernetes_version=version)
 
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
     assert job["metadata"]["namespace"] == NS
@@ -100,7 +101,7 @@ def test_rendered_job_passes_the_crd_and_pod_schemas(num_nodes, gpus):
         assert args[args.index("--checkpoint-dir") + 1] == "/mnt/checkpoints/sdsclip-sds-test"
         assert args[args.index("--student") + 1] == "/mnt/data/sdsclip-runs/sdsclip-sds-test/inputs/student"
         assert c["command"][0] == ("sdsclip" if gpus <= 1 else "torchrun")
-    assert job["metadata"]["annotations"][pj.SPEC_DIGEST_ANNOTATION] == pj.spec_digest(job)
+    assert job["metadata"]["annotations"][js.SPEC_DIGEST_ANNOTATION] == js.spec_digest(job)
 
 
 def test_container_args_parse_as_sdsclip_train():
@@ -118,9 +119,9 @@ def test_container_args_parse_as_sdsclip_train():
 
 
 def test_the_template_itself_and_knobs():
-    template = yaml.safe_load(pj.k8s_file(pj.TEMPLATE_NAME).read_text())
+    template = yaml.safe_load(js.k8s_file(js.TEMPLATE_NAME).read_text())
     for version in K8S_VERSIONS:  # valid as it stands (defaults in place of the filled fields)
-        pj.validate_job(template, kubernetes_version=version)
+        js.validate_job(template, kubernetes_version=version)
     job = make_job(
         num_nodes=2,
         control=True,
@@ -132,7 +133,7 @@ def test_the_template_itself_and_knobs():
         memory="3Gi",
         run_as_user=4242,
     )
-    pj.validate_job(job, kubernetes_version=K8S_VERSIONS[-1])
+    js.validate_job(job, kubernetes_version=K8S_VERSIONS[-1])
     c = container(job, "Worker")
     assert "envFrom" not in c and c["args"][-1] == "--control"
     assert job["spec"]["runPolicy"] == {"backoffLimit": 3, "cleanPodPolicy": "All", "activeDeadlineSeconds": 3600}
@@ -203,11 +204,11 @@ POD = ["spec", "pytorchReplicaSpecs", "Worker", "template", "spec"]
 def test_schema_rejects_bad_jobs_naming_the_field(path, value, pod_check, error):
     job = make_job(num_nodes=2)
     _mutate(job, path, value)
-    with pytest.raises(pj.PyTorchJobError, match=error) as err:
-        pj.validate_job(job, kubernetes_version=K8S_VERSIONS[-1] if pod_check else None)
+    with pytest.raises(js.PyTorchJobError, match=error) as err:
+        js.validate_job(job, kubernetes_version=K8S_VERSIONS[-1] if pod_check else None)
     assert "\n" not in str(err.value)
     if pod_check:  # the CRD alone leaves PodSpec open: the Kubernetes schema is what catches these
-        pj.validate_job(job)
+        js.validate_job(job)
 
 
 @pytest.mark.parametrize(
@@ -222,26 +223,26 @@ def test_schema_rejects_bad_jobs_naming_the_field(path, value, pod_check, error)
 )
 def test_bad_job_settings_are_one_line_errors(section, error):
     fields = {"name": "sdsclip-x", "image": "img", **section}
-    with pytest.raises(pj.PyTorchJobError, match=error):
-        pj.job_config(
+    with pytest.raises(js.PyTorchJobError, match=error):
+        js.job_config(
             {k: v for k, v in fields.items() if k not in ("name", "image")}, name=fields["name"], image=fields["image"]
         )
-    with pytest.raises(pj.PyTorchJobError, match="multinode: must be a mapping"):
-        pj.job_config(["cpu"], name="x", image="img")
+    with pytest.raises(js.PyTorchJobError, match="multinode: must be a mapping"):
+        js.job_config(["cpu"], name="x", image="img")
 
 
 def test_paths_must_be_on_the_shared_pvcs():
-    cfg = pj.job_config(name="sdsclip-x", image="img", namespace=NS)
-    paths = pj.TrainPaths.standard("/mnt/data/runs/x", "sdsclip-x")
+    cfg = js.job_config(name="sdsclip-x", image="img", namespace=NS)
+    paths = js.TrainPaths.standard("/mnt/data/runs/x", "sdsclip-x")
     for bad in ("/tmp/student", "relative/student", "/mnt/data/../etc", "/mnt/database/x"):
-        with pytest.raises(pj.PyTorchJobError, match=r"student=.*under /mnt/data \(data PVC\)"):
-            pj.render_job(cfg, pj.TrainPaths(**{**vars(paths), "student": bad}))
+        with pytest.raises(js.PyTorchJobError, match=r"student=.*under /mnt/data \(data PVC\)"):
+            js.render_job(cfg, js.TrainPaths(**{**vars(paths), "student": bad}))
 
 
 def test_render_job_file_for_kubectl(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 0, "multinode": {"namespace": "ml", "cpu": "16", "nproc_per_node": 2}}))
-    out = pj.render_job_file(
+    out = js.render_job_file(
         tmp_path / "job.yaml",
         name="sdsclip-by-hand",
         image="reg/sdsclip:1",
@@ -253,7 +254,7 @@ def test_render_job_file_for_kubectl(tmp_path):
     text = out.read_text()
     assert text.startswith("# kubectl create -f job.yaml")
     job = yaml.safe_load(text)
-    pj.validate_job(job, kubernetes_version=K8S_VERSIONS[-1])
+    js.validate_job(job, kubernetes_version=K8S_VERSIONS[-1])
     assert job["metadata"]["namespace"] == "ml" and job["spec"]["nprocPerNode"] == "2"
     assert container(job)["resources"]["limits"]["cpu"] == "16"
     assert container(job)["command"][:3] == ["torchrun", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"]
@@ -285,7 +286,7 @@ def test_render_job_cli(tmp_path):
     ok = CliRunner().invoke(app, [*args, "--name", "sdsclip-r1"])
     assert ok.exit_code == 0, ok.output
     job = yaml.safe_load((tmp_path / "job.yaml").read_text())
-    pj.validate_job(job, kubernetes_version=K8S_VERSIONS[-1])
+    js.validate_job(job, kubernetes_version=K8S_VERSIONS[-1])
     assert job["metadata"]["namespace"] == "ml" and job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
     bad = CliRunner().invoke(app, [*args, "--name", "Bad_Name"])
     assert bad.exit_code == 2 and "multinode.name" in bad.output and "Traceback" not in bad.output
@@ -561,9 +562,9 @@ def test_submit_created_running_succeeded(fake):
     ((_, path, query, body),) = fake.calls("POST")
     assert path == f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs" and query["fieldValidation"] == ["Strict"]
     assert body == job  # exactly the rendered job (its spec digest included) ...
-    pj.validate_job(body, kubernetes_version=K8S_VERSIONS[-1])  # ... which passes the schemas
+    js.validate_job(body, kubernetes_version=K8S_VERSIONS[-1])  # ... which passes the schemas
     assert [r[0] for r in fake.requests] == ["POST", "GET", "GET", "GET"]
-    pj.crd_validator().validate(fake.jobs[NS, job["metadata"]["name"]])  # the fake's status is CRD-shaped too
+    js.crd_validator().validate(fake.jobs[NS, job["metadata"]["name"]])  # the fake's status is CRD-shaped too
 
 
 def test_transient_api_errors_are_retried(fake):
@@ -673,7 +674,7 @@ def test_conflict_adopts_the_same_job_and_refuses_another(fake):
 
     other = make_job(num_nodes=4)  # same name, different spec
     with pytest.raises(
-        pj.PyTorchJobError,
+        js.PyTorchJobError,
         match=rf"PyTorchJob {NS}/{name} already exists with a different spec: "
         rf"delete it \(kubectl delete pytorchjob {name} -n {NS}\)",
     ):
@@ -684,14 +685,14 @@ def test_conflict_adopts_the_same_job_and_refuses_another(fake):
 def test_rejected_create_and_vanished_job_are_one_line_errors(fake):
     fake.create_error = (422, "Invalid", 'PyTorchJob.kubeflow.org "x" is invalid: spec.runPolicy: Invalid value')
     with pytest.raises(
-        pj.PyTorchJobError,
+        js.PyTorchJobError,
         match=r"cannot create PyTorchJob team-a/sdsclip-sds-test: 422 .*: "
         r"PyTorchJob.kubeflow.org \"x\" is invalid",
     ):
         wait(fake, make_job())
     fake.create_error = None
     fake.on_state = lambda name, state: fake.jobs.pop((NS, name)) if state == "Running" else None
-    with pytest.raises(pj.PyTorchJobError, match="disappeared while waiting"):
+    with pytest.raises(js.PyTorchJobError, match="disappeared while waiting"):
         wait(fake, make_job())
 
 
@@ -721,7 +722,7 @@ def test_component_stages_inputs_submits_and_copies_the_model_back(fake, tmp_pat
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # restored afterwards
-    monkeypatch.setattr(pj, "SA_NAMESPACE_FILE", tmp_path / "no-service-account")
+    monkeypatch.setattr(js, "SA_NAMESPACE_FILE", tmp_path / "no-service-account")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://sdsclip-mlflow.sdsclip:5000")  # from the sdsclip-mlflow secret
     pvc = tmp_path / "pvc"  # stands for the data PVC the pipeline mounts at /mnt/data
     monkeypatch.setattr(pj, "run_multinode_training", partial(pj.run_multinode_training, data_root=pvc))
@@ -768,7 +769,7 @@ def test_component_stages_inputs_submits_and_copies_the_model_back(fake, tmp_pat
     }
     ((_, path, _, created),) = fake.calls("POST")
     assert path == f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"
-    pj.validate_job(created, kubernetes_version=K8S_VERSIONS[-1])
+    js.validate_job(created, kubernetes_version=K8S_VERSIONS[-1])
     args = container(created, "Worker")["args"]
     assert args[args.index("--teacher") + 1] == f"/mnt/data/sdsclip-runs/{name}/inputs/teacher"
     assert args[args.index("--params") + 1] == f"/mnt/data/sdsclip-runs/{name}/params.yaml"
@@ -795,7 +796,7 @@ def test_component_stages_inputs_submits_and_copies_the_model_back(fake, tmp_pat
 
 
 def test_component_rejects_bad_params_before_staging(tmp_path):
-    with pytest.raises(pj.PyTorchJobError, match=r"train\.lr"):
+    with pytest.raises(js.PyTorchJobError, match=r"train\.lr"):
         pj.run_multinode_training(
             yaml.safe_dump({"train": {"lr": -1}}),
             {},

@@ -141,13 +141,13 @@ def test_isolated_stage_runs_in_its_own_process_and_failures_name_the_stage(tiny
     the run with one line naming it."""
     work = tiny_run[0]
     p = realshape.realshape_params(params, work, SCALES["tiny"])
-    params_file = realshape._write_params(p, tmp_path / "params.yaml")
+    params_file = realshape.write_params(p, tmp_path / "params.yaml")
     kwargs = {"coco_root": p.data.coco_root, "out_root": str(tmp_path / "shards")}
-    result, rss = realshape._run_in_child("ingest", "sdsclip.stages:ingest", params_file, kwargs, tmp_path / "s")
+    result, rss = realshape.run_stage_in_child("ingest", "sdsclip.stages:ingest", params_file, kwargs, tmp_path / "s")
     assert result["train2017"]["images_written"] == SCALES["tiny"].coco_images and rss > 0
     kwargs["coco_root"] = str(tmp_path / "nowhere")
     with pytest.raises(RealshapeError, match=r"stage ingest failed \(exit [12]"):
-        realshape._run_in_child("ingest", "sdsclip.stages:ingest", params_file, kwargs, tmp_path / "s")
+        realshape.run_stage_in_child("ingest", "sdsclip.stages:ingest", params_file, kwargs, tmp_path / "s")
 
 
 def test_unknown_scale_is_one_line(params, tmp_path):

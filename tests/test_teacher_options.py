@@ -89,7 +89,7 @@ def test_hard_negative_captions_swap_words_not_the_bag():
 
 
 def test_hard_negative_ranking_loss_only_when_asked():
-    from sdsclip.train import teacher_pretrain_loss
+    from sdsclip.pretrain import teacher_pretrain_loss
 
     images = torch.rand(4, 3, 32, 32)
     captions = [
@@ -207,7 +207,7 @@ def test_caption_map_gives_each_position_its_own_caption_weights(tmp_path):
 def test_high_noise_share_and_hard_negative_selection():
     """pretrain_high_t_share draws that share of t from the high-noise range; hard_negative_swap=object uses only
     relational captions' object swaps, and hard_negative_t_min leaves the low-noise rows out of the ranking."""
-    from sdsclip.train import teacher_pretrain_loss
+    from sdsclip.pretrain import teacher_pretrain_loss
 
     torch.manual_seed(0)
     base = _tiny().model_dump()

@@ -243,7 +243,7 @@ def _cli_winoground(model: Path, params: Path, tmp: Path):
 
 def test_pretrain_teacher_hashes_only_loaded_files_once(sd, tmp_path, monkeypatch):
     import sdsclip.hashing as hashing
-    from sdsclip.train import pretrain_teacher
+    from sdsclip.pretrain import pretrain_teacher
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     sd = Path(shutil.copytree(sd, tmp_path / "sd"))

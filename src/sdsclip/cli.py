@@ -439,8 +439,8 @@ def pipeline_submit(
     ),
 ):
     """Submit the compiled pipeline to a Kubeflow Pipelines server: one run, or a recurring run (--schedule)."""
+    from sdsclip.cluster.kfp_submit import SubmitError, parse_run_params, read_package, submit
     from sdsclip.config import ConfigError
-    from sdsclip.kubeflow import SubmitError, parse_run_params, read_package, submit
 
     try:
         _, inputs = read_package(package)
@@ -604,7 +604,7 @@ def pipeline_render_job(
 ):
     """Render the multi-node training PyTorchJob (k8s/training/pytorchjob.yaml; knobs from params.yaml's
     `multinode:` section), checked against the CRD schema, for submission by hand."""
-    from sdsclip.pytorchjob import PyTorchJobError, render_job_file
+    from sdsclip.cluster.jobspec import PyTorchJobError, render_job_file
 
     try:
         path = render_job_file(

@@ -7,7 +7,7 @@ Unknown keys and bad values are rejected with one line naming the offending key,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -115,7 +115,7 @@ class StudentConfig(_Section):
         description="from-scratch pretraining only: N more steps after pretrain.steps in which only the "
         "text tower trains, on L_CLIP + text_order_weight * a text-only loss reading the scene a relational caption "
         "describes (sdsclip.text_order): a text tower that separates object swaps beside the bag-of-words image "
-        'tower the first phase left (README "Headroom"); 0 = off',
+        'tower the first phase left (docs/science.md "Headroom"); 0 = off',
     )
     text_order_weight: float = Field(1.0, ge=0, description="weight of the text-order loss in those steps")
 
@@ -398,6 +398,14 @@ class EvalConfig(_Section):
     )
 
 
+SdsGradient = Literal["full", "jacobian_free"]
+OracleArm = Literal["image_layernorms", "image_tower", "both_towers"]
+Probe = Literal["sigma_only", "best_t", "sigma_first", "image_tower"]
+SDS_GRADIENTS: tuple[SdsGradient, ...] = get_args(SdsGradient)
+ORACLE_ARMS: tuple[OracleArm, ...] = get_args(OracleArm)
+PROBES: tuple[Probe, ...] = get_args(Probe)
+
+
 class ScienceConfig(_Section):
     """`sdsclip science`: the control (lambda = 0) vs SDS-CLIP over seeds and a lambda sweep
     (src/sdsclip/science.py)."""
@@ -412,16 +420,16 @@ class ScienceConfig(_Section):
         min_length=1,
         description="lambda_sds values of the SDS arms; the control (0) always runs",
     )
-    sds_gradients: list[Literal["full", "jacobian_free"]] = Field(
-        default_factory=lambda: ["full", "jacobian_free"],
+    sds_gradients: list[SdsGradient] = Field(
+        default_factory=lambda: list(SDS_GRADIENTS),
         min_length=1,
         description="train.sds_gradient of the SDS arms: each lambda runs once per entry (jacobian_free arms are "
         "named sds_lambda_<l>_jacobian_free)",
     )
     workdir: str = Field("science", description="world, shards, models, metrics and report of the experiment")
     diagnose_items: int | None = Field(200, ge=1, description="Winoground items of the teacher diagnostic; null = all")
-    ladder: list[Literal["image_layernorms", "image_tower", "both_towers"]] = Field(
-        default_factory=lambda: ["image_layernorms", "image_tower", "both_towers"],
+    ladder: list[OracleArm] = Field(
+        default_factory=lambda: list(ORACLE_ARMS),
         description="oracle fine-tunes on Winoground-format hard negatives (sdsclip.headroom): image_layernorms "
         "(a, SDS-CLIP's parameterization), image_tower (b, any image-side method), both_towers (c, NegCLIP); "
         "[] = none",
@@ -435,8 +443,8 @@ class ScienceConfig(_Section):
         description="world seed of the held-out Winoground / ARO sets every arm "
         "is also evaluated on (rendered apart from any training data)",
     )
-    probes: list[Literal["sigma_only", "best_t", "sigma_first", "image_tower"]] = Field(
-        default_factory=lambda: ["sigma_only", "best_t", "sigma_first", "image_tower"],
+    probes: list[Probe] = Field(
+        default_factory=lambda: list(PROBES),
         description="mechanism probes, SDS arms at probe_lambda: sigma_only (CLIP frozen), best_t (t drawn only "
         "where the teacher binds object order best, from the diagnostic's by-t rows), sigma_first (sigma alone for "
         "train.steps / 4 steps first), image_tower (the whole image tower trains); [] = none",
@@ -479,13 +487,13 @@ class Params(_Section):
     registry: RegisterConfig = RegisterConfig()
     science: ScienceConfig = ScienceConfig()
     multinode: dict[str, Any] | None = Field(
-        None, description="PyTorchJob settings for multi-node training (sdsclip.pytorchjob.JobConfig fields)"
+        None, description="PyTorchJob settings for multi-node training (sdsclip.cluster.jobspec.JobConfig fields)"
     )
 
     @model_validator(mode="after")
     def _check_multinode(self) -> Params:
         if self.multinode is not None:  # checked here so a typo stops every stage, not only the training step
-            from sdsclip.pytorchjob import PyTorchJobError, job_config
+            from sdsclip.cluster.jobspec import PyTorchJobError, job_config
 
             try:
                 job_config(self.multinode, name="check", image="check")

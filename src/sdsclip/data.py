@@ -283,10 +283,11 @@ def _distinct_batches(
                 batch.append((keys, sample))
                 taken.update(keys)
         while len(batch) < batch_size and not exhausted:
-            sample = next(stream, None)
-            if sample is None:
+            drawn: dict[str, Any] | None = next(stream, None)
+            if drawn is None:
                 exhausted = True
                 break
+            sample = drawn
             keys = keys_of(sample)
             if not taken.isdisjoint(keys):
                 pending.append((keys, sample))

@@ -43,13 +43,8 @@ def teacher_binding(
 ) -> dict[str, Any]:
     """The teacher's binding diagnostic on a Winoground-format dir (see the module docstring)."""
     from sdsclip.evaluate.winoground import load_data, score_examples, winoground_metrics
-    from sdsclip.scoring import TeacherScorer, load_scorer
 
-    scorer = load_scorer(teacher_ref, params)
-    if not isinstance(scorer, TeacherScorer):
-        from sdsclip.scoring import ModelRefError
-
-        raise ModelRefError(f"{teacher_ref}: not a teacher directory (diagnose teacher needs teacher.json)")
+    scorer = _load_teacher_scorer(params, teacher_ref)
     data = load_data(Path(winoground_dir), params.eval.on_missing)
     examples = data.examples[:max_items] if max_items else data.examples
     started = time.time()
@@ -57,32 +52,11 @@ def teacher_binding(
     # per-timestep rows show where in the noise schedule the caption's word order is used.
     per_draw = torch.stack([score_examples(one, data, examples) for one in scorer.single_draws()])
     scores = per_draw.mean(0)
-    # Reference scale: how much any caption helps against the empty caption, same images and draws.
-    images = [n for e in examples for n in (e.image_0, e.image_1)]
-    captions = ["", *dict.fromkeys(c for e in examples for c in (e.caption_0, e.caption_1))]
-    index = {c: i for i, c in enumerate(captions)}
-    from functools import partial
-
-    from sdsclip.evaluate.common import score_pairs
-
-    loaders = [partial(data.load_image, name) for name in images]
-    true_caps = [c for e in examples for c in (e.caption_0, e.caption_1)]
-    pairs = [(i, 0) for i in range(len(images))] + [(i, index[c]) for i, c in enumerate(true_caps)]
-    s = score_pairs(scorer, loaders, captions, pairs).double()
-    empty, true = s[: len(images)], s[len(images) :]
-    caption_effect = float((true - empty).mean())  # error(empty) - error(true)
+    caption_effect = _caption_effect(scorer, data, examples)
     effects = swap_effects(scores)
     metrics = winoground_metrics(examples, scores)
     threshold = params.teacher.binding_min_text_score if threshold is None else threshold
-    by_tag, tag_rows = {}, {}
-    for tag in sorted({e.tag for e in examples}):
-        idx = tag_rows[tag] = torch.tensor([i for i, e in enumerate(examples) if e.tag == tag])
-        by_tag[tag] = {
-            "n": len(idx),
-            "swap_effect": float(effects[idx].mean()),
-            "swap_positive_fraction": float((effects[idx] > 0).double().mean()),
-            **{k: v for k, v in _scores(scores[idx]).items()},
-        }
+    by_tag, tag_rows = _by_tag(examples, scores, effects)
     failed_tags = (
         sorted(tag for tag, row in by_tag.items() if row["text_score"] < threshold)
         if params.teacher.binding_each_tag
@@ -104,28 +78,80 @@ def teacher_binding(
         "chance_text_score": CHANCE_TEXT_SCORE,
         "by_tag": by_tag,
         "threshold_text_score": threshold,
-        "by_t": [
-            {
-                "t": int(t),
-                "swap_effect": float(swap_effects(sc).mean()),
-                "swap_positive_fraction": float((swap_effects(sc) > 0).double().mean()),
-                **_scores(sc),
-                "by_tag": {
-                    tag: {
-                        "swap_positive_fraction": float((swap_effects(sc[idx]) > 0).double().mean()),
-                        "text_score": _scores(sc[idx])["text_score"],
-                    }
-                    for tag, idx in tag_rows.items()
-                },
-            }
-            for t, sc in zip(scorer.t, per_draw)
-        ],
+        "by_t": _by_timestep(scorer.t, per_draw, tag_rows),
         "each_tag": bool(params.teacher.binding_each_tag),
         "failed_tags": failed_tags,
         "passed": bool(metrics["text_score"] >= threshold and not failed_tags),
         "seconds": round(time.time() - started, 1),
     }
     return result
+
+
+def _load_teacher_scorer(params: Params, teacher_ref: Path):
+    """The teacher scorer for ``teacher_ref``; anything but a teacher directory raises ModelRefError."""
+    from sdsclip.scoring import TeacherScorer, load_scorer
+
+    scorer = load_scorer(teacher_ref, params)
+    if not isinstance(scorer, TeacherScorer):
+        from sdsclip.scoring import ModelRefError
+
+        raise ModelRefError(f"{teacher_ref}: not a teacher directory (diagnose teacher needs teacher.json)")
+    return scorer
+
+
+def _caption_effect(scorer, data, examples) -> float:
+    """Reference scale: mean error(empty caption) - error(true caption), same images and draws."""
+    from functools import partial
+
+    from sdsclip.evaluate.common import score_pairs
+
+    images = [n for e in examples for n in (e.image_0, e.image_1)]
+    captions = ["", *dict.fromkeys(c for e in examples for c in (e.caption_0, e.caption_1))]
+    index = {c: i for i, c in enumerate(captions)}
+    loaders = [partial(data.load_image, name) for name in images]
+    true_caps = [c for e in examples for c in (e.caption_0, e.caption_1)]
+    pairs = [(i, 0) for i in range(len(images))] + [(i, index[c]) for i, c in enumerate(true_caps)]
+    s = score_pairs(scorer, loaders, captions, pairs).double()
+    empty, true = s[: len(images)], s[len(images) :]
+    return float((true - empty).mean())
+
+
+def _by_tag(
+    examples, scores: torch.Tensor, effects: torch.Tensor
+) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """Per-tag rows (swap effect and scores) and each tag's example indices."""
+    by_tag, tag_rows = {}, {}
+    for tag in sorted({e.tag for e in examples}):
+        idx = tag_rows[tag] = torch.tensor([i for i, e in enumerate(examples) if e.tag == tag])
+        by_tag[tag] = {
+            "n": len(idx),
+            "swap_effect": float(effects[idx].mean()),
+            "swap_positive_fraction": float((effects[idx] > 0).double().mean()),
+            **{k: v for k, v in _scores(scores[idx]).items()},
+        }
+    return by_tag, tag_rows
+
+
+def _by_timestep(
+    timesteps: torch.Tensor, per_draw: torch.Tensor, tag_rows: dict[str, torch.Tensor]
+) -> list[dict[str, Any]]:
+    """One row per (t, eps) draw: its swap effect and scores, overall and per tag."""
+    return [
+        {
+            "t": int(t),
+            "swap_effect": float(swap_effects(sc).mean()),
+            "swap_positive_fraction": float((swap_effects(sc) > 0).double().mean()),
+            **_scores(sc),
+            "by_tag": {
+                tag: {
+                    "swap_positive_fraction": float((swap_effects(sc[idx]) > 0).double().mean()),
+                    "text_score": _scores(sc[idx])["text_score"],
+                }
+                for tag, idx in tag_rows.items()
+            },
+        }
+        for t, sc in zip(timesteps, per_draw)
+    ]
 
 
 def _scores(scores: torch.Tensor) -> dict[str, float]:
@@ -169,13 +195,14 @@ def student_separation(
     """
     from sdsclip.evaluate.winoground import load_data
     from sdsclip.models.student import is_student_dir
-    from sdsclip.scoring import ModelRefError, load_scorer
+    from sdsclip.scoring import ModelRefError, StudentScorer, load_scorer
 
     data = load_data(Path(winoground_dir), params.eval.on_missing)
     examples = data.examples[:max_items] if max_items else data.examples
     if not is_student_dir(Path(student_ref)):
         raise ModelRefError(f"{student_ref}: not a student directory (diagnose student needs student.json)")
     scorer = load_scorer(student_ref, params)
+    assert isinstance(scorer, StudentScorer)  # a student dir, checked above
     with torch.no_grad():
         img = scorer.embed_images([data.load_image(n) for e in examples for n in (e.image_0, e.image_1)])
         txt = scorer.embed_texts([c for e in examples for c in (e.caption_0, e.caption_1)])
@@ -229,10 +256,12 @@ def image_layout_probe(
     the layout *in the direction the text embedding puts it*; this probe measures the first half alone (an
     SDS loss can raise it while the Winoground scores stay flat: carried, but not aligned)."""
     from sdsclip.evaluate.winoground import load_data
-    from sdsclip.scoring import load_scorer
+    from sdsclip.scoring import ModelRefError, StudentScorer, load_scorer
     from sdsclip.text_order import text_order_targets
 
     scorer = load_scorer(student_ref, params)
+    if not isinstance(scorer, StudentScorer):
+        raise ModelRefError(f"{student_ref}: not a student directory (the layout probe reads a student's embeddings)")
 
     def features(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
         data = load_data(Path(data_dir), params.eval.on_missing)

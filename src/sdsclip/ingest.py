@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 from sdsclip.config import IngestConfig
 from sdsclip.errors import UserError
@@ -162,7 +162,7 @@ def join(root: str | os.PathLike, *parts: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Loc:
+class Location:
     """A file or folder: its fsspec filesystem, the path on it, and the spelling the user gave (for messages
     and the manifest's ``source``, so a relative local path stays relative)."""
 
@@ -171,7 +171,7 @@ class _Loc:
     shown: str
 
     @classmethod
-    def of(cls, where: str | os.PathLike) -> _Loc:
+    def of(cls, where: str | os.PathLike) -> Location:
         import fsspec
 
         shown = os.fspath(where)
@@ -181,8 +181,8 @@ class _Loc:
             raise IngestError(f"{shown}: cannot open this location ({_one_line(err)})") from None
         return cls(fs, path.rstrip("/") or path, shown)
 
-    def child(self, name: str) -> _Loc:
-        return _Loc(self.fs, f"{self.path}/{name}", join(self.shown, name))
+    def child(self, name: str) -> Location:
+        return Location(self.fs, f"{self.path}/{name}", join(self.shown, name))
 
     @property
     def local(self) -> bool:
@@ -206,7 +206,7 @@ class _Loc:
             pass
 
 
-def _reader(loc: _Loc) -> Callable[[str], bytes]:
+def _reader(loc: Location) -> Callable[[str], bytes]:
     if loc.local:
 
         def read_local(path: str) -> bytes:
@@ -230,14 +230,18 @@ class _Image:
 
 
 @dataclass(frozen=True)
-class _Opts:
+class ProbeOptions:
+    """The ingest settings that decide what :func:`probe_image` stores."""
+
     max_pixels: int
     reencode: str
     quality: int
 
 
 @dataclass
-class _Probe:
+class ImageProbe:
+    """What :func:`probe_image` found: the bytes to store and their lineage, or why the image is unusable."""
+
     ok: bool
     reason: str = ""
     detail: str = ""
@@ -264,7 +268,7 @@ def _printable(value: Any) -> str:
     return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -276,7 +280,7 @@ def _utf8_ok(s: str) -> bool:
     return True
 
 
-def _load_coco(loc: _Loc) -> tuple[list[Any], list[Any]]:
+def _load_coco(loc: Location) -> tuple[list[Any], list[Any]]:
     path = loc.shown
     fix = "expected an MS-COCO captions file (top-level 'images' and 'annotations' lists)"
     try:
@@ -315,7 +319,7 @@ def _load_coco(loc: _Loc) -> tuple[list[Any], list[Any]]:
     return raw["images"], raw["annotations"]
 
 
-def _safe_file_name(name: Any) -> bool:
+def _safe_file_name(name: Any) -> TypeGuard[str]:
     if not isinstance(name, str) or not name.strip() or "\x00" in name or "\\" in name or not _utf8_ok(name):
         return False
     p = PurePosixPath(name)
@@ -365,7 +369,7 @@ def _to_rgb(im, mode: str):
     return im.convert("RGB")
 
 
-def _verify_jpeg_as_is(im, data: bytes, file_name: str, sha: str, size: int, fmt: str) -> _Probe:
+def _verify_jpeg_as_is(im, data: bytes, file_name: str, sha: str, size: int, fmt: str) -> ImageProbe:
     """An upright 8-bit RGB JPEG is stored unchanged, so its pixels are never needed here: decode it at 1/8
     scale (``draft``). libjpeg still entropy-decodes every coefficient of every scan, which is where truncated
     or corrupt data is detected (the rejections are the same as a full decode's, see tests/test_ingest.py),
@@ -376,8 +380,8 @@ def _verify_jpeg_as_is(im, data: bytes, file_name: str, sha: str, size: int, fmt
             im.draft(im.mode, (1, 1))
             im.load()
     except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt input
-        return _Probe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
-    return _Probe(
+        return ImageProbe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
+    return ImageProbe(
         True,
         data=data,
         sha256=sha,
@@ -392,108 +396,141 @@ def _verify_jpeg_as_is(im, data: bytes, file_name: str, sha: str, size: int, fmt
     )
 
 
-def _probe(path: str, file_name: str, read: Callable[[str], bytes], opts: _Opts) -> _Probe:
+def probe_image(path: str, file_name: str, read: Callable[[str], bytes], opts: ProbeOptions) -> ImageProbe:
     """Read, hash, decode (every coefficient / pixel, see :func:`_verify_jpeg_as_is`) and, if needed, convert one
     image. Runs in a worker thread; never raises."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         data = read(path)
     except FileNotFoundError:
-        return _Probe(False, "missing_file", f"no such file: {file_name}")
+        return ImageProbe(False, "missing_file", f"no such file: {file_name}")
     except IsADirectoryError:
-        return _Probe(False, "unreadable_file", f"is a directory: {file_name}")
+        return ImageProbe(False, "unreadable_file", f"is a directory: {file_name}")
     except Exception as err:  # noqa: BLE001 - any backend's read error
-        return _Probe(False, "unreadable_file", f"cannot read {file_name}: {type(err).__name__}: {_one_line(err)}")
+        return ImageProbe(False, "unreadable_file", f"cannot read {file_name}: {type(err).__name__}: {_one_line(err)}")
     if not data:
-        return _Probe(False, "empty_file", f"zero-byte file: {file_name}")
+        return ImageProbe(False, "empty_file", f"zero-byte file: {file_name}")
     sha, size = hashlib.sha256(data).hexdigest(), len(data)
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        if data.startswith(_IMAGE_MAGIC):  # an image format's signature, then garbage: a corrupt image
-            return _Probe(
-                False,
-                "undecodable_image",
-                f"corrupt header: {file_name} starts like an image but no decoder accepts it (starts {data[:16]!r})",
-                sha256=sha,
-                size=size,
-            )
-        return _Probe(
+        return _unidentified(data, file_name, sha, size)
+    except Image.DecompressionBombError as err:
+        return ImageProbe(False, "decompression_bomb", _one_line(err), sha256=sha, size=size)
+    except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt headers
+        return _undecodable(err, sha, size)
+    return _decode(im, data, file_name, sha, size, opts)
+
+
+def _undecodable(err: Exception, sha: str, size: int) -> ImageProbe:
+    return ImageProbe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
+
+
+def _unidentified(data: bytes, file_name: str, sha: str, size: int) -> ImageProbe:
+    """No PIL plugin accepts the file: a corrupt image if it starts with an image format's signature."""
+    if data.startswith(_IMAGE_MAGIC):
+        return ImageProbe(
             False,
-            "not_an_image",
-            f"no image format recognises {file_name} (starts {data[:16]!r})",
+            "undecodable_image",
+            f"corrupt header: {file_name} starts like an image but no decoder accepts it (starts {data[:16]!r})",
             sha256=sha,
             size=size,
         )
-    except Image.DecompressionBombError as err:
-        return _Probe(False, "decompression_bomb", _one_line(err), sha256=sha, size=size)
-    except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt headers
-        return _Probe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
+    return ImageProbe(
+        False,
+        "not_an_image",
+        f"no image format recognises {file_name} (starts {data[:16]!r})",
+        sha256=sha,
+        size=size,
+    )
+
+
+def _decode(im, data: bytes, file_name: str, sha: str, size: int, opts: ProbeOptions) -> ImageProbe:
+    """The opened image checked against the pixel limit, decoded and converted; decode errors become reasons."""
+    from PIL import Image
+
     try:
-        width, height = im.size
-        if width * height > opts.max_pixels:  # checked on the header, before any pixel is decoded
-            im.close()
-            return _Probe(
-                False,
-                "decompression_bomb",
-                f"{width}x{height} = {width * height} px > ingest.max_image_pixels ({opts.max_pixels})",
-                sha256=sha,
-                size=size,
-            )
-        fmt, mode, sixteen = im.format or "", im.mode, _bits16(im)
-        if fmt in ("JPEG", "MPO") and mode == "RGB" and im.getexif().get(0x0112) in _UPRIGHT:
-            return _verify_jpeg_as_is(im, data, file_name, sha, size, fmt)
-        if fmt != "JPEG":  # structural checks (PNG chunk CRCs ...); the image is unusable afterwards
-            with im:
-                im.verify()
-            im = Image.open(io.BytesIO(data))
-        with im:
-            im.load()  # full decode: catches truncated / corrupt pixel data
-            orientation = im.getexif().get(0x0112) if fmt in ("JPEG", "MPO", "PNG", "TIFF", "WEBP") else None
-            steps = []
-            out = im
-            if orientation not in _UPRIGHT:
-                out = ImageOps.exif_transpose(out)
-                steps.append("exif_transpose")
-            shown_mode = mode + (";16" if sixteen and not mode.startswith("I") else "")
-            if mode != "RGB" or sixteen:
-                out = _to_rgb(out, mode)
-                steps.append(f"{shown_mode}->RGB")
-            ext = _FORMAT_EXT.get(fmt, "")
-            if not steps and not ext:  # a format the training reader should not have to know
-                steps.append(f"{fmt}->{_REENCODE[opts.reencode][0]}")
-            width, height = out.size
-            if not steps:
-                return _Probe(
-                    True,
-                    data=data,
-                    sha256=sha,
-                    size=size,
-                    width=width,
-                    height=height,
-                    mode=shown_mode,
-                    format=fmt,
-                    conversion="none",
-                    stored_sha256=sha,
-                    ext=ext,
-                )
-            pil_fmt, ext = _REENCODE[opts.reencode]
-            buf = io.BytesIO()
-            if pil_fmt == "JPEG":
-                out.save(buf, format="JPEG", quality=opts.quality)
-            else:  # lossless; zlib level 1: ~3x faster than PIL's default 6 on photos, ~5% larger
-                out.save(buf, format="PNG", compress_level=1)
-            stored = buf.getvalue()
+        return _check_and_convert(im, data, file_name, sha, size, opts)
     except Image.DecompressionBombError as err:
-        return _Probe(False, "decompression_bomb", _one_line(err), sha256=sha, size=size)
+        return ImageProbe(False, "decompression_bomb", _one_line(err), sha256=sha, size=size)
     except ValueError as err:
         if "too large" in str(err).lower():  # PIL's decompressed-chunk limits (PNG text bombs)
-            return _Probe(False, "decompression_bomb", _one_line(err), sha256=sha, size=size)
-        return _Probe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
+            return ImageProbe(False, "decompression_bomb", _one_line(err), sha256=sha, size=size)
+        return _undecodable(err, sha, size)
     except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt input
-        return _Probe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
-    return _Probe(
+        return _undecodable(err, sha, size)
+
+
+def _check_and_convert(im, data: bytes, file_name: str, sha: str, size: int, opts: ProbeOptions) -> ImageProbe:
+    """Pixel limit on the header, then the JPEG fast path or a structural check and a full decode; may raise."""
+    from PIL import Image
+
+    width, height = im.size
+    if width * height > opts.max_pixels:  # checked on the header, before any pixel is decoded
+        im.close()
+        return ImageProbe(
+            False,
+            "decompression_bomb",
+            f"{width}x{height} = {width * height} px > ingest.max_image_pixels ({opts.max_pixels})",
+            sha256=sha,
+            size=size,
+        )
+    fmt, mode, sixteen = im.format or "", im.mode, _bits16(im)
+    if fmt in ("JPEG", "MPO") and mode == "RGB" and im.getexif().get(0x0112) in _UPRIGHT:
+        return _verify_jpeg_as_is(im, data, file_name, sha, size, fmt)
+    if fmt != "JPEG":  # structural checks (PNG chunk CRCs ...); the image is unusable afterwards
+        with im:
+            im.verify()
+        im = Image.open(io.BytesIO(data))
+    return _decode_fully(im, data, sha, size, fmt, mode, sixteen, opts)
+
+
+def _decode_fully(
+    im, data: bytes, sha: str, size: int, fmt: str, mode: str, sixteen: bool, opts: ProbeOptions
+) -> ImageProbe:
+    """Decode every pixel (catches truncated / corrupt data); keep the file as it is when it is upright 8-bit RGB
+    in a format the training reader knows, else re-encode the upright RGB conversion (``opts.reencode``)."""
+    from PIL import ImageOps
+
+    with im:
+        im.load()  # full decode: catches truncated / corrupt pixel data
+        orientation = im.getexif().get(0x0112) if fmt in ("JPEG", "MPO", "PNG", "TIFF", "WEBP") else None
+        steps = []
+        out = im
+        if orientation not in _UPRIGHT:
+            out = ImageOps.exif_transpose(out)
+            steps.append("exif_transpose")
+        shown_mode = mode + (";16" if sixteen and not mode.startswith("I") else "")
+        if mode != "RGB" or sixteen:
+            out = _to_rgb(out, mode)
+            steps.append(f"{shown_mode}->RGB")
+        ext = _FORMAT_EXT.get(fmt, "")
+        if not steps and not ext:  # a format the training reader should not have to know
+            steps.append(f"{fmt}->{_REENCODE[opts.reencode][0]}")
+        width, height = out.size
+        if not steps:
+            return ImageProbe(
+                True,
+                data=data,
+                sha256=sha,
+                size=size,
+                width=width,
+                height=height,
+                mode=shown_mode,
+                format=fmt,
+                conversion="none",
+                stored_sha256=sha,
+                ext=ext,
+            )
+        pil_fmt, ext = _REENCODE[opts.reencode]
+        buf = io.BytesIO()
+        if pil_fmt == "JPEG":
+            out.save(buf, format="JPEG", quality=opts.quality)
+        else:  # lossless; zlib level 1: ~3x faster than PIL's default 6 on photos, ~5% larger
+            out.save(buf, format="PNG", compress_level=1)
+        stored = buf.getvalue()
+    return ImageProbe(
         True,
         data=stored,
         sha256=sha,
@@ -513,14 +550,14 @@ class _Sample:
     """One image as its shard needs it, prepared in a worker thread so that the thread writing the shards only
     writes bytes (it would otherwise be the serial part that keeps the decode workers waiting)."""
 
-    probe: _Probe
+    probe: ImageProbe
     tar_blocks: list[bytes] = field(default_factory=list)
     manifest_csv: str = ""
     annotations: int = 0
 
 
-def _prepare(img: _Image, shard_name: str, read: Callable[[str], bytes], opts: _Opts) -> _Sample:
-    probe = _probe(img.path, img.file_name, read, opts)
+def _prepare(img: _Image, shard_name: str, read: Callable[[str], bytes], opts: ProbeOptions) -> _Sample:
+    probe = probe_image(img.path, img.file_name, read, opts)
     if not probe.ok:
         return _Sample(probe)
     key = f"{img.image_id:012d}"
@@ -626,12 +663,12 @@ class _TarWriter:
 
 
 @dataclass
-class _ShardRun:
+class ShardRun:
     """One planned shard being (re)written."""
 
     index: int
     plan_sha256: str
-    tar: _Loc
+    tar: Location
     writer: Any = None
     fh: Any = None
     manifest_csv: list[str] = field(default_factory=list)  # manifest rows, CSV lines (no header)
@@ -655,6 +692,23 @@ class _ShardRun:
         self.conversions[sample.probe.conversion] += 1
         self.images += 1
 
+    def drop(self, img: _Image, probe: ImageProbe) -> None:
+        """Quarantine every caption of an image that failed its probe."""
+        self.dropped[probe.reason] += 1
+        for ann_id, caption in img.annotations:
+            self.quarantine.append(
+                _quarantine_row(
+                    probe.reason,
+                    "annotation",
+                    annotation_id=ann_id,
+                    image_id=img.image_id,
+                    file_name=img.file_name,
+                    caption=caption,
+                    source=img.source,
+                    detail=probe.detail,
+                )
+            )
+
     def abort(self) -> None:
         """Drop the half-written shard (its .tmp file); the finished ones stay for a re-run."""
         if self.fh is None:
@@ -666,14 +720,14 @@ class _ShardRun:
         try:
             self.fh.close()
         finally:
-            _Loc(self.tar.fs, self.tar.path + ".tmp", "").remove()
+            Location(self.tar.fs, self.tar.path + ".tmp", "").remove()
 
 
-def _part_loc(out: _Loc, index: int) -> _Loc:
+def _part_loc(out: Location, index: int) -> Location:
     return out.child(PARTS_DIR).child(SHARD_PATTERN.format(index)[: -len(".tar")] + ".json")
 
 
-def _commit_shard(out: _Loc, shard: _ShardRun) -> None:
+def commit_shard(out: Location, shard: ShardRun) -> None:
     """Close the shard's tar and rename it into place (or remove a stale one when no image passed), then write
     its part: after this the shard counts as finished."""
     if shard.writer is not None:
@@ -701,7 +755,7 @@ def _commit_shard(out: _Loc, shard: _ShardRun) -> None:
     )
 
 
-def _read_part(out: _Loc, index: int) -> dict[str, Any] | None:
+def _read_part(out: Location, index: int) -> dict[str, Any] | None:
     try:
         part = json.loads(_part_loc(out, index).read_bytes())
     except (FileNotFoundError, ValueError, OSError):
@@ -709,7 +763,7 @@ def _read_part(out: _Loc, index: int) -> dict[str, Any] | None:
     return part if isinstance(part, dict) else None
 
 
-def _finished(out: _Loc, index: int, plan_sha256: str) -> bool:
+def _finished(out: Location, index: int, plan_sha256: str) -> bool:
     """The planned shard was completed by an earlier run with this very plan, and its tar is still in place."""
     part = _read_part(out, index)
     if part is None or part.get("format") != PART_FORMAT or part.get("plan_sha256") != plan_sha256:
@@ -723,7 +777,7 @@ def _finished(out: _Loc, index: int, plan_sha256: str) -> bool:
         return False
 
 
-def _plan_sha256(index: int, images: list[_Image], sizes: dict[str, int], opts: _Opts) -> str:
+def _plan_sha256(index: int, images: list[_Image], sizes: dict[str, int], opts: ProbeOptions) -> str:
     plan = {
         "format": PART_FORMAT,
         "shard": index,
@@ -737,7 +791,7 @@ def _plan_sha256(index: int, images: list[_Image], sizes: dict[str, int], opts: 
     return hashlib.sha256(json.dumps(plan, ensure_ascii=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _source_sizes(images: _Loc) -> dict[str, int]:
+def _source_sizes(images: Location) -> dict[str, int]:
     """file name (relative to the image folder) -> size, from one listing (no per-file request)."""
     try:
         found = images.fs.find(images.path, detail=True)
@@ -751,7 +805,7 @@ def _source_sizes(images: _Loc) -> dict[str, int]:
     }
 
 
-def _remove_stale(out: _Loc, planned: int) -> None:
+def _remove_stale(out: Location, planned: int) -> None:
     """Temp files of an interrupted run, and shards / parts numbered beyond this plan."""
     pat = re.compile(r"^shard-(\d{6})\.(tar|json)(\.tmp)?$")
     for folder in (out, out.child(PARTS_DIR)):
@@ -773,7 +827,7 @@ def image_folder(coco_root: str | os.PathLike, split: str) -> str:
     else ``{split}/`` (the layout of the official COCO zips: ``train2017/``, ``train2014/``)."""
     candidates = [join(coco_root, "images", split), join(coco_root, split)]
     for folder in candidates:
-        loc = _Loc.of(folder)
+        loc = Location.of(folder)
         if loc.fs.isdir(loc.path):
             return folder
     return candidates[0]
@@ -797,46 +851,91 @@ def ingest_coco(
     shards kept from an earlier run) and "seconds". Raises IngestError when the annotations file or the image
     folder cannot be used at all.
     """
-    from PIL import Image
-
     t0 = time.perf_counter()
-    ann_loc, img_loc, out = _Loc.of(annotations_json), _Loc.of(images_dir), _Loc.of(out_dir)
+    ann_loc, img_loc, out = Location.of(annotations_json), Location.of(images_dir), Location.of(out_dir)
     images_raw, anns_raw = _load_coco(ann_loc)
     if not img_loc.fs.isdir(img_loc.path):
         raise IngestError(
             f"{img_loc.shown}: image folder not found (expected images/<split>/ or <split>/ next to annotations/)"
         )
+    catalogue = _catalogue(images_raw, anns_raw, img_loc)
+    plan = _plan_shards(catalogue.todo, img_loc, cfg)
+    _prepare_out_dir(out, plan, cfg.resume)
+    _write_shards(out, img_loc, plan, cfg.workers)
+    totals = _assemble_manifest(out, len(plan.shards), catalogue)
+    _write_quarantine(out, catalogue.quarantine)
+    summary = _summarize(catalogue, totals, len(images_raw), len(anns_raw), len(plan.shards), ann_loc.shown)
+    out.child("ingest_summary.json").write_atomic(
+        (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    )
+    seconds = time.perf_counter() - t0
+    log.info(
+        "ingest %s: %d/%d images, %d/%d captions, %d shards (%d kept from an earlier run), %.1fs",
+        ann_loc.shown,
+        totals.images,
+        len(images_raw),
+        totals.annotations,
+        len(anns_raw),
+        totals.shards,
+        len(plan.reused),
+        seconds,
+    )
+    return {**summary, "shards_reused": len(plan.reused), "seconds": round(seconds, 3)}
 
-    qrows: list[dict[str, Any]] = []
 
-    def qrow(
-        reason: str,
-        level: str,
-        annotation_id: Any = "",
-        image_id: Any = "",
-        file_name: Any = "",
-        caption: Any = "",
-        source: Any = "",
-        detail: str = "",
-    ) -> dict[str, Any]:
-        return {
-            "reason": reason,
-            "level": level,
-            "annotation_id": annotation_id,
-            "image_id": image_id,
-            "file_name": _printable("" if file_name is None else file_name),
-            "caption": _printable("" if caption is None else caption),
-            "source": _printable(source) if source else "",
-            "detail": _printable(_one_line(detail)),
-        }
+# -- reading the annotations file's records -------------------------------------------------------------------
 
-    def quarantine(*args: Any, **kwargs: Any) -> None:
-        qrows.append(qrow(*args, **kwargs))
 
-    # -- images[] -----------------------------------------------------------------------------------------
+@dataclass
+class _Catalogue:
+    """The split after checking every record: the images to ingest (by id, their captions by annotation id),
+    the quarantine rows so far and the images dropped per reason (the shards' parts add theirs later)."""
+
+    todo: list[_Image] = field(default_factory=list)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    images_dropped: Counter[str] = field(default_factory=Counter)
+
+
+def _quarantine_row(
+    reason: str,
+    level: str,
+    annotation_id: Any = "",
+    image_id: Any = "",
+    file_name: Any = "",
+    caption: Any = "",
+    source: Any = "",
+    detail: str = "",
+) -> dict[str, Any]:
+    """One row of ingest_quarantine.csv (QUARANTINE_COLUMNS), every text made UTF-8-safe."""
+    return {
+        "reason": reason,
+        "level": level,
+        "annotation_id": annotation_id,
+        "image_id": image_id,
+        "file_name": _printable("" if file_name is None else file_name),
+        "caption": _printable("" if caption is None else caption),
+        "source": _printable(source) if source else "",
+        "detail": _printable(_one_line(detail)),
+    }
+
+
+def _catalogue(images_raw: list[Any], anns_raw: list[Any], img_loc: Location) -> _Catalogue:
+    """Check images[] and annotations[]; quarantine what is unusable, in the order ingest_quarantine.csv lists it."""
+    catalogue = _Catalogue()
+    images, bad_images = _read_images(images_raw, img_loc, catalogue)
+    bad_image_anns = _read_annotations(anns_raw, images, bad_images, catalogue.quarantine)
+    _quarantine_bad_images(bad_images, bad_image_anns, catalogue.quarantine)
+    catalogue.todo = _images_with_captions(images, catalogue)
+    return catalogue
+
+
+def _read_images(
+    images_raw: list[Any], img_loc: Location, catalogue: _Catalogue
+) -> tuple[dict[int, _Image], dict[int, tuple[str, str, Any]]]:
+    """images[] -> (usable images by id, int id of an unusable record -> (reason, detail, file name)). An unusable
+    record with an id keeps its captions for :func:`_quarantine_bad_images`; one without is quarantined here."""
     images: dict[int, _Image] = {}
-    bad_images: dict[int, tuple[str, str, Any]] = {}  # int id of an unusable record -> (reason, detail, name)
-    images_dropped: Counter[str] = Counter()
+    bad_images: dict[int, tuple[str, str, Any]] = {}
     for i, rec in enumerate(images_raw):
         img_id = rec.get("id") if isinstance(rec, dict) else None
         name = rec.get("file_name") if isinstance(rec, dict) else None
@@ -848,33 +947,46 @@ def ingest_coco(
                 if not _is_int(img_id)
                 else "'file_name' is not a relative UTF-8 path inside the image folder"
             )
-            images_dropped["bad_image_record"] += 1
+            catalogue.images_dropped["bad_image_record"] += 1
             if _is_int(img_id) and img_id not in images and img_id not in bad_images:
                 bad_images[img_id] = ("bad_image_record", detail, name)  # its captions are quarantined with it
             else:  # no usable id: nothing can point at it
-                quarantine(
-                    "bad_image_record",
-                    "image",
-                    image_id="" if img_id is None else _printable(img_id),
-                    file_name=name,
-                    detail=detail,
+                catalogue.quarantine.append(
+                    _quarantine_row(
+                        "bad_image_record",
+                        "image",
+                        image_id="" if img_id is None else _printable(img_id),
+                        file_name=name,
+                        detail=detail,
+                    )
                 )
             continue
         if img_id in images or img_id in bad_images:
-            images_dropped["duplicate_image_id"] += 1
-            quarantine(
-                "duplicate_image_id",
-                "image",
-                image_id=img_id,
-                file_name=name,
-                source=join(img_loc.shown, name),
-                detail=f"images[{i}]: id {img_id} already used by an earlier record",
+            catalogue.images_dropped["duplicate_image_id"] += 1
+            catalogue.quarantine.append(
+                _quarantine_row(
+                    "duplicate_image_id",
+                    "image",
+                    image_id=img_id,
+                    file_name=name,
+                    source=join(img_loc.shown, name),
+                    detail=f"images[{i}]: id {img_id} already used by an earlier record",
+                )
             )
             continue
         rel = PurePosixPath(name).as_posix()
         images[img_id] = _Image(img_id, rel, f"{img_loc.path}/{rel}", join(img_loc.shown, rel))
+    return images, bad_images
 
-    # -- annotations[] ------------------------------------------------------------------------------------
+
+def _read_annotations(
+    anns_raw: list[Any],
+    images: dict[int, _Image],
+    bad_images: dict[int, tuple[str, str, Any]],
+    quarantine: list[dict[str, Any]],
+) -> dict[int, list[tuple[int, Any]]]:
+    """annotations[]: usable captions are added to their image; returns the captions of unusable image records
+    (image id -> [(annotation id, caption)]), which are quarantined with their image."""
     seen_ann: set[int] = set()
     bad_image_anns: dict[int, list[tuple[int, Any]]] = {}
     for i, rec in enumerate(anns_raw):
@@ -884,212 +996,260 @@ def ingest_coco(
         shown_img = "" if img_id is None else img_id if _is_int(img_id) else _printable(img_id)
         if not isinstance(rec, dict) or not _is_int(ann_id):
             what = "not an object" if not isinstance(rec, dict) else "'id' is not an integer"
-            quarantine(
-                "bad_annotation_record",
-                "annotation",
-                annotation_id="" if ann_id is None else _printable(ann_id),
-                image_id=shown_img,
-                caption=caption,
-                detail=f"annotations[{i}]: {what}",
+            quarantine.append(
+                _quarantine_row(
+                    "bad_annotation_record",
+                    "annotation",
+                    annotation_id="" if ann_id is None else _printable(ann_id),
+                    image_id=shown_img,
+                    caption=caption,
+                    detail=f"annotations[{i}]: {what}",
+                )
             )
             continue
         if ann_id in seen_ann:
-            quarantine(
-                "duplicate_annotation_id",
-                "annotation",
-                annotation_id=ann_id,
-                image_id=shown_img,
-                caption=caption,
-                detail=f"annotations[{i}]: id {ann_id} already used by an earlier annotation",
+            quarantine.append(
+                _quarantine_row(
+                    "duplicate_annotation_id",
+                    "annotation",
+                    annotation_id=ann_id,
+                    image_id=shown_img,
+                    caption=caption,
+                    detail=f"annotations[{i}]: id {ann_id} already used by an earlier annotation",
+                )
             )
             continue
         seen_ann.add(ann_id)
         if _is_int(img_id) and img_id in bad_images:
             bad_image_anns.setdefault(img_id, []).append((ann_id, caption))
             continue
-        if not _is_int(img_id) or img_id not in images:
-            quarantine(
-                "unknown_image_id",
-                "annotation",
-                annotation_id=ann_id,
-                image_id=shown_img,
-                caption=caption,
-                detail=f"annotations[{i}]: image_id {_printable(repr(img_id))} is not an id in images[]",
-            )
-            continue
-        img = images[img_id]
-        if not isinstance(caption, str):
-            quarantine(
-                "bad_caption_type",
-                "annotation",
-                annotation_id=ann_id,
-                image_id=img_id,
-                file_name=img.file_name,
-                caption=caption,
-                detail=f"annotations[{i}]: caption is {type(caption).__name__}, not a string",
-            )
-            continue
-        problem = _caption_problem(caption)
-        if problem:
-            quarantine(
-                problem[0],
-                "annotation",
-                annotation_id=ann_id,
-                image_id=img_id,
-                file_name=img.file_name,
-                caption=caption,
-                detail=f"annotations[{i}]: {problem[1]}",
-            )
-            continue
-        img.annotations.append((ann_id, caption))
+        rejected = _attach_caption(i, ann_id, img_id, shown_img, caption, images)
+        if rejected:
+            quarantine.append(rejected)
+    return bad_image_anns
 
+
+def _attach_caption(
+    i: int, ann_id: int, img_id: Any, shown_img: Any, caption: Any, images: dict[int, _Image]
+) -> dict[str, Any] | None:
+    """Add annotations[i]'s caption to its image; or, when the image id is unknown or the caption unusable, return
+    its quarantine row instead."""
+    if not _is_int(img_id) or img_id not in images:
+        return _quarantine_row(
+            "unknown_image_id",
+            "annotation",
+            annotation_id=ann_id,
+            image_id=shown_img,
+            caption=caption,
+            detail=f"annotations[{i}]: image_id {_printable(repr(img_id))} is not an id in images[]",
+        )
+    img = images[img_id]
+    if not isinstance(caption, str):
+        return _quarantine_row(
+            "bad_caption_type",
+            "annotation",
+            annotation_id=ann_id,
+            image_id=img_id,
+            file_name=img.file_name,
+            caption=caption,
+            detail=f"annotations[{i}]: caption is {type(caption).__name__}, not a string",
+        )
+    problem = _caption_problem(caption)
+    if problem:
+        return _quarantine_row(
+            problem[0],
+            "annotation",
+            annotation_id=ann_id,
+            image_id=img_id,
+            file_name=img.file_name,
+            caption=caption,
+            detail=f"annotations[{i}]: {problem[1]}",
+        )
+    img.annotations.append((ann_id, caption))
+    return None
+
+
+def _quarantine_bad_images(
+    bad_images: dict[int, tuple[str, str, Any]],
+    bad_image_anns: dict[int, list[tuple[int, Any]]],
+    quarantine: list[dict[str, Any]],
+) -> None:
+    """Every caption of an unusable image record, with the record's reason (one ``image`` row when it has none)."""
     for img_id in sorted(bad_images):
         reason, detail, name = bad_images[img_id]
         anns = sorted(bad_image_anns.get(img_id, []), key=lambda a: a[0])
         if not anns:
-            quarantine(reason, "image", image_id=img_id, file_name=name, detail=detail)
+            quarantine.append(_quarantine_row(reason, "image", image_id=img_id, file_name=name, detail=detail))
         for ann_id, caption in anns:
-            quarantine(
-                reason,
-                "annotation",
-                annotation_id=ann_id,
-                image_id=img_id,
-                file_name=name,
-                caption=caption,
-                detail=detail,
+            quarantine.append(
+                _quarantine_row(
+                    reason,
+                    "annotation",
+                    annotation_id=ann_id,
+                    image_id=img_id,
+                    file_name=name,
+                    caption=caption,
+                    detail=detail,
+                )
             )
 
+
+def _images_with_captions(images: dict[int, _Image], catalogue: _Catalogue) -> list[_Image]:
+    """The images to ingest, by id, their captions by annotation id; an image without one is quarantined."""
     todo: list[_Image] = []
     for img_id in sorted(images):
         img = images[img_id]
         if not img.annotations:
-            images_dropped["no_caption"] += 1
-            quarantine(
-                "no_caption",
-                "image",
-                image_id=img_id,
-                file_name=img.file_name,
-                source=img.source,
-                detail="no usable annotation refers to this image",
+            catalogue.images_dropped["no_caption"] += 1
+            catalogue.quarantine.append(
+                _quarantine_row(
+                    "no_caption",
+                    "image",
+                    image_id=img_id,
+                    file_name=img.file_name,
+                    source=img.source,
+                    detail="no usable annotation refers to this image",
+                )
             )
         else:
             img.annotations.sort(key=lambda a: a[0])
             todo.append(img)
+    return todo
 
-    # -- plan: images in id order, shard_size per shard; finished shards of an earlier run are kept ---------
-    opts = _Opts(cfg.max_image_pixels, cfg.reencode_format, cfg.reencode_quality)
-    plan = [todo[i : i + cfg.shard_size] for i in range(0, len(todo), cfg.shard_size)]
+
+# -- planning, resuming, writing the shards -------------------------------------------------------------------
+
+
+@dataclass
+class _ShardPlan:
+    """Images in id order, ``shard_size`` per shard, each shard's plan hash, and the shards an earlier run finished
+    with the same plan (filled in by :func:`_prepare_out_dir`)."""
+
+    opts: ProbeOptions
+    shards: list[list[_Image]]
+    hashes: list[str]
+    reused: set[int] = field(default_factory=set)
+
+
+def _plan_shards(todo: list[_Image], img_loc: Location, cfg: IngestConfig) -> _ShardPlan:
+    opts = ProbeOptions(cfg.max_image_pixels, cfg.reencode_format, cfg.reencode_quality)
+    shards = [todo[i : i + cfg.shard_size] for i in range(0, len(todo), cfg.shard_size)]
     sizes = _source_sizes(img_loc)
-    hashes = [_plan_sha256(k, chunk, sizes, opts) for k, chunk in enumerate(plan)]
+    return _ShardPlan(opts, shards, [_plan_sha256(k, chunk, sizes, opts) for k, chunk in enumerate(shards)])
+
+
+def _prepare_out_dir(out: Location, plan: _ShardPlan, resume: bool) -> None:
+    """Create the output folders, remove leftovers of an interrupted run and note the finished shards to keep."""
+    planned = len(plan.shards)
     out.fs.makedirs(out.path, exist_ok=True)
     out.fs.makedirs(out.child(PARTS_DIR).path, exist_ok=True)
-    _remove_stale(out, len(plan))
-    reused = {k for k in range(len(plan)) if cfg.resume and _finished(out, k, hashes[k])}
-    if len(reused) < len(plan) or not plan:
+    _remove_stale(out, planned)
+    plan.reused = {k for k in range(planned) if resume and _finished(out, k, plan.hashes[k])}
+    if len(plan.reused) < planned or not planned:
         for name in FINAL_FILES:  # never leave a manifest that disagrees with the shards
             out.child(name).remove()
 
-    # -- images: read + hash + decode + convert in parallel, written in id order ---------------------------
-    work = [(k, img) for k, chunk in enumerate(plan) if k not in reused for img in chunk]
+
+def _write_shards(out: Location, img_loc: Location, plan: _ShardPlan, workers: int) -> None:
+    """Read + hash + decode + convert the images of every shard not kept, in parallel; write them in id order, each
+    shard committed (tar renamed, part written) when its last image is in."""
+    from PIL import Image
+
+    work = [(k, img) for k, chunk in enumerate(plan.shards) if k not in plan.reused for img in chunk]
     read = _reader(img_loc)
-    shard: _ShardRun | None = None
+    shard: ShardRun | None = None
     pil_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # ingest.max_image_pixels is checked on each header instead (process-wide)
     try:
         for (k, img), sample in _ordered_map(
-            lambda item: _prepare(item[1], SHARD_PATTERN.format(item[0]), read, opts), work, cfg.workers
+            lambda item: _prepare(item[1], SHARD_PATTERN.format(item[0]), read, plan.opts), work, workers
         ):
             if shard is None or shard.index != k:
                 if shard is not None:
-                    _commit_shard(out, shard)
-                shard = _ShardRun(k, hashes[k], out.child(SHARD_PATTERN.format(k)))
-            probe = sample.probe
-            if not probe.ok:
-                shard.dropped[probe.reason] += 1
-                for ann_id, caption in img.annotations:
-                    shard.quarantine.append(
-                        qrow(
-                            probe.reason,
-                            "annotation",
-                            annotation_id=ann_id,
-                            image_id=img.image_id,
-                            file_name=img.file_name,
-                            caption=caption,
-                            source=img.source,
-                            detail=probe.detail,
-                        )
-                    )
-                continue
-            shard.write(sample)
+                    commit_shard(out, shard)
+                shard = ShardRun(k, plan.hashes[k], out.child(SHARD_PATTERN.format(k)))
+            if sample.probe.ok:
+                shard.write(sample)
+            else:
+                shard.drop(img, sample.probe)
         if shard is not None:
-            _commit_shard(out, shard)
+            commit_shard(out, shard)
             shard = None
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
         if shard is not None:  # interrupted: drop the half-written shard; finished ones stay for a re-run
             shard.abort()
 
-    # -- assemble the final files from the parts ----------------------------------------------------------
-    conversions: Counter[str] = Counter()
-    images_written = annotations_written = shards_written = 0
+
+# -- the final files, assembled from the parts ----------------------------------------------------------------
+
+
+@dataclass
+class _Totals:
+    """What the shards' parts hold, summed."""
+
+    images: int = 0
+    annotations: int = 0
+    shards: int = 0  # shards with a tar (a shard whose images all failed has none)
+    conversions: Counter[str] = field(default_factory=Counter)
+
+
+def _assemble_manifest(out: Location, planned: int, catalogue: _Catalogue) -> _Totals:
+    """manifest.csv from the parts, in shard order; the parts' quarantine rows and dropped images go into
+    ``catalogue`` after its own."""
+    totals = _Totals()
     manifest = out.child("manifest.csv")
     with out.fs.open(manifest.path + ".tmp", "w", encoding="utf-8", newline="") as fh:
         fh.write(",".join(MANIFEST_COLUMNS) + "\n")
-        for k in range(len(plan)):
+        for k in range(planned):
             part = _read_part(out, k)
             if part is None:
                 raise IngestError(f"{_part_loc(out, k).shown}: shard part vanished while ingesting; re-run ingest")
             fh.write(part["manifest_csv"])
-            qrows.extend(part["quarantine"])
-            images_dropped.update(part["images_dropped"])
-            conversions.update(part["conversions"])
-            images_written += part["images"]
-            annotations_written += part["annotations"]
-            shards_written += part["tar_bytes"] is not None
+            catalogue.quarantine.extend(part["quarantine"])
+            catalogue.images_dropped.update(part["images_dropped"])
+            totals.conversions.update(part["conversions"])
+            totals.images += part["images"]
+            totals.annotations += part["annotations"]
+            totals.shards += part["tar_bytes"] is not None
     out.fs.mv(manifest.path + ".tmp", manifest.path)
+    return totals
 
-    qbuf = io.StringIO()
-    qw = csv.DictWriter(qbuf, fieldnames=QUARANTINE_COLUMNS, lineterminator="\n")
-    qw.writeheader()
-    qw.writerows(qrows)
-    out.child("ingest_quarantine.csv").write_atomic(qbuf.getvalue().encode("utf-8"))
 
+def _write_quarantine(out: Location, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=QUARANTINE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    out.child("ingest_quarantine.csv").write_atomic(buf.getvalue().encode("utf-8"))
+
+
+def _summarize(
+    catalogue: _Catalogue, totals: _Totals, images_in: int, anns_in: int, planned: int, ann_shown: str
+) -> dict[str, Any]:
+    """The counts of ingest_summary.json, after checking that every image and every caption is accounted for."""
+    qrows, images_dropped = catalogue.quarantine, catalogue.images_dropped
     annotations_quarantined = sum(1 for r in qrows if r["level"] == "annotation")
     summary = {
-        "images_in": len(images_raw),
-        "images_written": images_written,
+        "images_in": images_in,
+        "images_written": totals.images,
         "images_dropped": dict(sorted(images_dropped.items())),
-        "annotations_in": len(anns_raw),
-        "annotations_written": annotations_written,
+        "annotations_in": anns_in,
+        "annotations_written": totals.annotations,
         "annotations_quarantined": annotations_quarantined,
         "quarantined": dict(sorted(Counter(r["reason"] for r in qrows).items())),
-        "conversions": dict(sorted(conversions.items())),
-        "shards": shards_written,
-        "shards_planned": len(plan),
+        "conversions": dict(sorted(totals.conversions.items())),
+        "shards": totals.shards,
+        "shards_planned": planned,
     }
-    if annotations_written + annotations_quarantined != len(anns_raw):
+    if totals.annotations + annotations_quarantined != anns_in:
         raise AssertionError(
-            f"ingest invariant broken: {annotations_written} written + {annotations_quarantined} "
-            f"quarantined != {len(anns_raw)} annotations in {ann_loc.shown}"
+            f"ingest invariant broken: {totals.annotations} written + {annotations_quarantined} "
+            f"quarantined != {anns_in} annotations in {ann_shown}"
         )
-    if images_written + sum(images_dropped.values()) != len(images_raw):
+    if totals.images + sum(images_dropped.values()) != images_in:
         raise AssertionError(
-            f"ingest invariant broken: {images_written} images written + "
-            f"{sum(images_dropped.values())} dropped != {len(images_raw)} in {ann_loc.shown}"
+            f"ingest invariant broken: {totals.images} images written + "
+            f"{sum(images_dropped.values())} dropped != {images_in} in {ann_shown}"
         )
-    out.child("ingest_summary.json").write_atomic(
-        (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    )
-    seconds = time.perf_counter() - t0
-    log.info(
-        "ingest %s: %d/%d images, %d/%d captions, %d shards (%d kept from an earlier run), %.1fs",
-        ann_loc.shown,
-        images_written,
-        len(images_raw),
-        annotations_written,
-        len(anns_raw),
-        shards_written,
-        len(reused),
-        seconds,
-    )
-    return {**summary, "shards_reused": len(reused), "seconds": round(seconds, 3)}
+    return summary

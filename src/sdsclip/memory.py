@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
+from typing import Any
 
+import open_clip
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -235,7 +237,7 @@ class TeacherSpec:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoConfig
 
-        from sdsclip.models.teacher import CAPTION_MAP_DIR, TEACHER_META, TEXT_ENCODERS, _read_config
+        from sdsclip.models.teacher import CAPTION_MAP_DIR, TEACHER_META, TEXT_ENCODERS, read_json_config
 
         root = Path(root)
         meta = json.loads((root / TEACHER_META).read_text()) if (root / TEACHER_META).is_file() else {}
@@ -244,12 +246,12 @@ class TeacherSpec:
         arch = (getattr(text_config, "architectures", None) or ["CLIPTextModel"])[0]
         text_cls = TEXT_ENCODERS.get(arch, TEXT_ENCODERS["CLIPTextModel"])
         tok_cfg = root / "tokenizer" / "tokenizer_config.json"
-        max_tokens = _read_config(tok_cfg).get("model_max_length") if tok_cfg.is_file() else None
+        max_tokens = read_json_config(tok_cfg).get("model_max_length") if tok_cfg.is_file() else None
         if not isinstance(max_tokens, int) or max_tokens > 4096:  # unset: HF writes a huge sentinel
             max_tokens = int(getattr(text_config, "max_position_embeddings", 77))
         caption_map = None
         if meta.get("caption_map_channels"):
-            caption_map = _read_config(root / CAPTION_MAP_DIR / "config.json")
+            caption_map = read_json_config(root / CAPTION_MAP_DIR / "config.json")
         return cls(
             unet_config,
             lambda: text_cls(text_config),
@@ -313,7 +315,7 @@ def _refake(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _clip_model(arch: str) -> torch.nn.Module:
+def _clip_model(arch: str | dict[str, Any]) -> open_clip.CLIP:
     """The open_clip model class ``open_clip.create_model`` would build for ``arch``, built in place (its final
     ``model.to(device)`` cannot move fake parameters)."""
     import open_clip
@@ -330,7 +332,7 @@ def _clip_model(arch: str) -> torch.nn.Module:
 
 
 def count_step(
-    student_arch: str,
+    student_arch: str | dict[str, Any],
     teacher: TeacherSpec | None,
     batch: int,
     autocast: torch.dtype | None,
@@ -352,39 +354,21 @@ def count_step(
     from open_clip.loss import ClipLoss
 
     from sdsclip.models import student as _student  # noqa: F401 - registers the tiny open_clip configs
-    from sdsclip.sds import LatentProjection, StudentWithSigma, sds_clip_objective, sds_loss, select_trainable
+    from sdsclip.sds import sds_clip_objective, sds_loss
 
     with fake_device(device_type):
         clip = _clip_model(student_arch)
         t = teacher.build() if teacher is not None else None
-        shape = t.latent_shape if t is not None else tuple(latent_shape or (4, 64, 64))
-        embed_dim = (
-            int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") else int(clip.visual.output_dim)
-        )
-        sigma = _refake(_real(lambda: LatentProjection(embed_dim, shape)))  # its __init__ reads a value
-        params = select_trainable(clip, sigma, trainable)
-        if t is None:  # as finetune: sigma does not train in the control
-            sigma.requires_grad_(False)
-            params = params[: len(params) - len(list(sigma.parameters()))]
-        module = StudentWithSigma(clip, sigma).eval()
+        shape: tuple[int, int, int] = t.latent_shape if t is not None else (latent_shape or (4, 64, 64))
+        module, params = _student_with_sigma(clip, shape, trainable, with_teacher=t is not None)
         weights = [module] + ([t.unet, t.text_encoder, t.caption_map] if t is not None else [])
         recompute = [0]
         if t is not None and checkpointing:
-
-            def segment(fn, *args):  # diffusers' checkpoint call, plus a count of what its recompute saves
-                inner = SavedTensorCounter.excluding(*weights)
-                with inner():  # innermost hooks win: the outer count sees only what checkpoint keeps
-                    fn(*args)
-                recompute[0] = max(recompute[0], inner.bytes)
-                return torch.utils.checkpoint.checkpoint(fn.__call__, *args, use_reentrant=False)
-
-            t.unet.enable_gradient_checkpointing(gradient_checkpointing_func=segment)
-        side = clip.visual.image_size
-        side = side[0] if isinstance(side, (tuple, list)) else side
-        images = torch.zeros(batch, 3, side, side)
-        tokens = torch.zeros(batch, int(getattr(clip, "context_length", 77)), dtype=torch.long)
+            _count_checkpoint_segments(t, weights, recompute)
+        images, tokens = _fake_student_batch(clip, batch)
         cond = None
         if t is not None:
+            assert teacher is not None  # t is built from it
             with torch.no_grad():  # the text cache: computed without grad, outside autocast
                 ids = torch.zeros(batch, teacher.max_tokens, dtype=torch.long)
                 cond = t.text_encoder(ids).last_hidden_state
@@ -397,10 +381,12 @@ def count_step(
             )
             student_saved = counter.bytes
             loss_sds = (
-                sds_loss(t, z, cond, 20, 980, noise_draws, None, gradient=sds_gradient) if t is not None else None
+                sds_loss(t, z, cond, 20, 980, noise_draws, None, gradient=sds_gradient)
+                if t is not None and z is not None and cond is not None
+                else None
             )
         unet_saved = counter.bytes - student_saved
-        if jacobian_free and t is not None:  # only for the segments' count: the production step saved none
+        if jacobian_free and t is not None and z is not None and cond is not None:  # segments' count only
             with _autocast(device_type, autocast), SavedTensorCounter.excluding(*weights)():
                 sds_loss(t, z.detach().requires_grad_(True), cond, 20, 980, noise_draws, None)
         del terms, loss_sds
@@ -414,6 +400,42 @@ def count_step(
             trainable_params=sum(p.untyped_storage().nbytes() for p in params),
             cond_row=(cond[0].numel() * cond.element_size()) if cond is not None else 0,
         )
+
+
+def _student_with_sigma(clip, latent_shape: tuple[int, int, int], trainable: str, with_teacher: bool):
+    """The student wrapped with its latent projection sigma, and the parameters the step trains."""
+    from sdsclip.sds import LatentProjection, StudentWithSigma, select_trainable
+
+    embed_dim = int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") else int(clip.visual.output_dim)
+    sigma = _refake(_real(lambda: LatentProjection(embed_dim, latent_shape)))  # its __init__ reads a value
+    assert isinstance(sigma, LatentProjection)
+    params = select_trainable(clip, sigma, trainable)
+    if not with_teacher:  # as finetune: sigma does not train in the control
+        sigma.requires_grad_(False)
+        params = params[: len(params) - len(list(sigma.parameters()))]
+    return StudentWithSigma(clip, sigma).eval(), params
+
+
+def _count_checkpoint_segments(t, weights: list, recompute: list[int]) -> None:
+    """Checkpoint the UNet's segments, keeping in ``recompute[0]`` the largest saved bytes one recompute holds."""
+
+    def segment(fn, *args):  # diffusers' checkpoint call, plus a count of what its recompute saves
+        inner = SavedTensorCounter.excluding(*weights)
+        with inner():  # innermost hooks win: the outer count sees only what checkpoint keeps
+            fn(*args)
+        recompute[0] = max(recompute[0], inner.bytes)
+        return torch.utils.checkpoint.checkpoint(fn.__call__, *args, use_reentrant=False)
+
+    t.unet.enable_gradient_checkpointing(gradient_checkpointing_func=segment)
+
+
+def _fake_student_batch(clip, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero images and token ids of the student's input sizes."""
+    side = clip.visual.image_size
+    side = side[0] if isinstance(side, (tuple, list)) else side
+    images = torch.zeros(batch, 3, side, side)
+    tokens = torch.zeros(batch, int(getattr(clip, "context_length", 77)), dtype=torch.long)
+    return images, tokens
 
 
 # ------------------------------------------------------------------------------------ peak estimate
@@ -478,7 +500,7 @@ def setting_of(mixed_precision: str, checkpointing: bool) -> str:
 
 def estimate_step(
     cfg,
-    student_arch: str,
+    student_arch: str | dict[str, Any],
     teacher: TeacherSpec | None,
     world: int = 1,
     device_type: str = "cuda",
@@ -521,7 +543,7 @@ def estimate_step(
         student_saved=c.student_saved,
     )
     subtotal = est.peak
-    est.margin = int(MARGIN_FRACTION * subtotal) + (CUDA_RESERVE if device_type == "cuda" else 0)
+    est.margin = int(MARGIN_FRACTION * subtotal) + (int(CUDA_RESERVE) if device_type == "cuda" else 0)
     return est
 
 
@@ -546,7 +568,7 @@ def device_free_bytes(device: torch.device) -> int | None:
 
 def check_step_memory(
     cfg,
-    student_arch: str,
+    student_arch: str | dict[str, Any],
     teacher_root=None,
     teacher_latent: str | None = None,
     teacher_image_size: int | None = None,
@@ -557,7 +579,7 @@ def check_step_memory(
 ) -> StepEstimate | None:
     """Before the first step: refuse (TrainError, one line) a step whose estimated peak exceeds the device's free
     memory, naming the knobs that shrink it; ``train.memory_check`` warn logs the line instead, off skips."""
-    from sdsclip.train import TrainError
+    from sdsclip.train_common import TrainError
 
     mode = cfg.memory_check
     if mode == "off":

@@ -1,8 +1,7 @@
 """`sdsclip realshape` (`make realshape`): the real path end to end, at the real model shapes, on the CPU.
 
 Nothing real can be downloaded, so this writes random-init stand-ins with the real shapes and formats, then
-runs the whole chain on them exactly as the real configuration does (README "Real COCO / CLIP / Stable
-Diffusion"):
+runs the whole chain on them exactly as the real configuration does (docs/real-data.md):
 
   fixtures (cached) -> ingest -> validate -> pretrain student / teacher (verify the checkpoint / SD dir and
   hash them) -> train control (lambda 0) and SDS -> Winoground / ARO / zero-shot / SugarCrepe for the three
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdsclip.config import Params, params_to_dict
+from sdsclip.config import DataConfig, Params, params_to_dict
 from sdsclip.errors import UserError
 
 SPLIT = "train2017"
@@ -207,7 +206,8 @@ def write_coco(
     rng = np.random.default_rng([seed, 2017])
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for index in range(n_images):
         width, height = sizes[index % len(sizes)]
         canvas = min(width, height)
@@ -516,6 +516,10 @@ def _fixture_stages(
     ]
 
 
+_Stage = tuple[str, str, dict[str, Any]]
+_STAGES = "sdsclip.stages:"
+
+
 def chain(params: Params, paths: Paths) -> list[tuple[str, str, dict[str, Any]]]:
     """(stage name, ``module:function``, keyword arguments) of the whole chain after the fixtures, in order.
 
@@ -528,9 +532,28 @@ def chain(params: Params, paths: Paths) -> list[tuple[str, str, dict[str, Any]]]
         "sds": models / "sds",
     }
     every = {**student_models, "teacher": models / "teacher"}
-    s = "sdsclip.stages:"
-    out: list[tuple[str, str, dict[str, Any]]] = [
-        ("ingest", s + "ingest", {"coco_root": d.coco_root, "out_root": shards, "metrics": metrics / "ingest.json"}),
+    out = _data_and_pretrain_stages(d, shards, validated, metrics, every)
+    out += _train_stages(r, shards, validated, every)
+    out.append(
+        (
+            "derive_sugarcrepe",
+            _STAGES + "derive_sugarcrepe",
+            {"winoground_dir": d.winoground_dir, "out_dir": d.sugarcrepe_dir},
+        )
+    )
+    for key, model in every.items():
+        out += _evaluate_stages(r, d, metrics, key, model)
+    out += _report_and_register_stages(r, shards, metrics, every)
+    return out
+
+
+def _data_and_pretrain_stages(
+    data: DataConfig, shards: Path, validated: Path, metrics: Path, every: dict[str, Path]
+) -> list[_Stage]:
+    """Ingest, validate and the two pretraining stages."""
+    s = _STAGES
+    return [
+        ("ingest", s + "ingest", {"coco_root": data.coco_root, "out_root": shards, "metrics": metrics / "ingest.json"}),
         (
             "validate",
             s + "validate",
@@ -547,74 +570,77 @@ def chain(params: Params, paths: Paths) -> list[tuple[str, str, dict[str, Any]]]
             {"shards_root": shards, "validated_root": validated, "out_dir": every["teacher"]},
         ),
     ]
-    for arm, control in (("baseline", True), ("sds", False)):
-        out.append(
-            (
-                f"train_{arm}",
-                s + "train",
-                {
-                    "student": every["pretrained"],
-                    "teacher": every["teacher"],
-                    "shards_root": shards,
-                    "validated_root": validated,
-                    "out_dir": every[arm],
-                    "control": control,
-                    "log_dir": r / "logs" / f"train_{arm}",
-                },
-            )
-        )
-    out.append(
+
+
+def _train_stages(run_dir: Path, shards: Path, validated: Path, every: dict[str, Path]) -> list[_Stage]:
+    """The control (baseline) and SDS-CLIP fine-tuning stages."""
+    return [
         (
-            "derive_sugarcrepe",
-            s + "derive_sugarcrepe",
-            {"winoground_dir": d.winoground_dir, "out_dir": d.sugarcrepe_dir},
+            f"train_{arm}",
+            _STAGES + "train",
+            {
+                "student": every["pretrained"],
+                "teacher": every["teacher"],
+                "shards_root": shards,
+                "validated_root": validated,
+                "out_dir": every[arm],
+                "control": control,
+                "log_dir": run_dir / "logs" / f"train_{arm}",
+            },
         )
-    )
-    for key, model in every.items():
-        out += [
-            (
-                f"evaluate_winoground@{key}",
-                s + "evaluate_winoground",
-                {
-                    "model": model,
-                    "data_dir": d.winoground_dir,
-                    "out": metrics / f"winoground_{key}.json",
-                    "scores": r / "scores" / f"winoground_{key}.jsonl",
-                },
-            ),
-            (
-                f"evaluate_aro@{key}",
-                s + "evaluate_aro",
-                {"model": model, "data_dir": d.aro_dir, "out": metrics / f"aro_{key}.json"},
-            ),
-            (
-                f"evaluate_zeroshot@{key}",
-                s + "evaluate_zeroshot",
-                {"model": model, "data_dir": d.zeroshot_dir, "out": metrics / f"zeroshot_{key}.json"},
-            ),
-            (
-                f"evaluate_sugarcrepe@{key}",
-                s + "evaluate_sugarcrepe",
-                {
-                    "model": model,
-                    "data_dir": d.sugarcrepe_dir,
-                    "out": metrics / f"sugarcrepe_{key}.json",
-                    "scores": r / "scores" / f"sugarcrepe_{key}.jsonl",
-                },
-            ),
-        ]
-    out.append(
+        for arm, control in (("baseline", True), ("sds", False))
+    ]
+
+
+def _evaluate_stages(run_dir: Path, data: DataConfig, metrics: Path, key: str, model: Path) -> list[_Stage]:
+    """The four evaluation stages of one model."""
+    s = _STAGES
+    return [
+        (
+            f"evaluate_winoground@{key}",
+            s + "evaluate_winoground",
+            {
+                "model": model,
+                "data_dir": data.winoground_dir,
+                "out": metrics / f"winoground_{key}.json",
+                "scores": run_dir / "scores" / f"winoground_{key}.jsonl",
+            },
+        ),
+        (
+            f"evaluate_aro@{key}",
+            s + "evaluate_aro",
+            {"model": model, "data_dir": data.aro_dir, "out": metrics / f"aro_{key}.json"},
+        ),
+        (
+            f"evaluate_zeroshot@{key}",
+            s + "evaluate_zeroshot",
+            {"model": model, "data_dir": data.zeroshot_dir, "out": metrics / f"zeroshot_{key}.json"},
+        ),
+        (
+            f"evaluate_sugarcrepe@{key}",
+            s + "evaluate_sugarcrepe",
+            {
+                "model": model,
+                "data_dir": data.sugarcrepe_dir,
+                "out": metrics / f"sugarcrepe_{key}.json",
+                "scores": run_dir / "scores" / f"sugarcrepe_{key}.jsonl",
+            },
+        ),
+    ]
+
+
+def _report_and_register_stages(run_dir: Path, shards: Path, metrics: Path, every: dict[str, Path]) -> list[_Stage]:
+    """The report and the SDS-CLIP model's registration."""
+    return [
         (
             "report",
             "sdsclip.realshape:_report",
-            {"metrics_dir": metrics, "out_dir": r / "reports", "summary": metrics / "evaluation.json"},
-        )
-    )
-    # the experiment's artifacts land next to the run's mlflow.db (sdsclip.register.experiment_id)
-    out.append(
+            {"metrics_dir": metrics, "out_dir": run_dir / "reports", "summary": metrics / "evaluation.json"},
+        ),
+        # the experiment's artifacts land next to the run's mlflow.db (sdsclip.register.experiment_id)
         (
             "register",
-            s + "register",
+            _STAGES + "register",
             {
                 "model": every["sds"],
                 "metrics": metrics / "winoground_sds.json",
@@ -622,9 +648,8 @@ def chain(params: Params, paths: Paths) -> list[tuple[str, str, dict[str, Any]]]
                 "out": metrics / "registration.json",
                 "data_files": [shards / SPLIT / "manifest.csv"],
             },
-        )
-    )
-    return out
+        ),
+    ]
 
 
 def _report(params: Params, **kwargs: Any) -> dict[str, Any]:
@@ -649,7 +674,7 @@ def _run_in_process(target: str, params: Params, kwargs: dict[str, Any]) -> tupl
     return result, _peak_rss_mb(resource.getrusage(resource.RUSAGE_SELF))
 
 
-def _run_in_child(
+def run_stage_in_child(
     name: str, target: str, params_file: Path, kwargs: dict[str, Any], spec_dir: Path
 ) -> tuple[Any, float | None]:
     """One stage in a fresh interpreter (as DVC runs each stage); its own peak RSS from wait4."""
@@ -704,13 +729,13 @@ class _Runner:
     def __init__(self, params: Params, paths: Paths, isolate: bool, log: Callable[[str], None]):
         self.params, self.paths, self.isolate, self.log = params, paths, isolate, log
         self.records: list[dict[str, Any]] = []
-        self.params_file = _write_params(params, paths.run / "params.yaml")
+        self.params_file = write_params(params, paths.run / "params.yaml")
 
     def __call__(self, name: str, target: str, kwargs: dict[str, Any]) -> Any:
         self.log(f"run   {name}")
         t0 = time.time()
         if self.isolate:
-            result, rss = _run_in_child(name, target, self.params_file, kwargs, self.paths.run / "stages")
+            result, rss = run_stage_in_child(name, target, self.params_file, kwargs, self.paths.run / "stages")
         else:
             result, rss = _run_in_process(target, self.params, kwargs)
         self.records.append({"stage": name, "seconds": round(time.time() - t0, 1), "peak_rss_mb": rss, "reused": False})
@@ -836,7 +861,8 @@ def _write_fixture(params: Params, out: str, scale: str, fixture: str, student_f
     raise RealshapeError(f"unknown fixture {fixture!r}")
 
 
-def _write_params(params: Params, path: Path) -> Path:
+def write_params(params: Params, path: Path) -> Path:
+    """Write ``params`` to ``path`` as YAML (what an isolated stage reads); returns ``path``."""
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -854,51 +880,11 @@ def _summary(
     isolate: bool,
 ) -> dict[str, Any]:
     """Timings, the shape checks (raises when the real path did not run at the scale's shapes) and headlines."""
-    sd = paths.sd
-    text_cfg = json.loads((sd / "text_encoder" / "config.json").read_text())
-    tok_cfg = json.loads((sd / "tokenizer" / "tokenizer_config.json").read_text())
-    teacher_meta = json.loads((paths.run / "models" / "teacher" / "teacher.json").read_text())
-    student_meta = json.loads((paths.run / "models" / "student_pretrained" / "student.json").read_text())
-    shapes = {
-        "student_arch": student_meta.get("arch"),
-        "student_source": student_meta.get("source"),
-        "teacher_image_size": teacher_meta.get("image_size"),
-        "teacher_latent": teacher_meta.get("latent"),
-        "teacher_latent_shape": teacher_meta.get("latent_shape"),
-        "sigma_latent_shape": results["train_sds"].get("latent_shape"),
-        "text_tokens": tok_cfg.get("model_max_length"),
-        "text_positions": text_cfg.get("max_position_embeddings"),
-        "text_width": text_cfg.get("hidden_size"),
-        "text_layers": text_cfg.get("num_hidden_layers"),
-    }
-    expected = {
-        "student_arch": sc.student_arch,
-        "student_source": "checkpoint",
-        "teacher_image_size": sc.teacher_image_size,
-        "teacher_latent": "vae",
-        "teacher_latent_shape": sc.latent_shape,
-        "sigma_latent_shape": sc.latent_shape,
-        "text_tokens": sc.text_encoder["max_position_embeddings"],
-        "text_positions": sc.text_encoder["max_position_embeddings"],
-        "text_width": sc.text_encoder["hidden_size"],
-        "text_layers": sc.text_encoder["num_hidden_layers"],
-    }
-    wrong = {k: (shapes[k], v) for k, v in expected.items() if shapes[k] != v}
-    if wrong:
-        raise RealshapeError(
-            "the chain did not run at the fixture's shapes: "
-            + ", ".join(f"{k} {got!r} (expected {want!r})" for k, (got, want) in wrong.items())
-        )
+    shapes = _chain_shapes(paths, results)
+    _check_shapes(shapes, _expected_shapes(sc))
     ran = [r for r in records if not r["reused"]]
     rss = [r["peak_rss_mb"] for r in ran if r["peak_rss_mb"] is not None]
-    metrics = paths.run / "metrics"
-    wino = {
-        m: {
-            k: json.loads((metrics / f"winoground_{m}.json").read_text()).get(k)
-            for k in ("n", "text_score", "image_score", "group_score")
-        }
-        for m in ("pretrained", "baseline", "sds", "teacher")
-    }
+    wino = _winoground_headlines(paths.run / "metrics")
     return {
         "scale": sc.name,
         "isolated_stages": isolate,
@@ -929,5 +915,63 @@ def _summary(
     }
 
 
-if __name__ == "__main__":  # one isolated stage (see _run_in_child)
+def _chain_shapes(paths: Paths, results: dict[str, Any]) -> dict[str, Any]:
+    """The shapes the chain actually ran at, from the fixture's configs, the models' metadata and train_sds."""
+    sd = paths.sd
+    text_cfg = json.loads((sd / "text_encoder" / "config.json").read_text())
+    tok_cfg = json.loads((sd / "tokenizer" / "tokenizer_config.json").read_text())
+    teacher_meta = json.loads((paths.run / "models" / "teacher" / "teacher.json").read_text())
+    student_meta = json.loads((paths.run / "models" / "student_pretrained" / "student.json").read_text())
+    return {
+        "student_arch": student_meta.get("arch"),
+        "student_source": student_meta.get("source"),
+        "teacher_image_size": teacher_meta.get("image_size"),
+        "teacher_latent": teacher_meta.get("latent"),
+        "teacher_latent_shape": teacher_meta.get("latent_shape"),
+        "sigma_latent_shape": results["train_sds"].get("latent_shape"),
+        "text_tokens": tok_cfg.get("model_max_length"),
+        "text_positions": text_cfg.get("max_position_embeddings"),
+        "text_width": text_cfg.get("hidden_size"),
+        "text_layers": text_cfg.get("num_hidden_layers"),
+    }
+
+
+def _expected_shapes(sc: Scale) -> dict[str, Any]:
+    """The shapes a chain at scale ``sc`` must run at."""
+    return {
+        "student_arch": sc.student_arch,
+        "student_source": "checkpoint",
+        "teacher_image_size": sc.teacher_image_size,
+        "teacher_latent": "vae",
+        "teacher_latent_shape": sc.latent_shape,
+        "sigma_latent_shape": sc.latent_shape,
+        "text_tokens": sc.text_encoder["max_position_embeddings"],
+        "text_positions": sc.text_encoder["max_position_embeddings"],
+        "text_width": sc.text_encoder["hidden_size"],
+        "text_layers": sc.text_encoder["num_hidden_layers"],
+    }
+
+
+def _check_shapes(shapes: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise RealshapeError naming every shape that differs from the expected one."""
+    wrong = {k: (shapes[k], v) for k, v in expected.items() if shapes[k] != v}
+    if wrong:
+        raise RealshapeError(
+            "the chain did not run at the fixture's shapes: "
+            + ", ".join(f"{k} {got!r} (expected {want!r})" for k, (got, want) in wrong.items())
+        )
+
+
+def _winoground_headlines(metrics: Path) -> dict[str, dict[str, Any]]:
+    """Each model's Winoground n and scores, from its metrics file."""
+    return {
+        m: {
+            k: json.loads((metrics / f"winoground_{m}.json").read_text()).get(k)
+            for k in ("n", "text_score", "image_score", "group_score")
+        }
+        for m in ("pretrained", "baseline", "sds", "teacher")
+    }
+
+
+if __name__ == "__main__":  # one isolated stage (see run_stage_in_child)
     sys.exit(_child_main(sys.argv[1]))

@@ -71,19 +71,20 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     return data
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to one level of dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     flat: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten_dict(value, f"{name}."))
         else:
             flat[name] = value
     return flat
 
 
 def _scalar_metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
-    return {f"{prefix}{k}": float(v) for k, v in _flatten(metrics).items() if isinstance(v, (int, float))}
+    return {f"{prefix}{k}": float(v) for k, v in flatten_dict(metrics).items() if isinstance(v, (int, float))}
 
 
 def register_model(
@@ -149,7 +150,7 @@ def _register(
     )
     run_id = run.info.run_id
     try:
-        flat_params = [Param(k, str(v)[:500]) for k, v in _flatten(params_to_dict(params)).items()]
+        flat_params = [Param(k, str(v)[:500]) for k, v in flatten_dict(params_to_dict(params)).items()]
         for i in range(0, len(flat_params), 100):  # the REST API's per-request limit on params
             client.log_batch(run_id, params=flat_params[i : i + 100])
         now = int(time() * 1000)

@@ -1,6 +1,6 @@
 """`sdsclip science`: does SDS-CLIP beat its control in the embedded world once there is room to? One report.
 
-The experiment (params profile ``science``; knobs in the ``science`` section; README "Headroom"):
+The experiment (params profile ``science``; knobs in the ``science`` section; docs/science.md "Headroom"):
   world -> ingest -> validate -> teacher pretraining -> teacher diagnostic ->
   two more renderings: Winoground-format training items for the oracle arms (science.oracle_train_seed) and
   held-out Winoground / ARO sets (science.holdout_seed) ->
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdsclip.config import Params, params_to_dict
+from sdsclip.config import Params, ScienceConfig, params_to_dict
 
 #: (benchmark, row) -> label of the subsets the report shows, in order
 SUBSETS = {
@@ -164,12 +164,13 @@ def experiment_arms(params: Params, diagnostic: dict[str, Any], log: Callable[[s
     lam = sci.probe_lambda or sci.lambdas[0]
     steps = params.train.steps or 4
     for probe in sci.probes:
-        train: dict[str, Any] | None = {
+        probe_settings: dict[str, dict[str, Any] | None] = {
             "sigma_only": {"trainable": "sigma_only"},
             "image_tower": {"trainable": "image_tower"},
             "sigma_first": {"sigma_first_steps": max(1, steps // 4)},
             "best_t": best_binding_t_window(diagnostic),
-        }[probe]
+        }
+        train = probe_settings[probe]
         if train is None:
             log("probe best_t skipped: the teacher diagnostic has no per-t rows")
             continue
@@ -282,14 +283,54 @@ def _check_seeds(params: Params) -> None:
 
 def run_science(params: Params, workdir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole experiment (see the module docstring); returns the summary the report is made from."""
-    from sdsclip import stages
-    from sdsclip.diagnose import sds_shortcut, teacher_binding, verdict_line
-
     _check_seeds(params)
     sci = params.science
     work = Path(workdir or sci.workdir)
     params = experiment_params(params, work)
     full = params_to_dict(params)
+    shards, validated, oracle_train, holdout = _render_and_ingest(params, work, full, log)
+    data_key = [full["world"], params.seed, full["ingest"], full["validation"]]
+    teacher_dir, teacher_key, diagnostic, shortcut = _teacher_and_diagnostics(
+        params, work, full, shards, validated, data_key, log
+    )
+    experiment = _Experiment(
+        work=work,
+        sets=_Sets(shards, validated, teacher_dir, oracle_train / "winoground", holdout),
+        data_key=data_key,
+        teacher_key=teacher_key,
+        eval_config=full["eval"],
+        science=sci,
+        log=log,
+    )
+    arms = experiment_arms(params, diagnostic, log)
+    student_dir, pretrained, runs = _student_runs(experiment, params, arms)
+    summary = summarize(runs, pretrained, diagnostic, params)
+    summary["sds_shortcut"] = shortcut
+    summary["student"] = {
+        "dir": student_dir.name,
+        "text_order_steps": params.student.text_order_steps,
+        "text_order_weight": params.student.text_order_weight,
+    }
+    if params.student.text_order_steps > 0 and sci.plain_student_ladder:
+        # The premise on the plain (bag-distinct, no text-order phase) student: its ladder and control only.
+        plain = params.model_copy(update={"student": params.student.model_copy(update={"text_order_steps": 0})})
+        plain_arms = [a for a in arms if a.role in ("control", "oracle")]
+        plain_dir, plain_pre, plain_runs = _student_runs(experiment, plain, plain_arms)
+        summary["plain_student"] = summarize(plain_runs, plain_pre, diagnostic, plain)
+        summary["plain_student"]["student"] = {"dir": plain_dir.name, "text_order_steps": 0}
+    write_report(summary, work / "report")
+    return summary
+
+
+def _render_and_ingest(
+    params: Params, work: Path, full: dict[str, Any], log: Callable[[str], None]
+) -> tuple[Path, Path, Path, Path]:
+    """Render (cached) the world, the oracle's training items and the held-out sets; ingest and validate the world.
+
+    Returns the shards, validated, oracle-train and held-out dirs."""
+    from sdsclip import stages
+
+    sci = params.science
     world, shards, validated = work / "world", work / "shards", work / "validated"
     _cached(world, [full["world"], params.seed], lambda: stages.synth(params, world), log)
     # Two more renderings with their own seeds: the oracle arms' training items, and the held-out sets.
@@ -316,7 +357,26 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
         lambda: stages.validate(params, shards, validated),
         log,
     )
-    data_key = [full["world"], params.seed, full["ingest"], full["validation"]]
+    return shards, validated, oracle_train, holdout
+
+
+def _teacher_and_diagnostics(
+    params: Params,
+    work: Path,
+    full: dict[str, Any],
+    shards: Path,
+    validated: Path,
+    data_key: list[Any],
+    log: Callable[[str], None],
+) -> tuple[Path, list[Any], dict[str, Any], dict[str, Any]]:
+    """Pretrain (cached) the teacher, then its binding diagnostic and the SDS shortcut check.
+
+    Pops the diagnostic-only keys from ``full["teacher"]``; returns the teacher dir, its cache key, the
+    diagnostic and the shortcut check."""
+    from sdsclip import stages
+    from sdsclip.diagnose import sds_shortcut, teacher_binding, verdict_line
+
+    sci = params.science
     teacher_dir = work / "models" / "teacher"
     # The diagnostic's pass rule changes no weights: it keys the diagnostic only, not the teacher or the arms.
     pass_rule = {k: full["teacher"].pop(k) for k in DIAGNOSTIC_ONLY if k in full["teacher"]}
@@ -341,63 +401,50 @@ def run_science(params: Params, workdir: Path | None = None, log: Callable[[str]
         lambda: sds_shortcut(params, teacher_dir, Path(params.data.winoground_dir), sci.diagnose_items),
         log,
     )
-    sets = _Sets(shards, validated, teacher_dir, oracle_train / "winoground", holdout)
+    return teacher_dir, teacher_key, diagnostic, shortcut
 
-    def student_runs(p: Params, arms: list[Arm]) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
-        """Pretrain (cached) the student ``p`` describes, evaluate it, run ``arms`` over the seeds."""
-        text_order = p.student.text_order_steps > 0
-        student_dir = work / "models" / ("student_pretrained_text_order" if text_order else "student_pretrained")
-        student_key = [data_key, params_to_dict(p)["student"], p.seed]
-        _cached(
+
+def _student_runs(
+    experiment: _Experiment, p: Params, arms: list[Arm]
+) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+    """Pretrain (cached) the student ``p`` describes, evaluate it, run ``arms`` over the seeds."""
+    from sdsclip import stages
+
+    work, sets, sci, log = experiment.work, experiment.sets, experiment.science, experiment.log
+    text_order = p.student.text_order_steps > 0
+    student_dir = work / "models" / ("student_pretrained_text_order" if text_order else "student_pretrained")
+    student_key = [experiment.data_key, params_to_dict(p)["student"], p.seed]
+    _cached(
+        student_dir,
+        student_key,
+        lambda: stages.pretrain_student(p, sets.shards, sets.validated, student_dir, work / "logs" / student_dir.name),
+        log,
+    )
+    pre_dir = work / "metrics" / student_dir.name
+    pretrained = _cached(
+        pre_dir,
+        [student_key, experiment.eval_config, sci.holdout_seed],
+        lambda: evaluate_student(p, student_dir, pre_dir, sets.holdout, sets.oracle_train),
+        log,
+    )
+    prefix = student_dir.name.removeprefix("student_pretrained").strip("_")
+    runs = [
+        run_arm(
+            p,
+            arm,
+            seed,
             student_dir,
-            student_key,
-            lambda: stages.pretrain_student(p, shards, validated, student_dir, work / "logs" / student_dir.name),
+            sets,
+            work / "runs" / prefix,
+            work / "metrics" / prefix,
+            work / "logs" / prefix,
+            [student_key, experiment.teacher_key, experiment.eval_config],
             log,
         )
-        pre_dir = work / "metrics" / student_dir.name
-        pretrained = _cached(
-            pre_dir,
-            [student_key, full["eval"], sci.holdout_seed],
-            lambda: evaluate_student(p, student_dir, pre_dir, holdout, oracle_train / "winoground"),
-            log,
-        )
-        prefix = student_dir.name.removeprefix("student_pretrained").strip("_")
-        runs = [
-            run_arm(
-                p,
-                arm,
-                seed,
-                student_dir,
-                sets,
-                work / "runs" / prefix,
-                work / "metrics" / prefix,
-                work / "logs" / prefix,
-                [student_key, teacher_key, full["eval"]],
-                log,
-            )
-            for seed in sci.seeds
-            for arm in arms
-        ]
-        return student_dir, pretrained, runs
-
-    arms = experiment_arms(params, diagnostic, log)
-    student_dir, pretrained, runs = student_runs(params, arms)
-    summary = summarize(runs, pretrained, diagnostic, params)
-    summary["sds_shortcut"] = shortcut
-    summary["student"] = {
-        "dir": student_dir.name,
-        "text_order_steps": params.student.text_order_steps,
-        "text_order_weight": params.student.text_order_weight,
-    }
-    if params.student.text_order_steps > 0 and sci.plain_student_ladder:
-        # The premise on the plain (bag-distinct, no text-order phase) student: its ladder and control only.
-        plain = params.model_copy(update={"student": params.student.model_copy(update={"text_order_steps": 0})})
-        plain_arms = [a for a in arms if a.role in ("control", "oracle")]
-        plain_dir, plain_pre, plain_runs = student_runs(plain, plain_arms)
-        summary["plain_student"] = summarize(plain_runs, plain_pre, diagnostic, plain)
-        summary["plain_student"]["student"] = {"dir": plain_dir.name, "text_order_steps": 0}
-    write_report(summary, work / "report")
-    return summary
+        for seed in sci.seeds
+        for arm in arms
+    ]
+    return student_dir, pretrained, runs
 
 
 @dataclass
@@ -407,6 +454,19 @@ class _Sets:
     teacher: Path
     oracle_train: Path
     holdout: Path
+
+
+@dataclass
+class _Experiment:
+    """What every student's runs share: the work dir, the data and teacher, their cache keys and the log."""
+
+    work: Path
+    sets: _Sets
+    data_key: list[Any]
+    teacher_key: list[Any]
+    eval_config: dict[str, Any]
+    science: ScienceConfig
+    log: Callable[[str], None]
 
 
 def run_arm(
@@ -542,43 +602,88 @@ def summarize(
 ) -> dict[str, Any]:
     """Mean / std / min / max over seeds per arm and subset, the per-seed paired difference arm - control,
     item-bootstrap 95 % intervals of it, probe numbers from the training curves, and the cost per step."""
-    arms: dict[str, dict[str, Any]] = {}
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        mine = [r for r in runs if r["arm"] == arm]
-        subsets = {}
-        for (bench, row), label in SUBSETS.items():
-            values = [r["rows"].get(bench, {}).get(row) for r in mine]
-            if all(v is not None for v in values):
-                subsets[label] = _mean_std([float(v) for v in values])
-        per_step = [r["train"]["seconds_per_step"] for r in mine if r["train"].get("seconds_per_step")]
-        curve_keys = sorted({k for r in mine for k, v in (r.get("curve") or {}).items() if v is not None})
-        curve = {
-            k: _mean_std([float(r["curve"][k]) for r in mine if r.get("curve", {}).get(k) is not None])
-            for k in curve_keys
+    arms = {arm: _arm_summary([r for r in runs if r["arm"] == arm]) for arm in dict.fromkeys(r["arm"] for r in runs)}
+    paired, bootstrap = _paired_vs_control(runs, arms, params.science.bootstrap_samples)
+    pre = {label: pretrained.get(bench, {}).get(row) for (bench, row), label in SUBSETS.items()}
+    return {
+        "arms": arms,
+        "paired_vs_control": paired,
+        "bootstrap_vs_control": bootstrap,
+        "pretrained": pre,
+        "pretrained_separation": pretrained.get("_separation"),
+        "pretrained_layout_probe": pretrained.get("_layout_probe"),
+        "runs": [{**r, "rows": {k: v for k, v in r["rows"].items() if k != "_items"}} for r in runs],
+        "teacher_diagnostic": {k: diagnostic.get(k) for k in _DIAGNOSTIC_SUMMARY_KEYS},
+        "best_t_window": best_binding_t_window(diagnostic),
+        "settings": _summary_settings(params),
+    }
+
+
+#: the teacher diagnostic's entries the summary keeps
+_DIAGNOSTIC_SUMMARY_KEYS = (
+    "text_score",
+    "image_score",
+    "group_score",
+    "swap_effect",
+    "swap_effect_sem",
+    "caption_effect",
+    "swap_to_caption_ratio",
+    "threshold_text_score",
+    "each_tag",
+    "failed_tags",
+    "passed",
+    "n",
+    "by_tag",
+    "by_t",
+)
+
+
+def _arm_summary(mine: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's runs (all its seeds) summarised over seeds."""
+    subsets = {}
+    for (bench, row), label in SUBSETS.items():
+        values = [r["rows"].get(bench, {}).get(row) for r in mine]
+        if all(v is not None for v in values):
+            subsets[label] = _mean_std([float(v) for v in values])
+    per_step = [r["train"]["seconds_per_step"] for r in mine if r["train"].get("seconds_per_step")]
+    curve_keys = sorted({k for r in mine for k, v in (r.get("curve") or {}).items() if v is not None})
+    curve = {
+        k: _mean_std([float(r["curve"][k]) for r in mine if r.get("curve", {}).get(k) is not None]) for k in curve_keys
+    }
+    return {
+        "lambda": mine[0]["lambda"],
+        "role": mine[0].get("role", "sds"),
+        "overrides": mine[0].get("overrides") or {},
+        "rung": mine[0].get("rung"),
+        "seeds": [r["seed"] for r in mine],
+        "subsets": subsets,
+        "curve": curve,
+        "object_swap_separation": _object_swap_separation(mine),
+        "seconds_per_step": _mean_std(per_step) if per_step else None,
+    }
+
+
+def _object_swap_separation(mine: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The student diagnostic on object swaps over one arm's seeds, with the layout probe when every run has it."""
+    sep = [r["rows"].get("_separation", {}).get("by_tag", {}).get("Object-Swap") for r in mine]
+    separation = (
+        {
+            k: _mean_std([float(s[k]) for s in sep])
+            for k in ("text_cosine_distance", "image_cosine_distance", "captions_disagree", "images_disagree")
         }
-        sep = [r["rows"].get("_separation", {}).get("by_tag", {}).get("Object-Swap") for r in mine]
-        separation = (
-            {
-                k: _mean_std([float(s[k]) for s in sep])
-                for k in ("text_cosine_distance", "image_cosine_distance", "captions_disagree", "images_disagree")
-            }
-            if sep and all(sep)
-            else None
-        )
-        probes = [r["rows"].get("_layout_probe") for r in mine]
-        if separation and probes and all(probes):
-            separation["layout_probe_accuracy"] = _mean_std([float(pr["layout_probe_accuracy"]) for pr in probes])
-        arms[arm] = {
-            "lambda": mine[0]["lambda"],
-            "role": mine[0].get("role", "sds"),
-            "overrides": mine[0].get("overrides") or {},
-            "rung": mine[0].get("rung"),
-            "seeds": [r["seed"] for r in mine],
-            "subsets": subsets,
-            "curve": curve,
-            "object_swap_separation": separation,
-            "seconds_per_step": _mean_std(per_step) if per_step else None,
-        }
+        if sep and all(sep)
+        else None
+    )
+    probes = [r["rows"].get("_layout_probe") for r in mine]
+    if separation and probes and all(probes):
+        separation["layout_probe_accuracy"] = _mean_std([float(pr["layout_probe_accuracy"]) for pr in probes])
+    return separation
+
+
+def _paired_vs_control(
+    runs: list[dict[str, Any]], arms: dict[str, dict[str, Any]], bootstrap_samples: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Per arm but the control: the per-seed paired differences arm - control, and their item bootstrap."""
     control = {r["seed"]: r for r in runs if r["arm"] == "control"}
     paired: dict[str, dict[str, Any]] = {}
     bootstrap: dict[str, dict[str, Any]] = {}
@@ -601,53 +706,28 @@ def summarize(
         mine = {r["seed"]: r["rows"].get("_items") for r in runs if r["arm"] == arm and r["rows"].get("_items")}
         ctrl = {s: r["rows"].get("_items") for s, r in control.items() if r["rows"].get("_items")}
         if mine and ctrl:
-            bootstrap[arm] = paired_bootstrap(mine, ctrl, params.science.bootstrap_samples)
-    pre = {label: pretrained.get(bench, {}).get(row) for (bench, row), label in SUBSETS.items()}
+            bootstrap[arm] = paired_bootstrap(mine, ctrl, bootstrap_samples)
+    return paired, bootstrap
+
+
+def _summary_settings(params: Params) -> dict[str, Any]:
+    """The settings the summary records."""
     return {
-        "arms": arms,
-        "paired_vs_control": paired,
-        "bootstrap_vs_control": bootstrap,
-        "pretrained": pre,
-        "pretrained_separation": pretrained.get("_separation"),
-        "pretrained_layout_probe": pretrained.get("_layout_probe"),
-        "runs": [{**r, "rows": {k: v for k, v in r["rows"].items() if k != "_items"}} for r in runs],
-        "teacher_diagnostic": {
-            k: diagnostic.get(k)
-            for k in (
-                "text_score",
-                "image_score",
-                "group_score",
-                "swap_effect",
-                "swap_effect_sem",
-                "caption_effect",
-                "swap_to_caption_ratio",
-                "threshold_text_score",
-                "each_tag",
-                "failed_tags",
-                "passed",
-                "n",
-                "by_tag",
-                "by_t",
-            )
-        },
-        "best_t_window": best_binding_t_window(diagnostic),
-        "settings": {
-            "profile": params.profile,
-            "seeds": params.science.seeds,
-            "lambdas": params.science.lambdas,
-            "train_steps": params.train.steps,
-            "train_batch_size": params.train.batch_size,
-            "train_batching": params.train.batching,
-            "student_batching": params.student.pretrain.batching,
-            "student_text_order_steps": params.student.text_order_steps,
-            "student_text_order_weight": params.student.text_order_weight,
-            "student_steps": params.student.pretrain.steps,
-            "teacher_steps": params.teacher.pretrain.steps,
-            "oracle_lr": params.science.oracle_lr,
-            "oracle_train_items": params.science.oracle_train_items,
-            "oracle_train_seed": params.science.oracle_train_seed,
-            "holdout_seed": params.science.holdout_seed,
-        },
+        "profile": params.profile,
+        "seeds": params.science.seeds,
+        "lambdas": params.science.lambdas,
+        "train_steps": params.train.steps,
+        "train_batch_size": params.train.batch_size,
+        "train_batching": params.train.batching,
+        "student_batching": params.student.pretrain.batching,
+        "student_text_order_steps": params.student.text_order_steps,
+        "student_text_order_weight": params.student.text_order_weight,
+        "student_steps": params.student.pretrain.steps,
+        "teacher_steps": params.teacher.pretrain.steps,
+        "oracle_lr": params.science.oracle_lr,
+        "oracle_train_items": params.science.oracle_train_items,
+        "oracle_train_seed": params.science.oracle_train_seed,
+        "holdout_seed": params.science.holdout_seed,
     }
 
 
@@ -687,11 +767,32 @@ def _describe(name: str, arm: dict[str, Any]) -> str:
 
 
 def markdown(summary: dict[str, Any]) -> str:
+    """The science report (science.md) of a run_science summary."""
     arms = summary["arms"]
+    cols = [c for c in MAIN_COLUMNS if any(c in a["subsets"] for a in arms.values())]
+    lines = _premise_lines(summary)
+    lines += _main_table_lines(summary, cols)
+    lines += _paired_table_lines(summary, cols)
+    lines += _mechanism_probe_lines(arms)
+    lines += _shortcut_lines(summary)
+    lines += _student_diagnostic_lines(summary)
+    lines += _cost_lines(arms)
+    lines += _plain_student_lines(summary)
+    lines += _teacher_diagnostic_lines(summary)
+    return "\n".join(lines)
+
+
+def _pretrained_object_swap_separation(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The pretrained student's text / image separation on object swaps, if the summary has it."""
+    sep = summary.get("pretrained_separation") or {}
+    return (sep.get("by_tag") or {}).get("Object-Swap")
+
+
+def _premise_lines(summary: dict[str, Any]) -> list[str]:
+    """Title, settings and the premises the comparison rests on."""
     diag = summary["teacher_diagnostic"]
     pre_obj = summary["pretrained"].get("Wino group: object swap")
-    sep = summary.get("pretrained_separation") or {}
-    obj_sep = (sep.get("by_tag") or {}).get("Object-Swap")
+    obj_sep = _pretrained_object_swap_separation(summary)
     lines = [
         "# SDS-CLIP vs control in the embedded world",
         "",
@@ -715,7 +816,13 @@ def markdown(summary: dict[str, Any]) -> str:
             "- **The teacher fails its binding diagnostic, so this comparison cannot test the paper's "
             "claim: whatever SDS changes, it cannot be teaching word order the teacher does not know.**"
         )
-    cols = [c for c in MAIN_COLUMNS if any(c in a["subsets"] for a in arms.values())]
+    return lines
+
+
+def _main_table_lines(summary: dict[str, Any], cols: list[str]) -> list[str]:
+    """The main table: each arm's mean ± std over seeds, under the pretrained student."""
+    arms = summary["arms"]
+    lines: list[str] = []
     lines += [
         "",
         "Mean ± std over fine-tuning seeds (the pretrained student and teacher are shared by all runs; "
@@ -731,6 +838,12 @@ def markdown(summary: dict[str, Any]) -> str:
         f"| {_describe(name, a)} | " + " | ".join(_pm(a["subsets"].get(c)) for c in cols) + " |"
         for name, a in arms.items()
     ]
+    return lines
+
+
+def _paired_table_lines(summary: dict[str, Any], cols: list[str]) -> list[str]:
+    """The paired differences arm − control: bootstrap intervals if there are any, else over seeds."""
+    lines: list[str] = []
     boot = summary.get("bootstrap_vs_control") or {}
     if boot:
         pcols = [c for c in PAIRED_COLUMNS if any(c in b for b in boot.values())]
@@ -770,6 +883,12 @@ def markdown(summary: dict[str, Any]) -> str:
                 )
                 + " |"
             )
+    return lines
+
+
+def _mechanism_probe_lines(arms: dict[str, dict[str, Any]]) -> list[str]:
+    """The mechanism probes from the training curves, for the arms that logged them."""
+    lines: list[str] = []
     curves = {n: a for n, a in arms.items() if a.get("curve")}
     if curves:
         lines += [
@@ -805,6 +924,12 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"{g(a, 'grad_norm_clip_sigma')} | {g(a, 'grad_norm_sds_sigma')} | "
                 f"{g(a, 'z_mean', '{:+.3f}')} / {g(a, 'z_std', '{:.3f}')} |"
             )
+    return lines
+
+
+def _shortcut_lines(summary: dict[str, Any]) -> list[str]:
+    """The SDS shortcut check, if it ran."""
+    lines: list[str] = []
     cut = summary.get("sds_shortcut")
     if cut:
         lines += [
@@ -817,6 +942,14 @@ def markdown(summary: dict[str, Any]) -> str:
             f"mean latent. Data latents: mean {cut['latent_mean']:+.3f}, std {cut['latent_std']:.3f}; the "
             f"blank canvas is {cut['blank_latent_mean']:+.3f} everywhere.",
         ]
+    return lines
+
+
+def _student_diagnostic_lines(summary: dict[str, Any]) -> list[str]:
+    """The student diagnostic on object swaps after fine-tuning, for the arms that have it."""
+    arms = summary["arms"]
+    obj_sep = _pretrained_object_swap_separation(summary)
+    lines: list[str] = []
     seps = {n: a["object_swap_separation"] for n, a in arms.items() if a.get("object_swap_separation")}
     if seps:
         lines += [
@@ -842,8 +975,18 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{_pm(v.get('layout_probe_accuracy'))} |"
             for n, v in seps.items()
         ]
-    lines += ["", "Cost per fine-tuning step (seconds, mean ± std over seeds; gradient-norm probe steps excluded):", ""]
-    lines += [f"- {a}: {_pm(arms[a]['seconds_per_step'])}" for a in arms]
+    return lines
+
+
+def _cost_lines(arms: dict[str, dict[str, Any]]) -> list[str]:
+    """The cost per fine-tuning step of each arm."""
+    lines = ["", "Cost per fine-tuning step (seconds, mean ± std over seeds; gradient-norm probe steps excluded):", ""]
+    return lines + [f"- {a}: {_pm(arms[a]['seconds_per_step'])}" for a in arms]
+
+
+def _plain_student_lines(summary: dict[str, Any]) -> list[str]:
+    """The plain student's premise and ladder, if it ran."""
+    lines: list[str] = []
     plain = summary.get("plain_student")
     if plain:
         psep = ((plain.get("pretrained_separation") or {}).get("by_tag") or {}).get("Object-Swap")
@@ -868,6 +1011,13 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [
             f"| {n} | " + " | ".join(_pm(a["subsets"].get(c)) for c in pcols) + " |" for n, a in plain["arms"].items()
         ]
+    return lines
+
+
+def _teacher_diagnostic_lines(summary: dict[str, Any]) -> list[str]:
+    """The teacher diagnostic's closing paragraph."""
+    diag = summary["teacher_diagnostic"]
+    lines: list[str] = []
     ratio = diag.get("swap_to_caption_ratio")
     window = summary.get("best_t_window")
     lines += [
@@ -885,7 +1035,7 @@ def markdown(summary: dict[str, Any]) -> str:
         + (f" Best-binding timesteps (probe best_t): [{window['t_min']}, {window['t_max']})." if window else ""),
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:

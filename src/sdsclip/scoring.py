@@ -31,7 +31,7 @@ class ModelRefError(UserError, ValueError):
     """--model points at something that is neither a student nor a teacher."""
 
 
-def _batches(seq: Sequence, size: int):
+def _batches(seq: Sequence | torch.Tensor, size: int):
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
 
@@ -263,7 +263,7 @@ def resolve_device(requested: str) -> str:
 def load_scorer(ref: str | Path, params) -> Scorer:
     """A student directory -> StudentScorer; a teacher directory -> TeacherScorer (params.eval knobs)."""
     from sdsclip.models.teacher import check_t_range, check_teacher_dir
-    from sdsclip.train import _teacher_source, resolve_teacher
+    from sdsclip.teacher_ref import resolve_teacher, teacher_source
 
     ref = Path(ref)
     device = resolve_device(params.device)
@@ -272,7 +272,7 @@ def load_scorer(ref: str | Path, params) -> Scorer:
     if is_teacher_dir(ref):
         ev = params.eval
         # Before any weights load: a t beyond the scheduler's steps would be an IndexError mid-benchmark.
-        root, latent, _ = _teacher_source(ref)
+        root, latent, _ = teacher_source(ref)
         check_t_range(
             check_teacher_dir(root, latent)[0],
             ev.teacher_t_min,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
@@ -72,7 +73,7 @@ class StudentWithSigma(nn.Module):
     """f_theta (the CLIP model) and sigma as one module: ``forward`` returns (f_theta(x) unnormalised, text
     embedding, z = sigma(f_theta(x)) or None). sigma runs in fp32 under autocast: z feeds the fp32 noising."""
 
-    def __init__(self, clip_model: nn.Module, sigma: LatentProjection):
+    def __init__(self, clip_model: open_clip.CLIP, sigma: LatentProjection):
         super().__init__()
         self.clip = clip_model
         self.sigma = sigma
@@ -206,12 +207,14 @@ def sds_clip_objective(
     if lambda_sds == 0 or teacher is None:
         zero = loss_clip.new_zeros(())
         return LossTerms(total=loss_clip, clip=loss_clip, sds=zero)
+    if z is None or text_cond is None:
+        raise ValueError("lambda_sds > 0 needs z (StudentWithSigma with project=True) and the teacher's text_cond")
     loss_sds = sds_loss(teacher, z, text_cond, t_min, t_max, noise_draws, generator, shard, gradient, weighting)
     return LossTerms(total=loss_clip + lambda_sds * loss_sds, clip=loss_clip, sds=loss_sds)
 
 
 def sds_clip_loss(
-    clip_model: nn.Module,
+    clip_model: open_clip.CLIP,
     sigma: LatentProjection,
     teacher: Teacher | None,
     images: torch.Tensor,

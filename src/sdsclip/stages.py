@@ -23,9 +23,9 @@ def synth(
 
 
 def _write_json_file(path: str | Path, obj: Any) -> None:
-    from sdsclip.ingest import _Loc
+    from sdsclip.ingest import Location
 
-    loc = _Loc.of(path)
+    loc = Location.of(path)
     parent = loc.path.rsplit("/", 1)[0]
     if parent:
         loc.fs.makedirs(parent, exist_ok=True)
@@ -61,7 +61,7 @@ def validate(
     Docs ...) and ``out_root/data_docs.html`` (one self-contained page over all splits); ``metrics``: also
     write each split's validation_metrics.json into one JSON (a DVC metrics file). Raises ValidationFailed past
     the threshold, after every split's reports are written."""
-    from sdsclip.ingest import _Loc, join
+    from sdsclip.ingest import Location, join
     from sdsclip.validate import METRICS_FILE, REPORT_PAGE, ValidationFailed, data_docs_page, validate_manifest
 
     summaries, failures = {}, []
@@ -71,12 +71,12 @@ def validate(
             summaries[split] = validate_manifest(join(shards_root, split, "manifest.csv"), out_dir, params.validation)
         except ValidationFailed as err:  # validate every split before failing, so all reports exist
             failures.append(str(err))
-    _Loc.of(join(out_root, REPORT_PAGE)).write_atomic(data_docs_page(out_dirs).encode("utf-8"))
+    Location.of(join(out_root, REPORT_PAGE)).write_atomic(data_docs_page(out_dirs).encode("utf-8"))
     if metrics is not None:
         found = {}
         for split, out_dir in out_dirs.items():
             try:
-                found[split] = json.loads(_Loc.of(join(out_dir, METRICS_FILE)).read_bytes())
+                found[split] = json.loads(Location.of(join(out_dir, METRICS_FILE)).read_bytes())
             except FileNotFoundError:  # that split failed before writing its reports
                 pass
         _write_json_file(metrics, found)
@@ -92,7 +92,7 @@ def _split_paths(shards_root: Path, validated_root: Path, split: str) -> tuple[P
 def pretrain_student(
     params: Params, shards_root: Path, validated_root: Path, out_dir: Path, log_dir: Path | None = None
 ) -> dict[str, Any]:
-    from sdsclip.train import pretrain_student as run
+    from sdsclip.pretrain import pretrain_student as run
 
     split = _split_paths(shards_root, validated_root, params.data.pretrain_split)
     return run(params, *split, Path(out_dir), log_dir)
@@ -101,7 +101,7 @@ def pretrain_student(
 def pretrain_teacher(
     params: Params, shards_root: Path, validated_root: Path, out_dir: Path, log_dir: Path | None = None
 ) -> dict[str, Any]:
-    from sdsclip.train import pretrain_teacher as run
+    from sdsclip.pretrain import pretrain_teacher as run
 
     split = _split_paths(shards_root, validated_root, params.data.pretrain_split)
     return run(params, *split, Path(out_dir), log_dir)
@@ -384,8 +384,8 @@ def register(
     out: Path,
     data_files: list[Path] | None = None,
 ) -> dict[str, Any]:
+    from sdsclip.hashing import file_sha256
     from sdsclip.register import register_model
-    from sdsclip.train import file_sha256
 
     # Tag by the last two path parts ("train/manifest.csv"): stable whether DVC or Kubeflow placed the file.
     hashes = {"/".join(Path(p).parts[-2:]) + ".sha256": file_sha256(Path(p)) for p in (data_files or [])}

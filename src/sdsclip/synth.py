@@ -215,7 +215,8 @@ class Scene:
     relation: str | None = None
 
 
-def _rng(seed: int, purpose: str) -> np.random.Generator:
+def family_rng(seed: int, purpose: str) -> np.random.Generator:
+    """The generator for one file family (``purpose``, e.g. ``"coco/train"``) under the world seed."""
     # Hash the purpose (not Python's salted hash()) so each file family has a stable, independent stream.
     purpose_key = int.from_bytes(hashlib.sha256(purpose.encode()).digest()[:8], "little")
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), purpose_key])))
@@ -333,7 +334,7 @@ def _save_png(scene: Scene, canvas: int, path: Path) -> None:
     render(scene, canvas).save(path, format="PNG", compress_level=_PNG_COMPRESS_LEVEL, optimize=False)
 
 
-def _coco_style_captions(rng: np.random.Generator, scene: Scene, n: int) -> list[str]:
+def coco_style_captions(rng: np.random.Generator, scene: Scene, n: int) -> list[str]:
     """n captions: relational, converse and both conjunction orders, then extra relational/converse ones.
 
     Relational captions are repeated (rather than conjunctions) because they are the ones that carry the
@@ -361,7 +362,8 @@ def _write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
 
 
-def _random_two_object_scene(rng: np.random.Generator, world: WorldConfig) -> Scene:
+def random_two_object_scene(rng: np.random.Generator, world: WorldConfig) -> Scene:
+    """A two-object scene with a random identity pair and relation, as the COCO and ARO families draw it."""
     a, b = _random_identity_pair(rng)
     return sample_two_object_scene(rng, world.image_size, world.color_jitter, a, _random_relation(rng), b)
 
@@ -371,7 +373,7 @@ def _write_coco(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
     next_image_id, next_annotation_id = 1, 1  # ids are unique across both splits, as in COCO
     canvas = world.image_size
     for split, n_images in (("pretrain", world.pretrain_images), ("train", world.train_images)):
-        rng = _rng(seed, f"coco/{split}")
+        rng = family_rng(seed, f"coco/{split}")
         image_dir = root / "images" / split
         image_dir.mkdir(parents=True)
         # An exact share of single-object images, at random positions in the split.
@@ -383,7 +385,7 @@ def _write_coco(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
                 identity = (COLORS[int(rng.integers(0, len(COLORS)))], SHAPES[int(rng.integers(0, len(SHAPES)))])
                 scene = sample_single_object_scene(rng, canvas, world.color_jitter, identity)
             else:
-                scene = _random_two_object_scene(rng, world)
+                scene = random_two_object_scene(rng, world)
             image_id = next_image_id
             next_image_id += 1
             file_name = f"{image_id:012d}.png"
@@ -400,7 +402,7 @@ def _write_coco(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
                     "date_captured": "",
                 }
             )
-            for caption in _coco_style_captions(rng, scene, world.captions_per_image):
+            for caption in coco_style_captions(rng, scene, world.captions_per_image):
                 annotations.append({"id": next_annotation_id, "image_id": image_id, "caption": caption})
                 next_annotation_id += 1
         _write_json(
@@ -413,8 +415,9 @@ def _write_coco(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
     return counts
 
 
-def _write_winoground(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
-    rng = _rng(seed, "winoground")
+def write_winoground(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
+    """Write the Winoground-style family under ``root``; returns its counts."""
+    rng = family_rng(seed, "winoground")
     canvas, jitter = world.image_size, world.color_jitter
     image_dir = root / "images"
     image_dir.mkdir(parents=True)
@@ -466,7 +469,7 @@ def _write_aro(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
     def image_family(name: str) -> tuple[np.random.Generator, Path]:
         directory = root / "images" / name
         directory.mkdir(parents=True)
-        return _rng(seed, f"aro/{name}"), directory
+        return family_rng(seed, f"aro/{name}"), directory
 
     rng, directory = image_family("relation")
     relation_records = []
@@ -506,13 +509,13 @@ def _write_aro(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
     rng, directory = image_family("coco_order")
     order_records = []
     for index in range(world.coco_order_images):
-        scene = _random_two_object_scene(rng, world)
+        scene = random_two_object_scene(rng, world)
         path = directory / f"{index:05d}.png"
         _save_png(scene, canvas, path)
         order_records.append(
             {
                 "image": path.relative_to(root / "images").as_posix(),
-                "caption": _coco_style_captions(rng, scene, world.captions_per_image),
+                "caption": coco_style_captions(rng, scene, world.captions_per_image),
             }
         )
     _write_json(root / "coco_karpathy_test.json", order_records)
@@ -524,7 +527,7 @@ def _write_aro(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
 
 
 def _write_zeroshot(world: WorldConfig, root: Path, seed: int) -> dict[str, int]:
-    rng = _rng(seed, "zeroshot")
+    rng = family_rng(seed, "zeroshot")
     canvas = world.image_size
     for class_name in CLASS_NAMES:
         color, shape = class_name.split()
@@ -538,7 +541,7 @@ def _write_zeroshot(world: WorldConfig, root: Path, seed: int) -> dict[str, int]
 
 _FAMILIES: tuple[tuple[str, Callable[[WorldConfig, Path, int], dict[str, int]]], ...] = (
     ("coco", _write_coco),
-    ("winoground", _write_winoground),
+    ("winoground", write_winoground),
     ("aro", _write_aro),
     ("zeroshot", _write_zeroshot),
 )

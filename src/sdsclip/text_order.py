@@ -1,4 +1,4 @@
-"""Text-order pretraining (``student.text_order_steps`` / ``text_order_weight``; research path, README
+"""Text-order pretraining (``student.text_order_steps`` / ``text_order_weight``; research path, docs/science.md
 "Headroom"): an auxiliary text-only loss that makes the from-scratch student's text tower separate object swaps.
 
 The head reads the scene a relational caption describes, in canonical order (which colour-shape is left / on

@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,9 @@ def _write_json(obj: Any, loc) -> None:
 
 def _ingest_summary(manifest) -> dict[str, Any] | None:
     """ingest's ingest_summary.json next to the manifest, if there is one."""
-    from sdsclip.ingest import _Loc
+    from sdsclip.ingest import Location
 
-    loc = _Loc(manifest.fs, manifest.path.rsplit("/", 1)[0] + "/ingest_summary.json", "")
+    loc = Location(manifest.fs, manifest.path.rsplit("/", 1)[0] + "/ingest_summary.json", "")
     try:
         summary = json.loads(loc.read_bytes())
     except (FileNotFoundError, OSError, ValueError):
@@ -264,12 +265,57 @@ def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLik
     Returns the summary dict; raises ValidationFailed (after writing everything) past the threshold or when a
     table-level expectation fails.
     """
+    from sdsclip.ingest import Location
+
+    man, out = Location.of(manifest_csv), Location.of(out_dir)
+    t0 = time.perf_counter()
+    raw = _read_manifest(man)
+    ingest = _ingest_summary(man)
+    suite = load_suite(cfg)
+    df = _frame_for_gx(raw, suite.get("numeric_columns", []))
+    docs_tmp, docs_dir = _docs_dirs(out, cfg.data_docs)
+    try:
+        gx_result = _run_gx(df, suite, docs_dir)
+        row_reasons, failed_labels, blocking = _failures(gx_result, suite)
+        accepted, quarantined = _split_rows(raw, row_reasons)
+        fraction = len(quarantined) / len(raw) if len(raw) else 0.0
+        summary = {
+            "rows_in": len(raw),
+            "accepted": len(accepted),
+            "quarantined": len(quarantined),
+            "rejected_fraction": round(fraction, 6),
+            "threshold": cfg.max_rejected_fraction,
+            "expectations": len(gx_result["results"]),
+            "failed_expectations": failed_labels,
+            "blocking_failures": blocking,
+            "passed": not blocking and fraction <= cfg.max_rejected_fraction,
+            "suite": suite["name"],
+            "suite_version": suite.get("version"),
+        }
+        metrics = _metrics(summary, row_reasons, ingest, man.shown)
+        _write_reports(out, gx_result, accepted, quarantined, summary, metrics)
+        if docs_tmp is not None:
+            _upload_docs(out, docs_tmp)
+    finally:
+        if docs_tmp is not None:
+            shutil.rmtree(docs_tmp, ignore_errors=True)
+    log.info(
+        "validate %s: %d rows, %d accepted, %d quarantined, %d expectations, %.1fs",
+        man.shown,
+        len(raw),
+        len(accepted),
+        len(quarantined),
+        summary["expectations"],
+        time.perf_counter() - t0,
+    )
+    _raise_if_failed(man, out, summary, fraction, cfg)
+    return summary
+
+
+def _read_manifest(man):
+    """The manifest as an all-string frame (no NA parsing), rows numbered from 0."""
     import pandas as pd
 
-    from sdsclip.ingest import _Loc
-
-    man, out = _Loc.of(manifest_csv), _Loc.of(out_dir)
-    t0 = time.perf_counter()
     if not man.fs.isfile(man.path):
         raise FileNotFoundError(f"{man.shown}: manifest not found (run the ingest stage first)")
     try:
@@ -279,105 +325,91 @@ def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLik
         raise ValidationFailed(
             f"{man.shown}: not a readable CSV manifest ({' '.join(str(err).split())}); re-run the ingest stage"
         ) from None
-    raw = raw.reset_index(drop=True)
-    ingest = _ingest_summary(man)
-    suite = load_suite(cfg)
-    df = _frame_for_gx(raw, suite.get("numeric_columns", []))
+    return raw.reset_index(drop=True)
 
-    docs_tmp = None
-    docs_dir = None
-    if cfg.data_docs:
-        if out.local:
-            docs_dir = Path(out.path) / DOCS_DIR
-            shutil.rmtree(docs_dir, ignore_errors=True)  # one validation page: this run's
-        else:
-            docs_tmp = tempfile.mkdtemp(prefix="sdsclip-docs-")
-            docs_dir = Path(docs_tmp) / DOCS_DIR
-    try:
-        gx_result = _run_gx(df, suite, docs_dir)
 
-        order = {_label(e): i for i, e in enumerate(suite["expectations"])}  # report failures in suite order
-        row_reasons: dict[int, list[str]] = {}
-        failed: list[tuple[int, str]] = []
-        blocking: list[str] = []  # table-level or not evaluable
-        for r in gx_result["results"]:
-            exp_cfg = r["expectation_config"]
-            label = _label(exp_cfg)
-            if r.get("success"):
-                continue
-            kwargs = {k: v for k, v in exp_cfg.get("kwargs", {}).items() if k != "batch_id"}
-            failed.append((order.get(label, len(order)), label))
-            exc = r.get("exception_info") or {}
-            raised = exc.get("raised_exception") if isinstance(exc, dict) else False
-            if isinstance(exc, dict) and not raised:  # GX may key exception info by metric id
-                raised = any(isinstance(v, dict) and v.get("raised_exception") for v in exc.values())
-            idx = (r.get("result") or {}).get("unexpected_index_list")
-            if raised or "column" not in kwargs or idx is None:
-                blocking.append(label + (" [could not be evaluated]" if raised else ""))
-                continue
-            for i in idx:
-                row_reasons.setdefault(int(i), []).append(label)
-        failed_labels = [lab for _, lab in sorted(failed)]
+def _docs_dirs(out, data_docs: bool) -> tuple[str | None, Path | None]:
+    """(temp folder to remove afterwards, folder GX builds Data Docs in): ``out/data_docs`` itself when ``out`` is
+    local, else a local temp folder uploaded at the end; (None, None) without Data Docs."""
+    if not data_docs:
+        return None, None
+    if out.local:
+        docs_dir = Path(out.path) / DOCS_DIR
+        shutil.rmtree(docs_dir, ignore_errors=True)  # one validation page: this run's
+        return None, docs_dir
+    docs_tmp = tempfile.mkdtemp(prefix="sdsclip-docs-")
+    return docs_tmp, Path(docs_tmp) / DOCS_DIR
 
-        bad = raw.index.isin(list(row_reasons))
-        accepted = raw[~bad]
-        quarantined = raw[bad].copy()
-        quarantined["reason"] = ["; ".join(row_reasons[i]) for i in quarantined.index]
-        rows_in = len(raw)
-        if len(accepted) + len(quarantined) != rows_in:
-            raise AssertionError(f"validate invariant broken: {len(accepted)} + {len(quarantined)} != {rows_in}")
-        fraction = len(quarantined) / rows_in if rows_in else 0.0
-        passed = not blocking and fraction <= cfg.max_rejected_fraction
-        summary = {
-            "rows_in": rows_in,
-            "accepted": len(accepted),
-            "quarantined": len(quarantined),
-            "rejected_fraction": round(fraction, 6),
-            "threshold": cfg.max_rejected_fraction,
-            "expectations": len(gx_result["results"]),
-            "failed_expectations": failed_labels,
-            "blocking_failures": blocking,
-            "passed": passed,
-            "suite": suite["name"],
-            "suite_version": suite.get("version"),
-        }
-        metrics = _metrics(summary, row_reasons, ingest, man.shown)
 
-        out.fs.makedirs(out.path, exist_ok=True)
-        _write_json(gx_result, out.child("gx_result.json"))
-        _write_csv(accepted, out.child("accepted.csv"))
-        _write_csv(quarantined, out.child("quarantine.csv"))
-        _write_json(summary, out.child("summary.json"))
-        _write_json(metrics, out.child(METRICS_FILE))
-        if docs_tmp is not None:
-            target = out.child(DOCS_DIR)
-            if out.fs.exists(target.path):
-                out.fs.rm(target.path, recursive=True)
-            out.fs.put(str(docs_dir) + "/", target.path + "/", recursive=True)
-    finally:
-        if docs_tmp is not None:
-            shutil.rmtree(docs_tmp, ignore_errors=True)
-    log.info(
-        "validate %s: %d rows, %d accepted, %d quarantined, %d expectations, %.1fs",
-        man.shown,
-        rows_in,
-        len(accepted),
-        len(quarantined),
-        summary["expectations"],
-        time.perf_counter() - t0,
-    )
+def _failures(gx_result: dict[str, Any], suite: dict[str, Any]) -> tuple[dict[int, list[str]], list[str], list[str]]:
+    """(row index -> labels of the row-level expectations it fails, labels of every failed expectation in suite
+    order, blocking failures: table-level expectations and ones that could not be evaluated)."""
+    order = {_label(e): i for i, e in enumerate(suite["expectations"])}  # report failures in suite order
+    row_reasons: dict[int, list[str]] = {}
+    failed: list[tuple[int, str]] = []
+    blocking: list[str] = []
+    for r in gx_result["results"]:
+        exp_cfg = r["expectation_config"]
+        label = _label(exp_cfg)
+        if r.get("success"):
+            continue
+        kwargs = {k: v for k, v in exp_cfg.get("kwargs", {}).items() if k != "batch_id"}
+        failed.append((order.get(label, len(order)), label))
+        exc = r.get("exception_info") or {}
+        raised = exc.get("raised_exception") if isinstance(exc, dict) else False
+        if isinstance(exc, dict) and not raised:  # GX may key exception info by metric id
+            raised = any(isinstance(v, dict) and v.get("raised_exception") for v in exc.values())
+        idx = (r.get("result") or {}).get("unexpected_index_list")
+        if raised or "column" not in kwargs or idx is None:
+            blocking.append(label + (" [could not be evaluated]" if raised else ""))
+            continue
+        for i in idx:
+            row_reasons.setdefault(int(i), []).append(label)
+    return row_reasons, [lab for _, lab in sorted(failed)], blocking
 
-    if blocking:
+
+def _split_rows(raw, row_reasons: dict[int, list[str]]):
+    """(accepted rows, quarantined rows plus their ``reason``), together exactly the manifest's rows."""
+    bad = raw.index.isin(list(row_reasons))
+    accepted = raw[~bad]
+    quarantined = raw[bad].copy()
+    quarantined["reason"] = ["; ".join(row_reasons[i]) for i in quarantined.index]
+    if len(accepted) + len(quarantined) != len(raw):
+        raise AssertionError(f"validate invariant broken: {len(accepted)} + {len(quarantined)} != {len(raw)}")
+    return accepted, quarantined
+
+
+def _write_reports(out, gx_result, accepted, quarantined, summary, metrics) -> None:
+    out.fs.makedirs(out.path, exist_ok=True)
+    _write_json(gx_result, out.child("gx_result.json"))
+    _write_csv(accepted, out.child("accepted.csv"))
+    _write_csv(quarantined, out.child("quarantine.csv"))
+    _write_json(summary, out.child("summary.json"))
+    _write_json(metrics, out.child(METRICS_FILE))
+
+
+def _upload_docs(out, docs_tmp: str) -> None:
+    """Replace ``out/data_docs`` (not a local folder) by the Data Docs GX built in the temp folder."""
+    docs_dir = Path(docs_tmp) / DOCS_DIR
+    target = out.child(DOCS_DIR)
+    if out.fs.exists(target.path):
+        out.fs.rm(target.path, recursive=True)
+    out.fs.put(str(docs_dir) + "/", target.path + "/", recursive=True)
+
+
+def _raise_if_failed(man, out, summary: dict[str, Any], fraction: float, cfg: ValidateConfig) -> None:
+    """ValidationFailed when a blocking expectation failed or the rejected fraction is past the threshold."""
+    if summary["blocking_failures"]:
         raise ValidationFailed(
-            f"{man.shown}: table-level expectation(s) failed: {', '.join(blocking)}; "
+            f"{man.shown}: table-level expectation(s) failed: {', '.join(summary['blocking_failures'])}; "
             f"see {out.child('gx_result.json').shown}"
         )
-    if not passed:
+    if not summary["passed"]:
         raise ValidationFailed(
-            f"{man.shown}: rejected fraction {fraction:.4f} ({len(quarantined)}/{rows_in} rows) > threshold "
-            f"{cfg.max_rejected_fraction} (validation.max_rejected_fraction), see {out.child('quarantine.csv').shown}"
+            f"{man.shown}: rejected fraction {fraction:.4f} ({summary['quarantined']}/{summary['rows_in']} rows) > "
+            f"threshold {cfg.max_rejected_fraction} (validation.max_rejected_fraction), "
+            f"see {out.child('quarantine.csv').shown}"
         )
-    return summary
 
 
 # -- one self-contained HTML page (the Kubeflow UI shows an HTML artifact as one file) ------------------------
@@ -408,90 +440,113 @@ def _validation_page(docs) -> str | None:
     return docs.fs.cat_file(pages[-1]).decode("utf-8") if pages else None
 
 
-def data_docs_page(out_dirs: dict[str, str | os.PathLike]) -> str:
+def data_docs_page(out_dirs: Mapping[str, str | os.PathLike]) -> str:
     """One self-contained HTML page over the validate outputs of several splits ({split: out_dir}): pass /
     fail, counts, quarantine reasons of ingest and validate, every expectation's result with sample unexpected
     values, and GX's own Data Docs validation page embedded (``srcdoc``; its styling loads from GX's CDNs)."""
-    from sdsclip.ingest import _Loc
+    from sdsclip.ingest import Location
 
-    esc = html.escape
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>sdsclip manifest validation</title>",
         f"<style>{_PAGE_CSS}</style></head><body><h1>sdsclip: manifest validation (Great Expectations)</h1>",
     ]
     for split, out_dir in out_dirs.items():
-        out = _Loc.of(out_dir)
-        summary = _read_json(out.child("summary.json")) or {}
-        metrics = _read_json(out.child(METRICS_FILE)) or {}
-        result = _read_json(out.child("gx_result.json")) or {}
-        verdict = (
-            "<span class='ok'>PASSED</span>"
-            if summary.get("passed")
-            else "<span class='fail'>FAILED</span>"
-            if summary
-            else "<span class='fail'>NOT RUN</span>"
-        )
-        parts.append(f"<h2>{esc(str(split))}: {verdict}</h2>")
-        parts.append(
-            f"<p class='muted'>{esc(out.shown)} &middot; suite {esc(str(summary.get('suite')))} "
-            f"v{esc(str(summary.get('suite_version')))}</p>"
-        )
-        rows = [
-            ("rows (image-caption pairs)", metrics.get("rows")),
-            ("accepted", metrics.get("accepted")),
-            ("quarantined by validate", metrics.get("quarantined")),
-            ("pass rate", metrics.get("pass_rate")),
-            ("rejected fraction / threshold", f"{summary.get('rejected_fraction')} / {summary.get('threshold')}"),
-        ]
-        e2e = metrics.get("end_to_end")
-        if e2e:
-            rows += [
-                ("captions in the COCO file", e2e["annotations_in"]),
-                ("quarantined by ingest", metrics["ingest"]["annotations_quarantined"]),
-                ("end-to-end pass rate", e2e["pass_rate"]),
-            ]
-        parts.append(
-            "<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in rows) + "</table>"
-        )
-        for title, counts in (
-            (
-                "Quarantined by ingest (reason code: records)",
-                (metrics.get("ingest") or {}).get("quarantined_by_reason"),
-            ),
-            ("Quarantined by validate (expectation: rows)", metrics.get("quarantined_by_reason")),
-            ("Images converted by ingest (conversion: images)", (metrics.get("ingest") or {}).get("conversions")),
-        ):
-            if counts:
-                parts.append(
-                    f"<h3>{esc(title)}</h3><table>"
-                    + "".join(
-                        f"<tr><td><code>{esc(str(k))}</code></td><td>{esc(str(v))}</td></tr>" for k, v in counts.items()
-                    )
-                    + "</table>"
-                )
-        if result.get("results"):
-            parts.append(
-                "<h3>Expectations</h3><table><tr><th>expectation</th><th>kwargs</th><th>result</th>"
-                "<th>unexpected</th><th>sample unexpected values</th></tr>"
-            )
-            for r in result["results"]:
-                cfg = r.get("expectation_config", {})
-                kwargs = {k: v for k, v in cfg.get("kwargs", {}).items() if k != "batch_id"}
-                res = r.get("result") or {}
-                sample = res.get("partial_unexpected_list") or []
-                ok = "<span class='ok'>ok</span>" if r.get("success") else "<span class='fail'>failed</span>"
-                parts.append(
-                    f"<tr><td><code>{esc(str(cfg.get('type')))}</code></td>"
-                    f"<td><code>{esc(json.dumps(kwargs, default=str)[:300])}</code></td><td>{ok}</td>"
-                    f"<td>{esc(str(res.get('unexpected_count', '')))}</td>"
-                    f"<td><code>{esc(json.dumps(sample[:5], default=str, ensure_ascii=False)[:300])}</code></td></tr>"
-                )
-            parts.append("</table>")
-        page = _validation_page(out.child(DOCS_DIR))
-        if page:
-            parts.append(
-                "<details><summary>Great Expectations Data Docs: validation result page</summary>"
-                f'<iframe srcdoc="{esc(page, quote=True)}"></iframe></details>'
-            )
+        parts += _split_section(split, Location.of(out_dir))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _split_section(split: str, out) -> list[str]:
+    """The page's HTML for one split's validate output folder."""
+    esc = html.escape
+    summary = _read_json(out.child("summary.json")) or {}
+    metrics = _read_json(out.child(METRICS_FILE)) or {}
+    result = _read_json(out.child("gx_result.json")) or {}
+    verdict = (
+        "<span class='ok'>PASSED</span>"
+        if summary.get("passed")
+        else "<span class='fail'>FAILED</span>"
+        if summary
+        else "<span class='fail'>NOT RUN</span>"
+    )
+    parts = [
+        f"<h2>{esc(str(split))}: {verdict}</h2>",
+        f"<p class='muted'>{esc(out.shown)} &middot; suite {esc(str(summary.get('suite')))} "
+        f"v{esc(str(summary.get('suite_version')))}</p>",
+        _counts_table(summary, metrics),
+        *_reason_tables(metrics),
+    ]
+    if result.get("results"):
+        parts += _expectations_table(result["results"])
+    page = _validation_page(out.child(DOCS_DIR))
+    if page:
+        parts.append(
+            "<details><summary>Great Expectations Data Docs: validation result page</summary>"
+            f'<iframe srcdoc="{esc(page, quote=True)}"></iframe></details>'
+        )
+    return parts
+
+
+def _counts_table(summary: dict[str, Any], metrics: dict[str, Any]) -> str:
+    esc = html.escape
+    rows = [
+        ("rows (image-caption pairs)", metrics.get("rows")),
+        ("accepted", metrics.get("accepted")),
+        ("quarantined by validate", metrics.get("quarantined")),
+        ("pass rate", metrics.get("pass_rate")),
+        ("rejected fraction / threshold", f"{summary.get('rejected_fraction')} / {summary.get('threshold')}"),
+    ]
+    e2e = metrics.get("end_to_end")
+    if e2e:
+        rows += [
+            ("captions in the COCO file", e2e["annotations_in"]),
+            ("quarantined by ingest", metrics["ingest"]["annotations_quarantined"]),
+            ("end-to-end pass rate", e2e["pass_rate"]),
+        ]
+    return "<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _reason_tables(metrics: dict[str, Any]) -> list[str]:
+    """One table per non-empty count: ingest's and validate's quarantine reasons, ingest's conversions."""
+    esc = html.escape
+    tables = []
+    for title, counts in (
+        (
+            "Quarantined by ingest (reason code: records)",
+            (metrics.get("ingest") or {}).get("quarantined_by_reason"),
+        ),
+        ("Quarantined by validate (expectation: rows)", metrics.get("quarantined_by_reason")),
+        ("Images converted by ingest (conversion: images)", (metrics.get("ingest") or {}).get("conversions")),
+    ):
+        if counts:
+            tables.append(
+                f"<h3>{esc(title)}</h3><table>"
+                + "".join(
+                    f"<tr><td><code>{esc(str(k))}</code></td><td>{esc(str(v))}</td></tr>" for k, v in counts.items()
+                )
+                + "</table>"
+            )
+    return tables
+
+
+def _expectations_table(results: list[dict[str, Any]]) -> list[str]:
+    """Every expectation's kwargs, outcome, unexpected count and first few unexpected values."""
+    esc = html.escape
+    parts = [
+        "<h3>Expectations</h3><table><tr><th>expectation</th><th>kwargs</th><th>result</th>"
+        "<th>unexpected</th><th>sample unexpected values</th></tr>"
+    ]
+    for r in results:
+        cfg = r.get("expectation_config", {})
+        kwargs = {k: v for k, v in cfg.get("kwargs", {}).items() if k != "batch_id"}
+        res = r.get("result") or {}
+        sample = res.get("partial_unexpected_list") or []
+        ok = "<span class='ok'>ok</span>" if r.get("success") else "<span class='fail'>failed</span>"
+        parts.append(
+            f"<tr><td><code>{esc(str(cfg.get('type')))}</code></td>"
+            f"<td><code>{esc(json.dumps(kwargs, default=str)[:300])}</code></td><td>{ok}</td>"
+            f"<td>{esc(str(res.get('unexpected_count', '')))}</td>"
+            f"<td><code>{esc(json.dumps(sample[:5], default=str, ensure_ascii=False)[:300])}</code></td></tr>"
+        )
+    parts.append("</table>")
+    return parts

@@ -385,9 +385,14 @@ def order_file(data_dir: Path, dataset: str) -> Path | None:
     return None
 
 
+def _counted_at_least(counts: dict, min_count: int) -> Callable[[Any], bool]:
+    return lambda group: counts[group] >= min_count
+
+
 def load_order(path: Path, shuffler: TextShuffler, on_missing: str, skipped: SkipLog) -> tuple[list[OptionItem], int]:
     """One OptionItem per (image, caption): options = [caption, 4 perturbations]; returns (items, n_images)."""
-    items, n_images = [], 0
+    items: list[OptionItem] = []
+    n_images = 0
     for i, rec in enumerate(_records(path)):
         where = f"{path}: record {i}"
         if "image" not in rec or "caption" not in rec:
@@ -545,11 +550,12 @@ def evaluate_aro(
         if name in VG_FILES:
             vg = load_vg(data_dir, name, on_missing, skipped)
             all_groups = [v.group for v in vg]
+            eligible: Callable[[Any], bool]
             if name == "vg_relation":
                 eligible, by = (lambda g: g not in SYMMETRIC_RELATIONS), "relation"
             else:
                 file_counts = dict(Counter(all_groups))
-                eligible, by = (lambda g, c=file_counts: c[g] >= min_count), "attribute pair"
+                eligible, by = _counted_at_least(file_counts, min_count), "attribute pair"
             keep, subset = capped_subset(len(vg), max_items, seed, all_groups, eligible, by)
             vg = [vg[i] for i in keep]
             scores = score_options(scorer, [v.item for v in vg], **chunk)
@@ -565,6 +571,7 @@ def evaluate_aro(
                 result["pos_tagger"] = tagger.name
             shuffler = TextShuffler(tagger, seed)  # a fresh stream per dataset: same options whatever else runs
             path = order_file(order_dirs.get(name, data_dir), name)
+            assert path is not None  # datasets are those whose files are present
             items, n_images = load_order(path, shuffler, on_missing, skipped)
             keep, subset = capped_subset(len(items), max_items, seed)
             items = [items[i] for i in keep]

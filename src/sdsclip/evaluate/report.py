@@ -148,7 +148,7 @@ def markdown(table) -> str:
         "",
         "Pretrained student, contrastive-only baseline, SDS-CLIP and the diffusion teacher (as a matcher: "
         "negative denoising error over shared (t, ε) draws) on every benchmark and subset. "
-        "Metric definitions: README, section Evaluation. '—' = not evaluated / undefined.",
+        "Metric definitions: docs/evaluation.md. '—' = not evaluated / undefined.",
         "",
         "![bar chart](evaluation.png)",
         "",

@@ -131,7 +131,9 @@ def evaluate_sugarcrepe(
     result: dict[str, Any] = {"subsets": {}}
     loaded, caps = {}, {}
     for name in subsets:
-        ids, items = load_subset(subset_file(data_dir, name), images_dir, on_missing, skipped)
+        path = subset_file(data_dir, name)
+        assert path is not None  # every requested subset's file was found above
+        ids, items = load_subset(path, images_dir, on_missing, skipped)
         keep, caps[name] = capped_subset(len(items), max_items, seed)
         loaded[name] = ([ids[i] for i in keep], [items[i] for i in keep])
     # One scoring pass over every subset: an (image, caption) pair shared by subsets (the positive caption of

@@ -151,7 +151,7 @@ def _load_jsonl(data_dir: Path, on_missing: str) -> WinogroundData:
                 WinogroundDataError, on_missing, skipped, where, f"image {absent[0]!r} not found under {images_dir}"
             )
             continue
-        paths.update(found)
+        paths.update({name: p for name, p in found.items() if p is not None})  # all, after the check above
         examples.append(ex)
         wheres.append(where)
     _check_unique(examples, wheres)
@@ -200,7 +200,7 @@ def _load_parquet(files: list[Path], on_missing: str) -> WinogroundData:
             if absent:
                 missing_image(WinogroundDataError, on_missing, skipped, where, f"image_{absent[0]} has no bytes")
                 continue
-            blobs[ex.image_0], blobs[ex.image_1] = images[0], images[1]
+            blobs.update({ex.image_0: images[0] or b"", ex.image_1: images[1] or b""})  # both present here
             examples.append(ex)
             wheres.append(where)
     _check_unique(examples, wheres)
@@ -253,6 +253,11 @@ def metrics_from_scores(scores: torch.Tensor) -> dict[str, float | int]:
     }
 
 
+def _field_is(name: str, value: object) -> Callable[[Example], bool]:
+    """The subset predicate "field ``name`` equals ``value``" of the official statistics script."""
+    return lambda example: getattr(example, name) == value
+
+
 def _subset(examples: list[Example], scores: torch.Tensor, keep: Callable[[Example], bool]) -> dict:
     idx = torch.tensor([i for i, e in enumerate(examples) if keep(e)], dtype=torch.long)
     return metrics_from_scores(scores[idx])
@@ -263,15 +268,15 @@ def winoground_metrics(examples: list[Example], scores: torch.Tensor) -> dict:
     scores = torch.as_tensor(scores, dtype=torch.float64)
     result: dict[str, Any] = metrics_from_scores(scores)
     result["by_collapsed_tag"] = {
-        tag: _subset(examples, scores, lambda e, t=tag: e.collapsed_tag == t)
+        tag: _subset(examples, scores, _field_is("collapsed_tag", tag))
         for tag in sorted({e.collapsed_tag for e in examples})
     }
     result["by_num_main_preds"] = {
-        str(v): _subset(examples, scores, lambda e, v=v: e.num_main_preds == v)
+        str(v): _subset(examples, scores, _field_is("num_main_preds", v))
         for v in sorted({e.num_main_preds for e in examples if e.num_main_preds is not None})
     }
     result["by_secondary_tag"] = {
-        tag: _subset(examples, scores, lambda e, t=tag: e.secondary_tag == t)
+        tag: _subset(examples, scores, _field_is("secondary_tag", tag))
         for tag in sorted({e.secondary_tag for e in examples if e.secondary_tag})
     }
     return result

@@ -174,6 +174,7 @@ class _Images:
     def load(self, i: int) -> Image.Image:
         if self.arrays is not None:
             return Image.fromarray(self.arrays[i])
+        assert self.paths is not None  # a set holds arrays (CIFAR) or image paths (ImageFolder)
         with Image.open(self.paths[i]) as im:
             return im.convert("RGB")
 

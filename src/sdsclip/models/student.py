@@ -89,14 +89,21 @@ class Student:
 _NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase, torch.nn.RMSNorm)
 
 
+def image_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """An open_clip CLIP's image encoder (``model.visual``)."""
+    visual = model.visual
+    assert isinstance(visual, torch.nn.Module)
+    return visual
+
+
 def image_tower_layernorms(model: torch.nn.Module) -> list[torch.nn.LayerNorm]:
     """Every LayerNorm of the image encoder: the only CLIP parameters SDS-CLIP fine-tunes (the paper)."""
-    return [m for m in model.visual.modules() if isinstance(m, torch.nn.LayerNorm)]
+    return [m for m in image_tower(model).modules() if isinstance(m, torch.nn.LayerNorm)]
 
 
 def image_tower_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Every normalization layer of the image encoder (LayerNorm, BatchNorm, GroupNorm, ...)."""
-    return [m for m in model.visual.modules() if isinstance(m, _NORM_TYPES)]
+    return [m for m in image_tower(model).modules() if isinstance(m, _NORM_TYPES)]
 
 
 def trainable_clip_parameters(model: torch.nn.Module, which: str = "image_layernorms") -> list[torch.nn.Parameter]:
@@ -108,7 +115,7 @@ def trainable_clip_parameters(model: torch.nn.Module, which: str = "image_layern
     elif which == "image_norms":
         params = [p for m in image_tower_norms(model) for p in m.parameters(recurse=False)]
     elif which == "image_tower":
-        params = list(model.visual.parameters())
+        params = list(image_tower(model).parameters())
     elif which == "sigma_only":  # a diagnostic: CLIP frozen, only SDS-CLIP's sigma trains
         params = []
     else:
@@ -279,9 +286,10 @@ def _check_hf_arch_name(arch: str, path: Path, model_cfg: dict[str, Any]) -> Non
     if arch not in open_clip.list_models():
         return
     want, have = _shape_signature(model_cfg), _shape_signature(open_clip.get_model_config(arch))
-    if want == have:
+    if want == have or want is None:  # None: a timm / HF tower, no signature to compare
         return
-    diff = [f"{k} {have.get(k)} vs {v}" for k, v in want.items() if have is None or have.get(k) != v][:3]
+    known = have or {}
+    diff = [f"{k} {known.get(k)} vs {v}" for k, v in want.items() if known.get(k) != v][:3]
     matches = [m for m in open_clip.list_models() if _shape_signature(open_clip.get_model_config(m) or {}) == want]
     hint = f"set student.arch: {matches[0]}" if matches else "set student.arch to a new name for this model"
     raise StudentLoadError(

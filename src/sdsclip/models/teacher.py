@@ -67,7 +67,7 @@ class CaptionMap(torch.nn.Module):
     def load(cls, path: Path) -> CaptionMap:
         from safetensors.torch import load_file
 
-        cfg = _read_config(path / "config.json")
+        cfg = read_json_config(path / "config.json")
         try:
             head = cls(cfg["text_width"], cfg["channels"], cfg["size"])
             head.load_state_dict(load_file(str(path / "model.safetensors")))
@@ -299,6 +299,7 @@ def coordinate_channels(latents: torch.Tensor) -> torch.Tensor:
 
 
 def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
+    """A freshly initialised tiny pixel-space teacher (``teacher.tiny``) over the world's word vocabulary."""
     tiny: TinyUNetConfig = cfg.tiny
     factor = tiny.unshuffle_factor
     if cfg.image_size % factor:
@@ -306,69 +307,8 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
             f"teacher.image_size: must be a multiple of teacher.tiny.unshuffle_factor {factor} (got {cfg.image_size})"
         )
     tokenizer = build_word_tokenizer(vocabulary, tiny.max_caption_tokens)
-    if tiny.text_encoder == "t5":
-        if tiny.text_width % tiny.text_heads:
-            raise TeacherLoadError(
-                f"teacher.tiny.text_width {tiny.text_width} must be a multiple of text_heads {tiny.text_heads}"
-            )
-        text_encoder = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer),
-                d_model=tiny.text_width,
-                d_kv=tiny.text_width // tiny.text_heads,
-                d_ff=4 * tiny.text_width,
-                num_layers=tiny.text_layers,
-                num_heads=tiny.text_heads,
-                relative_attention_num_buckets=tiny.max_caption_tokens,
-                relative_attention_max_distance=tiny.max_caption_tokens,
-                dropout_rate=0.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-                architectures=["T5EncoderModel"],
-            )
-        )
-    else:
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=tiny.text_width,
-                intermediate_size=4 * tiny.text_width,
-                num_hidden_layers=tiny.text_layers,
-                num_attention_heads=tiny.text_heads,
-                max_position_embeddings=tiny.max_caption_tokens,
-                projection_dim=tiny.text_width,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
-    if tiny.position_embedding_std is not None and tiny.text_encoder == "clip":
-        with torch.no_grad():
-            embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
-            embeddings.position_embedding.weight.normal_(0.0, tiny.position_embedding_std)
-    n_blocks = len(tiny.block_out_channels)
-    # Cross-attention everywhere but the full-resolution block (as in the feasibility study: cheap and enough),
-    # unless asked for there too.
-    full = tiny.cross_attention_full_res
-    down = ["CrossAttnDownBlock2D" if full else "DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n_blocks - 1)
-    up = ["CrossAttnUpBlock2D"] * (n_blocks - 1) + ["CrossAttnUpBlock2D" if full else "UpBlock2D"]
-    groups = min(8, *tiny.block_out_channels)
-    unet = UNet2DConditionModel(
-        sample_size=cfg.image_size // factor,
-        in_channels=3 * factor * factor + (2 if tiny.coord_channels else 0) + tiny.caption_map_channels,
-        out_channels=3 * factor * factor,
-        block_out_channels=tuple(tiny.block_out_channels),
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
-        layers_per_block=tiny.layers_per_block,
-        cross_attention_dim=tiny.text_width,
-        attention_head_dim=tiny.attention_head_dim,
-        class_embed_type="projection" if tiny.pooled_conditioning else None,
-        projection_class_embeddings_input_dim=tiny.text_width if tiny.pooled_conditioning else None,
-        norm_num_groups=groups,
-        resnet_time_scale_shift=tiny.resnet_time_scale_shift,
-    )
+    text_encoder = _tiny_text_encoder(tiny, tokenizer)
+    unet = _tiny_unet(tiny, cfg.image_size)
     scheduler = DDPMScheduler(
         num_train_timesteps=tiny.train_timesteps,
         beta_schedule="squaredcos_cap_v2",
@@ -389,6 +329,78 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
         unshuffle_factor=factor,
         coord_channels=2 if tiny.coord_channels else 0,
         caption_map=caption_map,
+    )
+
+
+def _tiny_text_encoder(tiny: TinyUNetConfig, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    """The tiny teacher's freshly initialised T5 or CLIP text encoder."""
+    if tiny.text_encoder == "t5":
+        if tiny.text_width % tiny.text_heads:
+            raise TeacherLoadError(
+                f"teacher.tiny.text_width {tiny.text_width} must be a multiple of text_heads {tiny.text_heads}"
+            )
+        return T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=tiny.text_width,
+                d_kv=tiny.text_width // tiny.text_heads,
+                d_ff=4 * tiny.text_width,
+                num_layers=tiny.text_layers,
+                num_heads=tiny.text_heads,
+                relative_attention_num_buckets=tiny.max_caption_tokens,
+                relative_attention_max_distance=tiny.max_caption_tokens,
+                dropout_rate=0.0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+                architectures=["T5EncoderModel"],
+            )
+        )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tiny.text_width,
+            intermediate_size=4 * tiny.text_width,
+            num_hidden_layers=tiny.text_layers,
+            num_attention_heads=tiny.text_heads,
+            max_position_embeddings=tiny.max_caption_tokens,
+            projection_dim=tiny.text_width,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    if tiny.position_embedding_std is not None and tiny.text_encoder == "clip":
+        with torch.no_grad():
+            embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
+            embeddings.position_embedding.weight.normal_(0.0, tiny.position_embedding_std)
+    return text_encoder
+
+
+def _tiny_unet(tiny: TinyUNetConfig, image_size: int) -> UNet2DConditionModel:
+    """The tiny teacher's freshly initialised UNet on pixel-unshuffled images."""
+    factor = tiny.unshuffle_factor
+    n_blocks = len(tiny.block_out_channels)
+    # Cross-attention everywhere but the full-resolution block (as in the feasibility study: cheap and enough),
+    # unless asked for there too.
+    full = tiny.cross_attention_full_res
+    down = ["CrossAttnDownBlock2D" if full else "DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n_blocks - 1)
+    up = ["CrossAttnUpBlock2D"] * (n_blocks - 1) + ["CrossAttnUpBlock2D" if full else "UpBlock2D"]
+    groups = min(8, *tiny.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=image_size // factor,
+        in_channels=3 * factor * factor + (2 if tiny.coord_channels else 0) + tiny.caption_map_channels,
+        out_channels=3 * factor * factor,
+        block_out_channels=tuple(tiny.block_out_channels),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        layers_per_block=tiny.layers_per_block,
+        cross_attention_dim=tiny.text_width,
+        attention_head_dim=tiny.attention_head_dim,
+        class_embed_type="projection" if tiny.pooled_conditioning else None,
+        projection_class_embeddings_input_dim=tiny.text_width if tiny.pooled_conditioning else None,
+        norm_num_groups=groups,
+        resnet_time_scale_shift=tiny.resnet_time_scale_shift,
     )
 
 
@@ -415,7 +427,8 @@ def is_teacher_dir(path: Path) -> bool:
     return (path / TEACHER_META).is_file() or (path / "model_index.json").is_file()
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_json_config(path: Path) -> dict[str, Any]:
+    """A model folder's JSON config; an unreadable one raises TeacherLoadError."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -494,7 +507,7 @@ def teacher_files(path: str | Path, latent: str | None = None, with_vae: bool = 
     configs += ["unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"]
     configs += [f"tokenizer/{name}" for name in TOKENIZER_FILES if (path / "tokenizer" / name).is_file()]
     weights: list[str] = []
-    text_cfg = _read_config(path / "text_encoder" / "config.json")
+    text_cfg = read_json_config(path / "text_encoder" / "config.json")
     parts = [
         ("unet", _DIFFUSERS_WEIGHTS, None),
         ("text_encoder", _TRANSFORMERS_WEIGHTS, text_cfg.get("transformers_weights")),
@@ -532,7 +545,7 @@ def check_teacher_weights(path: str | Path, latent: str | None = None, with_vae:
 def scheduler_timesteps(path: str | Path) -> int:
     """num_train_timesteps of a teacher dir's scheduler (scheduler/scheduler_config.json; no weights): the
     UNet knows t in [0, num_train_timesteps - 1]. diffusers' default 1000 when the key is absent."""
-    cfg = _read_config(Path(path) / "scheduler" / "scheduler_config.json")
+    cfg = read_json_config(Path(path) / "scheduler" / "scheduler_config.json")
     return int(cfg.get("num_train_timesteps", 1000))
 
 
@@ -558,7 +571,7 @@ def check_teacher_dir(path: str | Path, latent: str | None = None) -> tuple[Path
     path = Path(path)
     if not path.is_dir():
         raise TeacherLoadError(f"{path}: teacher directory not found (teacher.pretrained_dir must be a local dir)")
-    meta = _read_config(path / TEACHER_META) if (path / TEACHER_META).is_file() else {}
+    meta = read_json_config(path / TEACHER_META) if (path / TEACHER_META).is_file() else {}
     latent = meta.get("latent", latent or "vae")
     needed = SD_SUBFOLDERS + (("vae",) if latent == "vae" else ())
     missing = [s for s in needed if not (path / s).is_dir()]
@@ -575,8 +588,8 @@ def check_teacher_dir(path: str | Path, latent: str | None = None) -> tuple[Path
 def latent_shape_of(path: str | Path) -> tuple[int, int, int]:
     """(C, H, W) of the latent a teacher dir's UNet denoises, read from unet/config.json (no weights loaded):
     (4, 64, 64) for Stable Diffusion 1.x at 512 px."""
-    cfg = _read_config(Path(path) / "unet" / "config.json")
-    size = cfg.get("sample_size")
+    cfg = read_json_config(Path(path) / "unet" / "config.json")
+    size: Any = cfg.get("sample_size")
     size = size if isinstance(size, int) else size[0]
     return (int(cfg.get("out_channels", cfg["in_channels"])), int(size), int(size))
 
@@ -591,7 +604,7 @@ def load_teacher(
     path, meta, latent = check_teacher_dir(path, latent)
     check_teacher_weights(path, latent, with_vae)  # WeightFileError naming a truncated file, before reading any
     unet = UNet2DConditionModel.from_pretrained(path / "unet")
-    arch = (_read_config(path / "text_encoder" / "config.json").get("architectures") or ["CLIPTextModel"])[0]
+    arch = (read_json_config(path / "text_encoder" / "config.json").get("architectures") or ["CLIPTextModel"])[0]
     if arch not in TEXT_ENCODERS:
         raise TeacherLoadError(
             f"{path}: text_encoder architecture {arch!r} is not supported (one of {', '.join(TEXT_ENCODERS)})"
@@ -609,7 +622,7 @@ def load_teacher(
     if image_size is None:  # SD: latent side x VAE downsampling factor
         factor = int(meta.get("unshuffle_factor", 2))
         if latent == "vae":
-            factor = 2 ** (len(_read_config(path / "vae" / "config.json")["block_out_channels"]) - 1)
+            factor = 2 ** (len(read_json_config(path / "vae" / "config.json")["block_out_channels"]) - 1)
         image_size = latent_shape_of(path)[1] * factor
     return Teacher(
         unet,
