@@ -203,105 +203,17 @@ def build_pipeline(
         place = _Placement(target, gpu_image, gpu_type, gpu_count)
 
         params = place(c.resolve_params(params_yaml=params_yaml, form_spec=spec, **form), "light").output
-        world = place(c.synth(params=params), "data").output
-        shards = place(
-            c.ingest(params=params, world=world), "data", data=True, object_store=True, retry=NETWORK_RETRY
-        ).output
-        validated = place(c.validate(params=params, shards=shards), "data").outputs["validated"]
-        data = dict(params=params, shards=shards, validated=validated)
+        world, data, models = _data_and_models(c, place, params)
+        cluster = (target, checkpoint_root, gpu_image, train_nodes, train_gpus_per_node)
+        baseline = _train_arm(c, place, "baseline", True, models, *cluster)
+        sds = _train_arm(c, place, "sds", False, models, *cluster)
 
-        student = place(c.pretrain_student(**data), "model", data=True).output
-        teacher = place(c.pretrain_teacher(**data), "gpu", data=True, retry=GPU_RETRY).output
-        models = dict(student=student, teacher=teacher, **data)
-
-        def train(arm: str, control: bool):
-            # train_nodes == 1: the fine-tuning runs in this task's pod (accelerate on its GPUs);
-            # train_nodes > 1: a small pod submits it as a Kubeflow PyTorchJob of train_nodes pods with
-            # train_gpus_per_node GPUs each (components/multinode.py), waits, and returns the same model.
-            def one_pod() -> dsl.PipelineTask:
-                return place(
-                    c.train(control=control, checkpoint_root=checkpoint_root, **models).set_display_name(
-                        f"train-{arm}"
-                    ),
-                    "gpu",
-                    data=True,
-                    checkpoints=True,
-                    mlflow=True,
-                    retry=GPU_RETRY,
-                )
-
-            if target == "local":  # kfp.local 2.17 cannot resolve a dsl.OneOf of artifacts; a PyTorchJob
-                return one_pod().output  # needs a cluster anyway, so locally train_nodes is ignored
-            with dsl.If(train_nodes == 1, name=f"train-{arm}-one-pod"):
-                single = one_pod()
-            with dsl.Else(name=f"train-{arm}-pytorchjob"):
-                # the step only stages data on the PVC and waits; a retry re-attaches to the job it started
-                job = place(
-                    c.train_multinode(
-                        control=control,
-                        num_nodes=train_nodes,
-                        gpus_per_node=train_gpus_per_node,
-                        image=gpu_image,
-                        **models,
-                    ).set_display_name(f"train-{arm}-pytorchjob"),
-                    "data",
-                    data=True,
-                    mlflow=True,
-                    retry=GPU_RETRY,
-                )
-            return dsl.OneOf(single.output, job.output)
-
-        baseline, sds = train("baseline", True), train("sds", False)
-
-        results, reported = {}, {}
         sugarcrepe = place(
             c.derive_sugarcrepe(params=params, world=world).set_display_name("derive-sugarcrepe"), "light", data=True
         ).output
-        for name, model in dict(pretrained=student, baseline=baseline, sds=sds).items():
-            # the students' CLIP forward is cheap: one CPU task per benchmark
-            evaluated = dict(params=params, model=model)
-            results[name] = place(
-                c.evaluate_winoground(world=world, **evaluated).set_display_name(f"evaluate-{name}"), "model", data=True
-            ).outputs["results"]
-            reported[f"winoground_{name}"] = results[name]
-            reported[f"aro_{name}"] = place(
-                c.evaluate_aro(world=world, **evaluated).set_display_name(f"evaluate-aro-{name}"), "model", data=True
-            ).outputs["results"]
-            reported[f"sugarcrepe_{name}"] = place(
-                c.evaluate_sugarcrepe(sugarcrepe=sugarcrepe, **evaluated).set_display_name(
-                    f"evaluate-sugarcrepe-{name}"
-                ),
-                "model",
-                data=True,
-            ).outputs["results"]
-            reported[f"zeroshot_{name}"] = place(
-                c.evaluate_zeroshot(world=world, **evaluated).set_display_name(f"evaluate-zeroshot-{name}"),
-                "model",
-                data=True,
-            ).outputs["results"]
-
-        # the teacher is scored through its UNet: each benchmark as eval.shards parallel GPU tasks (a share of
-        # its scorer calls each), merged on the CPU into exactly the one-task metrics (sdsclip.evaluate.shards);
-        # its zero-shot (every image x class prompt) is optional and not run here
-        shards = place(c.teacher_shards(params=params).set_display_name("teacher-shards"), "light").output
-        for benchmark, source in dict(winoground=world, aro=world, sugarcrepe=sugarcrepe).items():
-            with dsl.ParallelFor(shards, name=f"evaluate-{benchmark}-teacher-shards") as shard:
-                part = place(
-                    c.evaluate_shard(
-                        params=shard.params, benchmark=benchmark, shard=shard.shard, model=teacher, data=source
-                    ).set_display_name(f"evaluate-{benchmark}-teacher-shard"),
-                    "gpu",
-                    data=True,
-                    retry=GPU_RETRY,
-                ).outputs["part"]
-            merged = place(
-                c.merge_shards(
-                    params=params, benchmark=benchmark, data=source, parts=dsl.Collected(part)
-                ).set_display_name(f"evaluate-{'' if benchmark == 'winoground' else benchmark + '-'}teacher"),
-                "model",
-                data=True,
-            )
-            reported[f"{benchmark}_teacher"] = merged.outputs["results"]
+        students = dict(pretrained=models["student"], baseline=baseline, sds=sds)
+        results, reported = _evaluate_students(c, place, params, world, sugarcrepe, students)
+        reported |= _evaluate_teacher(c, place, params, world, sugarcrepe, models["teacher"])
         place(c.report(**reported).set_display_name("report"), "light")
 
         # never cached: registering is a side effect in MLflow (a cache hit would silently skip it)
@@ -313,6 +225,122 @@ def build_pipeline(
         )
 
     return sdsclip
+
+
+def _data_and_models(c: Any, place: _Placement, params: Any) -> tuple[Any, dict, dict]:
+    """synth -> ingest -> validate -> both pretrainings: (world, the data inputs, the data + both models)."""
+    world = place(c.synth(params=params), "data").output
+    shards = place(
+        c.ingest(params=params, world=world), "data", data=True, object_store=True, retry=NETWORK_RETRY
+    ).output
+    validated = place(c.validate(params=params, shards=shards), "data").outputs["validated"]
+    data = dict(params=params, shards=shards, validated=validated)
+    student = place(c.pretrain_student(**data), "model", data=True).output
+    teacher = place(c.pretrain_teacher(**data), "gpu", data=True, retry=GPU_RETRY).output
+    return world, data, dict(student=student, teacher=teacher, **data)
+
+
+def _train_arm(
+    c: Any,
+    place: _Placement,
+    arm: str,
+    control: bool,
+    models: dict,
+    target: str,
+    checkpoint_root: Any,
+    gpu_image: str,
+    train_nodes: Any,
+    train_gpus_per_node: Any,
+) -> Any:
+    """One fine-tuning arm's model. train_nodes == 1: the fine-tuning runs in this task's pod (accelerate on
+    its GPUs); train_nodes > 1: a small pod submits it as a Kubeflow PyTorchJob of train_nodes pods with
+    train_gpus_per_node GPUs each (components/multinode.py), waits, and returns the same model."""
+
+    def one_pod() -> dsl.PipelineTask:
+        return place(
+            c.train(control=control, checkpoint_root=checkpoint_root, **models).set_display_name(f"train-{arm}"),
+            "gpu",
+            data=True,
+            checkpoints=True,
+            mlflow=True,
+            retry=GPU_RETRY,
+        )
+
+    if target == "local":  # kfp.local 2.17 cannot resolve a dsl.OneOf of artifacts; a PyTorchJob
+        return one_pod().output  # needs a cluster anyway, so locally train_nodes is ignored
+    with dsl.If(train_nodes == 1, name=f"train-{arm}-one-pod"):
+        single = one_pod()
+    with dsl.Else(name=f"train-{arm}-pytorchjob"):
+        # the step only stages data on the PVC and waits; a retry re-attaches to the job it started
+        job = place(
+            c.train_multinode(
+                control=control,
+                num_nodes=train_nodes,
+                gpus_per_node=train_gpus_per_node,
+                image=gpu_image,
+                **models,
+            ).set_display_name(f"train-{arm}-pytorchjob"),
+            "data",
+            data=True,
+            mlflow=True,
+            retry=GPU_RETRY,
+        )
+    return dsl.OneOf(single.output, job.output)
+
+
+def _evaluate_students(
+    c: Any, place: _Placement, params: Any, world: Any, sugarcrepe: Any, students: dict
+) -> tuple[dict, dict]:
+    """Every benchmark on every student, one CPU task each (the students' CLIP forward is cheap):
+    ({student: Winoground results}, {report input: results})."""
+    results, reported = {}, {}
+    for name, model in students.items():
+        evaluated = dict(params=params, model=model)
+        results[name] = place(
+            c.evaluate_winoground(world=world, **evaluated).set_display_name(f"evaluate-{name}"), "model", data=True
+        ).outputs["results"]
+        reported[f"winoground_{name}"] = results[name]
+        reported[f"aro_{name}"] = place(
+            c.evaluate_aro(world=world, **evaluated).set_display_name(f"evaluate-aro-{name}"), "model", data=True
+        ).outputs["results"]
+        reported[f"sugarcrepe_{name}"] = place(
+            c.evaluate_sugarcrepe(sugarcrepe=sugarcrepe, **evaluated).set_display_name(f"evaluate-sugarcrepe-{name}"),
+            "model",
+            data=True,
+        ).outputs["results"]
+        reported[f"zeroshot_{name}"] = place(
+            c.evaluate_zeroshot(world=world, **evaluated).set_display_name(f"evaluate-zeroshot-{name}"),
+            "model",
+            data=True,
+        ).outputs["results"]
+    return results, reported
+
+
+def _evaluate_teacher(c: Any, place: _Placement, params: Any, world: Any, sugarcrepe: Any, teacher: Any) -> dict:
+    """The teacher is scored through its UNet: each benchmark as eval.shards parallel GPU tasks (a share of its
+    scorer calls each), merged on the CPU into exactly the one-task metrics (sdsclip.evaluate.shards); its
+    zero-shot (every image x class prompt) is optional and not run here. Returns {report input: results}."""
+    reported = {}
+    teacher_shards = place(c.teacher_shards(params=params).set_display_name("teacher-shards"), "light").output
+    for benchmark, source in dict(winoground=world, aro=world, sugarcrepe=sugarcrepe).items():
+        with dsl.ParallelFor(teacher_shards, name=f"evaluate-{benchmark}-teacher-shards") as shard:
+            part = place(
+                c.evaluate_shard(
+                    params=shard.params, benchmark=benchmark, shard=shard.shard, model=teacher, data=source
+                ).set_display_name(f"evaluate-{benchmark}-teacher-shard"),
+                "gpu",
+                data=True,
+                retry=GPU_RETRY,
+            ).outputs["part"]
+        merged = place(
+            c.merge_shards(params=params, benchmark=benchmark, data=source, parts=dsl.Collected(part)).set_display_name(
+                f"evaluate-{'' if benchmark == 'winoground' else benchmark + '-'}teacher"
+            ),
+            "model",
+            data=True,
+        )
+        reported[f"{benchmark}_teacher"] = merged.outputs["results"]
+    return reported
 
 
 def compile_pipeline(

@@ -20,18 +20,77 @@ def test_shipped_params_load_and_round_trip():
     assert params_from_dict(params_to_dict(params)) == params
 
 
+def keys(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= keys(v, f"{prefix}{k}.")
+    return out
+
+
 def test_shipped_params_spell_out_every_knob():
-    """Every field of the schema appears in params.yaml, so users see all knobs in one file."""
+    """Every product field of the schema appears in params.yaml, so users see all knobs in one file; the
+    research-only ones (RESEARCH_FIELDS) are left out of it."""
+    from sdsclip.config import RESEARCH_FIELDS
 
-    def keys(d, prefix=""):
-        out = set()
-        for k, v in d.items():
-            out.add(prefix + k)
-            if isinstance(v, dict):
-                out |= keys(v, f"{prefix}{k}.")
-        return out
+    assert keys(params_to_dict(load_params(ROOT / "params.yaml"))) - set(RESEARCH_FIELDS) == keys(shipped())
 
-    assert keys(params_to_dict(load_params(ROOT / "params.yaml"))) == keys(shipped())
+
+#: the research-only fields' defaults (as params.yaml spelt them out before they left it)
+RESEARCH_DEFAULTS = {
+    "teacher.pretrain_high_t_share": 0.0,
+    "teacher.pretrain_high_t_min": 700,
+    "teacher.hard_negative_weight": 0.0,
+    "teacher.hard_negative_margin": 0.1,
+    "teacher.hard_negative_swap": "both",
+    "teacher.hard_negative_t_min": 0,
+    "teacher.tiny.position_embedding_std": None,
+    "teacher.tiny.pooled_conditioning": False,
+    "teacher.tiny.cross_attention_full_res": False,
+    "teacher.tiny.text_encoder": "clip",
+    "teacher.tiny.resnet_time_scale_shift": "default",
+    "teacher.tiny.coord_channels": False,
+    "teacher.tiny.caption_map_channels": 0,
+    "teacher.tiny.prediction_type": "epsilon",
+}
+
+
+@pytest.mark.parametrize(
+    "key, bad, message",
+    [
+        ("teacher.pretrain_high_t_share", 1.0, r"teacher\.pretrain_high_t_share: .*less than 1"),
+        ("teacher.hard_negative_weight", -1, r"teacher\.hard_negative_weight: .*greater than or equal to 0"),
+        ("teacher.hard_negative_swap", "verb", r"teacher\.hard_negative_swap: Input should be 'both', 'object'"),
+        ("teacher.tiny.text_encoder", "bert", r"teacher\.tiny\.text_encoder: Input should be 'clip' or 't5'"),
+        ("teacher.tiny.prediction_type", "x0", r"teacher\.tiny\.prediction_type: Input should be 'epsilon'"),
+        ("teacher.tiny.caption_map_channels", -1, r"teacher\.tiny\.caption_map_channels: .*greater than or equal"),
+        ("teacher.tiny.position_embedding_std", 0, r"teacher\.tiny\.position_embedding_std: .*greater than 0"),
+        ("teacher.tiny.resnet_time_scale_shift", "film", r"teacher\.tiny\.resnet_time_scale_shift: Input should"),
+    ],
+)
+def test_research_fields_keep_their_defaults_and_validation(key, bad, message):
+    """The research-only fields are absent from params.yaml, not from the schema: same defaults, still
+    validated wherever they are set (a params file, an experiment profile)."""
+    from sdsclip.config import RESEARCH_FIELDS
+
+    assert set(RESEARCH_FIELDS) == set(RESEARCH_DEFAULTS)
+    resolved, flat = params_to_dict(load_params(ROOT / "params.yaml")), {}
+    for field in RESEARCH_FIELDS:
+        node = resolved
+        for part in field.split("."):
+            node = node[part]
+        flat[field] = node
+    assert flat == RESEARCH_DEFAULTS
+    assert not keys(shipped()) & set(RESEARCH_FIELDS)
+    raw = shipped()
+    node = raw
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = bad
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict(raw, "params.yaml")
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ def setup(tmp_path_factory):
     return {"teacher": teacher, "wino": wino, "params": params_file, "raw": raw, "root": root}
 
 
+@pytest.mark.slow
 def test_teacher_binding_reports_effects_scores_and_verdict(setup):
     params = params_from_dict(setup["raw"])
     result = teacher_binding(params, setup["teacher"], setup["wino"], max_items=4)
@@ -105,6 +106,7 @@ def test_cli_diagnose_teacher_writes_json_and_strict_exit_code(setup):
     assert bad.exit_code == 2 and "--model must be a student directory" in bad.output
 
 
+@pytest.mark.slow
 def test_each_tag_must_reach_the_threshold(setup):
     """A teacher that binds colours but not relations must not pass: the threshold applies per tag too."""
     params = params_from_dict(setup["raw"])
@@ -121,6 +123,7 @@ def test_each_tag_must_reach_the_threshold(setup):
     assert loose["failed_tags"] == [] and loose["passed"] is True
 
 
+@pytest.mark.slow
 def test_sds_shortcut_check_scores_own_blank_and_mean_latents(setup):
     from sdsclip.diagnose import sds_shortcut
 

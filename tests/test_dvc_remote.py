@@ -13,6 +13,8 @@ import pytest
 import yaml
 from safetensors.numpy import load_file, save_file
 
+pytestmark = pytest.mark.slow  # git + DVC round trips; `make test` runs it, `make test-fast` not
+
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
 
 MAKE_CHECKPOINT = '''\

@@ -18,6 +18,10 @@ from sdsclip import stages
 from sdsclip.config import params_from_dict
 from sdsclip.evaluate.shards import ShardError
 
+pytestmark = (
+    pytest.mark.slow
+)  # a Stable Diffusion-layout teacher scored 2x per benchmark; `make test` runs it, `make test-fast` not
+
 SHARDS = 3
 
 

@@ -192,6 +192,7 @@ def jf_reference(world):  # noqa: F811
     return {"out": out, "params": params, "raw": raw, "weights": _weights(out)}
 
 
+@pytest.mark.slow
 def test_jacobian_free_run_logs_the_real_error(world, jf_reference):  # noqa: F811
     meta = json.loads((jf_reference["out"] / "student.json").read_text())
     assert meta["steps"] == STEPS
@@ -200,6 +201,7 @@ def test_jacobian_free_run_logs_the_real_error(world, jf_reference):  # noqa: F8
     assert len(sds) == STEPS and all(0 < v < 10 for v in sds)  # an eps error (~1 for a random UNet), not 0
 
 
+@pytest.mark.slow
 def test_jacobian_free_sigkill_then_resume_is_bit_identical(world, jf_reference, tmp_path):  # noqa: F811
     raw = json.loads(json.dumps(jf_reference["raw"]))
     raw["train"].update(checkpoint_every=2)
@@ -229,6 +231,7 @@ def test_jacobian_free_sigkill_then_resume_is_bit_identical(world, jf_reference,
         assert torch.equal(got[key], value), key
 
 
+@pytest.mark.slow
 def test_jacobian_free_two_process_ddp_matches_one_process(world, jf_reference, tmp_path):  # noqa: F811
     raw = json.loads(json.dumps(jf_reference["raw"]))
     raw["train"].update(checkpoint_every=0)

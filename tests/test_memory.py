@@ -62,6 +62,7 @@ def real_cpu_count(teacher_dir: Path, arch: str, batch: int, bf16: bool, ckpt: b
     return student_bytes, counter.bytes - student_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", list(memory.SETTINGS))
 def test_fake_tensor_count_equals_the_real_cpu_count(setting, models):
     """The estimate runs the step on fake tensors (no compute, no memory): it must save exactly what the real
@@ -77,6 +78,7 @@ def test_fake_tensor_count_equals_the_real_cpu_count(setting, models):
         assert fake.recompute > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", list(memory.SETTINGS))
 def test_sd15_estimate_is_within_10_percent_of_the_measured_step(setting):
     """Per-sample bytes of the fake count at SD-1.5 / ViT-B-32 shape vs benchmarks/sds_memory.py's real CPU run."""

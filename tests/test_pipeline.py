@@ -451,6 +451,7 @@ def merged_teacher_evaluations(run_dir: Path) -> dict[str, Path]:
     return merges
 
 
+@pytest.mark.slow
 def test_sharded_teacher_evaluations_equal_the_unsharded_ones(subprocess_pipeline_run, tmp_path):
     """eval_shards=3 on kfp.local: each teacher benchmark ran as 3 loop tasks, each scoring a share of the
     scorer calls, and the merged metrics JSON (and score file) are byte for byte those of evaluating the

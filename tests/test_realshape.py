@@ -90,6 +90,7 @@ def test_tokenizer_is_openai_clips_bpe(tmp_path):
         assert len(mine) == 77 and mine[:n] == openai[:n] and set(mine[n:]) == {49407}
 
 
+@pytest.mark.slow
 def test_whole_chain_runs_on_the_real_formats(tiny_run):
     work, summary, _ = tiny_run
     names = [r["stage"] for r in summary["stages"]]
@@ -115,6 +116,7 @@ def test_whole_chain_runs_on_the_real_formats(tiny_run):
     assert all((work / "fixtures" / "coco" / "train2017" / im["file_name"]).suffix == ".jpg" for im in coco["images"])
 
 
+@pytest.mark.slow
 def test_openai_checkpoint_has_openais_state_dict(tiny_run):
     import open_clip
     import torch
@@ -126,6 +128,7 @@ def test_openai_checkpoint_has_openais_state_dict(tiny_run):
     assert state["visual.conv1.weight"].dtype == torch.float16 and int(state["context_length"]) == 16
 
 
+@pytest.mark.slow
 def test_fixtures_are_reused_while_their_config_matches(tiny_run, params):
     work = tiny_run[0]
     records = realshape.ensure_fixtures(params, work, scale="tiny", log=lambda _: None)
@@ -136,6 +139,7 @@ def test_fixtures_are_reused_while_their_config_matches(tiny_run, params):
     assert len(list((work / "fixtures" / "world" / "zeroshot").glob("*/*.png"))) == 24
 
 
+@pytest.mark.slow
 def test_isolated_stage_runs_in_its_own_process_and_failures_name_the_stage(tiny_run, params, tmp_path):
     """The executor of `make realshape`: one stage per interpreter, its own peak RSS; a failing stage stops
     the run with one line naming it."""

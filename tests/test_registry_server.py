@@ -21,6 +21,8 @@ from safetensors.numpy import save_file
 from sdsclip.config import load_params
 from sdsclip.register import RegistryError, register_model, resolve_tracking_uri
 
+pytestmark = pytest.mark.slow  # an MLflow server per test module; `make test` runs it, `make test-fast` not
+
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN, PASSWORD = "admin", "test-" + secrets.token_hex(8)
 STARTUP_DEADLINE_S = 300  # 10-30 s on a quiet 2-core machine; generous for a loaded one

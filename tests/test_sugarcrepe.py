@@ -118,6 +118,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_matches_clip_benchmark_image_caption_selection(sugarcrepe, tmp_path):
     try:
         import clip_benchmark.cli  # noqa: F401
@@ -180,6 +181,7 @@ def test_matches_clip_benchmark_image_caption_selection(sugarcrepe, tmp_path):
         assert abs(theirs - expected) <= near / mine["n"] + 1e-6, (subset, theirs, mine, near)
 
 
+@pytest.mark.slow
 def test_teacher_as_matcher_shared_draws_and_batching(sugarcrepe, tmp_path):
     """The diffusion teacher scores SugarCrepe / ARO items: negative denoising error over the SAME (t, eps)
     draws for every pair, so its numbers do not depend on how items are chunked or batched."""

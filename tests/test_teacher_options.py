@@ -47,6 +47,7 @@ def test_bad_teacher_options_stop_with_one_line():
         params_from_dict({"teacher": {"pretrain_t_min": 900, "pretrain_t_max": 500}})
 
 
+@pytest.mark.slow
 def test_v_prediction_teacher_trains_on_v_and_scores_on_eps(tmp_path):
     """v-prediction: the pretraining loss is the v error, which is the eps error / alpha_bar(t) exactly;
     scoring and SDS keep using the eps error, so both kinds of teacher are compared on one scale."""
@@ -144,7 +145,8 @@ def test_bidirectional_t5_text_encoder_survives_save_and_load(tmp_path):
 def test_coordinate_channels_reach_the_unet_but_not_sigma(tmp_path):
     """CoordConv teacher: the UNet's input carries two fixed x/y maps, so the denoised latent (what sigma
     produces) keeps the image's shape; the maps change the prediction and survive save/load."""
-    from sdsclip.models.teacher import coordinate_channels, latent_shape_of
+    from sdsclip.models.teacher import latent_shape_of
+    from sdsclip.models.teacher_options import coordinate_channels
 
     torch.manual_seed(0)
     teacher = build_tiny_teacher(_tiny(coord_channels=True), vocabulary()).freeze()
@@ -204,6 +206,7 @@ def test_caption_map_gives_each_position_its_own_caption_weights(tmp_path):
         load_teacher(out)
 
 
+@pytest.mark.slow
 def test_high_noise_share_and_hard_negative_selection():
     """pretrain_high_t_share draws that share of t from the high-noise range; hard_negative_swap=object uses only
     relational captions' object swaps, and hard_negative_t_min leaves the low-noise rows out of the ranking."""

@@ -417,6 +417,7 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.mark.slow
 def test_finetune_with_bf16_mixed_precision(world, tmp_path, monkeypatch, fresh_accelerate_state):
     """`train.mixed_precision: bf16` end to end (accelerate's autocast around the step, CPU bf16): the UNet
     sees autocast on and an fp32 x_t made from an fp32 z, and the run's losses track the fp32 run's (1 %)."""

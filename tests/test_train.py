@@ -335,6 +335,7 @@ def make_sd_dir(root: Path, max_tokens: int = 16) -> Path:
     return sd
 
 
+@pytest.mark.slow
 def test_stable_diffusion_dir_through_the_real_loaders(world, tmp_path, monkeypatch):
     """params teacher.pretrained_dir -> pretrain_teacher (verify + hash) -> finetune (UNet, text encoder,
     scheduler; no VAE; sigma shaped like the UNet input) -> TeacherScorer (images through the VAE)."""
@@ -506,6 +507,7 @@ def test_launch_environments_map_to_torch_distributed():
 # --------------------------------------------------------------- logging, SIGKILL + resume, DDP
 
 
+@pytest.mark.slow
 def test_losses_go_to_dvc_plots_and_mlflow(reference):
     from mlflow import MlflowClient
 
@@ -522,6 +524,7 @@ def test_losses_go_to_dvc_plots_and_mlflow(reference):
     assert run.data.params["train.lambda_sds"] == "1.0"
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(world, reference, tmp_path):
     raw = train_params(world["root"], steps=STEPS, checkpoint_every=2, log_mlflow=False)
     params = write_params(tmp_path / "p.yaml", raw)
@@ -566,6 +569,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(world, reference, t
 DDP_ATOL = 1e-5  # observed ~2e-7 here: float summation order (gathers, all-reduce) differs, nothing else
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(world, reference, tmp_path):
     """torchrun, 2 CPU processes (gloo), each 4 of the same global batch of 8 == 1 process with batch 8."""
     raw = yaml.safe_load(reference["params"].read_text())

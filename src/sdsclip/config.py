@@ -120,7 +120,32 @@ class StudentConfig(_Section):
     text_order_weight: float = Field(1.0, ge=0, description="weight of the text-order loss in those steps")
 
 
+#: Research-only fields: the tiny teacher's experimental options (sdsclip.models.teacher_options) and its
+#: pretraining tricks for the science experiment. They keep their keys, defaults and validation, but params.yaml
+#: leaves them out (it shows what a user of the product sets); the science profile (profiles/science.yaml) sets
+#: the ones it uses, and any params file or experiment profile may still set them. docs/science.md reports them.
+RESEARCH_FIELDS: tuple[str, ...] = (
+    "teacher.pretrain_high_t_share",
+    "teacher.pretrain_high_t_min",
+    "teacher.hard_negative_weight",
+    "teacher.hard_negative_margin",
+    "teacher.hard_negative_swap",
+    "teacher.hard_negative_t_min",
+    "teacher.tiny.position_embedding_std",
+    "teacher.tiny.pooled_conditioning",
+    "teacher.tiny.cross_attention_full_res",
+    "teacher.tiny.text_encoder",
+    "teacher.tiny.resnet_time_scale_shift",
+    "teacher.tiny.coord_channels",
+    "teacher.tiny.caption_map_channels",
+    "teacher.tiny.prediction_type",
+)
+
+
 class TinyUNetConfig(_Section):
+    """The tiny teacher (embedded default). From ``position_embedding_std`` on: research-only options
+    (RESEARCH_FIELDS), off by default, built and run by sdsclip.models.teacher_options."""
+
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=1)
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(8, ge=1)
@@ -197,6 +222,7 @@ class TeacherConfig(_Section):
     pretrain_t_max: int | None = Field(
         None, ge=1, description="largest timestep (exclusive) sampled while pretraining; null = train_timesteps"
     )
+    # Research-only (RESEARCH_FIELDS): the science teacher's high-noise share of each batch.
     pretrain_high_t_share: float = Field(
         0.0,
         ge=0.0,
@@ -216,6 +242,7 @@ class TeacherConfig(_Section):
         description="the text-score threshold also applies to each Winoground tag on its own (colour swaps, "
         "object swaps), so a teacher that binds colours but not relations does not pass",
     )
+    # Research-only from here (RESEARCH_FIELDS, with pretrain_high_t_*): the science teacher's ranking loss.
     hard_negative_weight: float = Field(
         0.0,
         ge=0.0,
@@ -507,7 +534,7 @@ def _format_error(source: str, err: ValidationError) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "<top level>"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key (typo? see params.yaml for the valid keys)"
+        msg = "unknown key (typo? see params.yaml and src/sdsclip/config.py for the valid keys)"
     got = first.get("input")
     got_text = "" if first["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""

@@ -237,7 +237,8 @@ class TeacherSpec:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoConfig
 
-        from sdsclip.models.teacher import CAPTION_MAP_DIR, TEACHER_META, TEXT_ENCODERS, read_json_config
+        from sdsclip.models.teacher import TEACHER_META, TEXT_ENCODERS, read_json_config
+        from sdsclip.models.teacher_options import CAPTION_MAP_DIR
 
         root = Path(root)
         meta = json.loads((root / TEACHER_META).read_text()) if (root / TEACHER_META).is_file() else {}
@@ -267,11 +268,12 @@ class TeacherSpec:
         """The Teacher, frozen, with this spec's modules (call inside ``fake_device``)."""
         from diffusers import UNet2DConditionModel
 
-        from sdsclip.models.teacher import CaptionMap, Teacher
+        from sdsclip.models.teacher import make_teacher
+        from sdsclip.models.teacher_options import CaptionMap
 
         unet = UNet2DConditionModel.from_config(self.unet_config)
         head = CaptionMap(**self.caption_map_config) if self.caption_map_config else None
-        return Teacher(
+        return make_teacher(
             unet,
             self.text_encoder(),
             None,
@@ -361,7 +363,7 @@ def count_step(
         t = teacher.build() if teacher is not None else None
         shape: tuple[int, int, int] = t.latent_shape if t is not None else (latent_shape or (4, 64, 64))
         module, params = _student_with_sigma(clip, shape, trainable, with_teacher=t is not None)
-        weights = [module] + ([t.unet, t.text_encoder, t.caption_map] if t is not None else [])
+        weights = [module] + ([t.unet, t.text_encoder, *t.extra_modules().values()] if t is not None else [])
         recompute = [0]
         if t is not None and checkpointing:
             _count_checkpoint_segments(t, weights, recompute)
@@ -396,7 +398,7 @@ def count_step(
             unet_saved=unet_saved,
             recompute=recompute[0],
             student_weights=module_bytes(module),
-            teacher_weights=module_bytes(t.unet, t.text_encoder, t.caption_map) if t is not None else 0,
+            teacher_weights=module_bytes(t.unet, t.text_encoder, *t.extra_modules().values()) if t is not None else 0,
             trainable_params=sum(p.untyped_storage().nbytes() for p in params),
             cond_row=(cond[0].numel() * cond.element_size()) if cond is not None else 0,
         )

@@ -5,6 +5,10 @@ directory layout (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) 
 - real path: a local SD directory; images reach the UNet through its ``vae/`` (latents);
 - embedded default: a tiny UNet trained from scratch whose "latent" is the 2x2 pixel-unshuffled image
   (lossless, and ~8x cheaper than running the UNet at full resolution).
+
+``Teacher`` runs Stable Diffusion's plain forward. The tiny teacher's research options (sdsclip.config
+RESEARCH_FIELDS) live in sdsclip.models.teacher_options; ``OptionsTeacher`` is picked only when one of its
+forward options is on (``make_teacher``), so the default tiny teacher and every real SD teacher never run them.
 """
 
 from __future__ import annotations
@@ -19,13 +23,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5EncoderModel
 
 from sdsclip.config import TeacherConfig, TinyUNetConfig
 from sdsclip.errors import UserError
+from sdsclip.models.teacher_options import (
+    CAPTION_MAP_DIR,
+    CaptionMap,
+    CaptionMapError,
+    TeacherOptions,
+    caption_map_for,
+    forward_options,
+    init_position_embeddings,
+    t5_text_encoder,
+    tiny_unet_options,
+)
 
 TEACHER_META = "teacher.json"
-CAPTION_MAP_DIR = "caption_map"  # tiny-teacher option: caption -> spatial input channels (CaptionMap)
 SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 #: text encoder classes a teacher dir may hold, by the ``architectures`` entry of text_encoder/config.json
@@ -34,50 +48,6 @@ TEXT_ENCODERS = {"CLIPTextModel": CLIPTextModel, "T5EncoderModel": T5EncoderMode
 
 class TeacherLoadError(UserError, ValueError):
     """A teacher directory that cannot be used; the message is one line for the user."""
-
-
-class CaptionMap(torch.nn.Module):
-    """Caption -> ``channels`` maps at the latent's resolution, fed to the UNet beside x_t (tiny teacher option).
-
-    A conv UNet shares its weights across positions, so "the red circle is LEFT of the blue square" has to reach
-    each position through padding effects; this head gives every position its own weights on the caption's
-    pooled state (the job absolute position embeddings do in DiT-style models)."""
-
-    def __init__(self, text_width: int, channels: int, size: int):
-        super().__init__()
-        self.config = {"text_width": int(text_width), "channels": int(channels), "size": int(size)}
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(text_width, 4 * text_width),
-            torch.nn.SiLU(),
-            torch.nn.Linear(4 * text_width, channels * size * size),
-        )
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        c, n = self.config["channels"], self.config["size"]
-        return self.net(pooled).view(-1, c, n, n)
-
-    def save(self, out_dir: Path) -> None:
-        from safetensors.torch import save_file
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out_dir / "model.safetensors"))
-
-    @classmethod
-    def load(cls, path: Path) -> CaptionMap:
-        from safetensors.torch import load_file
-
-        cfg = read_json_config(path / "config.json")
-        try:
-            head = cls(cfg["text_width"], cfg["channels"], cfg["size"])
-            head.load_state_dict(load_file(str(path / "model.safetensors")))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type; any is a bad file
-            if isinstance(err, TeacherLoadError):
-                raise
-            raise TeacherLoadError(
-                f"{path}: unusable caption map ({' '.join(str(err).split())[:200]}); re-run the teacher's pretraining"
-            ) from None
-        return head
 
 
 @dataclass
@@ -90,8 +60,6 @@ class Teacher:
     image_size: int
     vae: Any = None
     unshuffle_factor: int = 2  # pixel_unshuffle latent: image side / latent side
-    coord_channels: int = 0  # fixed x/y channels appended to the UNet input (tiny teacher option, CoordConv)
-    caption_map: CaptionMap | None = None  # caption -> spatial channels appended to the UNet input (tiny option)
 
     @property
     def device(self) -> torch.device:
@@ -105,22 +73,23 @@ class Teacher:
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.out_channels, size, size)
 
+    def extra_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules beside the UNet and the text encoder that train with them (tiny teacher options only)."""
+        return {}
+
     def trainable_modules(self) -> torch.nn.ModuleDict:
         """What the teacher's pretraining optimises (the VAE of a real SD teacher is never trained here)."""
-        mods = {"unet": self.unet, "text_encoder": self.text_encoder}
-        if self.caption_map is not None:
-            mods["caption_map"] = self.caption_map
-        return torch.nn.ModuleDict(mods)
+        return torch.nn.ModuleDict({"unet": self.unet, "text_encoder": self.text_encoder, **self.extra_modules()})
 
     def to(self, device: torch.device | str) -> Teacher:
-        for m in (self.unet, self.text_encoder, self.vae, self.caption_map):
+        for m in (self.unet, self.text_encoder, self.vae, *self.extra_modules().values()):
             if m is not None:
                 m.to(device)
         return self
 
     def freeze(self) -> Teacher:
         """Frozen teacher: eval mode and no parameter gradients (gradients may still flow *through* it)."""
-        for m in (self.unet, self.text_encoder, self.vae, self.caption_map):
+        for m in (self.unet, self.text_encoder, self.vae, *self.extra_modules().values()):
             if m is not None:
                 m.eval()
                 m.requires_grad_(False)
@@ -157,22 +126,15 @@ class Teacher:
     def _predict(
         self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, the UNet's raw prediction at x_t, as fp32) for latents noised with ``noise`` to timestep ``t``.
+        """(x_t, the UNet's raw prediction at x_t, as fp32) for latents noised with ``noise`` to timestep ``t``:
+        Stable Diffusion's forward, the UNet conditioned on the caption's states (the tiny teacher's research
+        options have their own, ``sdsclip.models.teacher_options.TeacherOptions._predict``).
 
         Under mixed precision (accelerate's autocast wraps the whole step) only the UNet runs in bf16/fp16:
         z, eps, alpha_bar and x_t stay fp32 (sqrt(1 - alpha_bar) at t = 20 is 2.3 % off in bf16)."""
         with torch.autocast(latents.device.type, enabled=False):
             noisy = self.scheduler.add_noise(latents.float(), noise.float(), t)
-        # Pooled conditioning (tiny teacher option): the text encoder's last position has attended to the whole
-        # caption, in order; it is added to the timestep embedding, so every ResNet block sees it.
-        pooled = cond[:, -1] if getattr(self.unet.config, "class_embed_type", None) == "projection" else None
-        extra = []
-        if self.coord_channels:
-            extra.append(coordinate_channels(noisy))
-        if self.caption_map is not None:
-            extra.append(self.caption_map(cond[:, -1]).to(noisy.dtype))
-        unet_in = torch.cat([noisy, *extra], dim=1) if extra else noisy
-        return noisy, self.unet(unet_in, t, encoder_hidden_states=cond, class_labels=pooled).sample.float()
+        return noisy, self.unet(noisy, t, encoder_hidden_states=cond).sample.float()
 
     def epsilon_prediction(
         self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -216,6 +178,33 @@ class Teacher:
         with torch.autocast(pred.device.type, enabled=False):
             target = self.scheduler.get_velocity(latents.float(), noise.float(), t)
             return (pred - target).pow(2).flatten(1).mean(1)
+
+
+@dataclass
+class OptionsTeacher(TeacherOptions, Teacher):
+    """A tiny teacher with forward options on (``sdsclip.models.teacher_options``): its own ``_predict``."""
+
+    coord_channels: int = 0  # fixed x/y channels appended to the UNet input (CoordConv)
+    caption_map: CaptionMap | None = None  # caption -> spatial channels appended to the UNet input
+
+
+def make_teacher(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel | T5EncoderModel,
+    tokenizer: Any,
+    scheduler: DDPMScheduler,
+    *,
+    coord_channels: int = 0,
+    caption_map: CaptionMap | None = None,
+    **kwargs: Any,
+) -> Teacher:
+    """A ``Teacher``, or an ``OptionsTeacher`` when a tiny teacher's forward option is on (coordinate channels,
+    a caption map, or a UNet with pooled conditioning): every real Stable Diffusion dir gets the plain one."""
+    if forward_options(unet, coord_channels, caption_map):
+        return OptionsTeacher(
+            unet, text_encoder, tokenizer, scheduler, coord_channels=coord_channels, caption_map=caption_map, **kwargs
+        )
+    return Teacher(unet, text_encoder, tokenizer, scheduler, **kwargs)
 
 
 class TextConditioningCache:
@@ -289,15 +278,6 @@ def build_word_tokenizer(vocabulary: list[str], max_tokens: int) -> PreTrainedTo
     )
 
 
-def coordinate_channels(latents: torch.Tensor) -> torch.Tensor:
-    """(B, 2, H, W) fixed maps x, y in [-1, 1] (CoordConv, Liu et al. 2018), same dtype/device as ``latents``."""
-    b, _, h, w = latents.shape
-    ys = torch.linspace(-1.0, 1.0, h, device=latents.device, dtype=latents.dtype)
-    xs = torch.linspace(-1.0, 1.0, w, device=latents.device, dtype=latents.dtype)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
-    return grid.unsqueeze(0).expand(b, -1, -1, -1)
-
-
 def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
     """A freshly initialised tiny pixel-space teacher (``teacher.tiny``) over the world's word vocabulary."""
     tiny: TinyUNetConfig = cfg.tiny
@@ -314,12 +294,7 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
         beta_schedule="squaredcos_cap_v2",
         prediction_type=tiny.prediction_type,
     )
-    caption_map = (
-        CaptionMap(tiny.text_width, tiny.caption_map_channels, cfg.image_size // factor)
-        if tiny.caption_map_channels
-        else None
-    )
-    return Teacher(
+    return make_teacher(
         unet,
         text_encoder,
         tokenizer,
@@ -328,34 +303,18 @@ def build_tiny_teacher(cfg: TeacherConfig, vocabulary: list[str]) -> Teacher:
         image_size=cfg.image_size,
         unshuffle_factor=factor,
         coord_channels=2 if tiny.coord_channels else 0,
-        caption_map=caption_map,
+        caption_map=caption_map_for(tiny, cfg.image_size),
     )
 
 
 def _tiny_text_encoder(tiny: TinyUNetConfig, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
     """The tiny teacher's freshly initialised T5 or CLIP text encoder."""
-    if tiny.text_encoder == "t5":
+    if tiny.text_encoder == "t5":  # research option (teacher_options)
         if tiny.text_width % tiny.text_heads:
             raise TeacherLoadError(
                 f"teacher.tiny.text_width {tiny.text_width} must be a multiple of text_heads {tiny.text_heads}"
             )
-        return T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer),
-                d_model=tiny.text_width,
-                d_kv=tiny.text_width // tiny.text_heads,
-                d_ff=4 * tiny.text_width,
-                num_layers=tiny.text_layers,
-                num_heads=tiny.text_heads,
-                relative_attention_num_buckets=tiny.max_caption_tokens,
-                relative_attention_max_distance=tiny.max_caption_tokens,
-                dropout_rate=0.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-                architectures=["T5EncoderModel"],
-            )
-        )
+        return t5_text_encoder(tiny, tokenizer)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -370,37 +329,27 @@ def _tiny_text_encoder(tiny: TinyUNetConfig, tokenizer: PreTrainedTokenizerFast)
             eos_token_id=tokenizer.eos_token_id,
         )
     )
-    if tiny.position_embedding_std is not None and tiny.text_encoder == "clip":
-        with torch.no_grad():
-            embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
-            embeddings.position_embedding.weight.normal_(0.0, tiny.position_embedding_std)
+    init_position_embeddings(text_encoder, tiny)  # research option: null (the default) leaves them
     return text_encoder
 
 
 def _tiny_unet(tiny: TinyUNetConfig, image_size: int) -> UNet2DConditionModel:
     """The tiny teacher's freshly initialised UNet on pixel-unshuffled images."""
     factor = tiny.unshuffle_factor
-    n_blocks = len(tiny.block_out_channels)
-    # Cross-attention everywhere but the full-resolution block (as in the feasibility study: cheap and enough),
-    # unless asked for there too.
-    full = tiny.cross_attention_full_res
-    down = ["CrossAttnDownBlock2D" if full else "DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n_blocks - 1)
-    up = ["CrossAttnUpBlock2D"] * (n_blocks - 1) + ["CrossAttnUpBlock2D" if full else "UpBlock2D"]
-    groups = min(8, *tiny.block_out_channels)
+    # Cross-attention everywhere but the full-resolution block (as in the feasibility study: cheap and enough);
+    # the research options may add input channels, pooled conditioning, FiLM, full-resolution cross-attention.
+    options = tiny_unet_options(tiny)
+    extra_in = options.pop("extra_in_channels")
     return UNet2DConditionModel(
         sample_size=image_size // factor,
-        in_channels=3 * factor * factor + (2 if tiny.coord_channels else 0) + tiny.caption_map_channels,
+        in_channels=3 * factor * factor + extra_in,
         out_channels=3 * factor * factor,
         block_out_channels=tuple(tiny.block_out_channels),
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
         layers_per_block=tiny.layers_per_block,
         cross_attention_dim=tiny.text_width,
         attention_head_dim=tiny.attention_head_dim,
-        class_embed_type="projection" if tiny.pooled_conditioning else None,
-        projection_class_embeddings_input_dim=tiny.text_width if tiny.pooled_conditioning else None,
-        norm_num_groups=groups,
-        resnet_time_scale_shift=tiny.resnet_time_scale_shift,
+        norm_num_groups=min(8, *tiny.block_out_channels),
+        **options,
     )
 
 
@@ -413,11 +362,10 @@ def save_teacher(teacher: Teacher, out_dir: Path, meta: dict[str, Any] | None = 
     info = {"latent": teacher.latent, "image_size": teacher.image_size, **(meta or {})}
     if teacher.latent == "pixel_unshuffle":
         info["unshuffle_factor"] = teacher.unshuffle_factor
-    if teacher.coord_channels:
-        info["coord_channels"] = teacher.coord_channels
-    if teacher.caption_map is not None:
-        teacher.caption_map.save(out_dir / CAPTION_MAP_DIR)
-        info["caption_map_channels"] = teacher.caption_map.config["channels"]
+    if isinstance(teacher, OptionsTeacher):
+        info.update(teacher.option_meta())
+        if teacher.caption_map is not None:
+            teacher.caption_map.save(out_dir / CAPTION_MAP_DIR)
     (out_dir / TEACHER_META).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -624,7 +572,7 @@ def load_teacher(
         if latent == "vae":
             factor = 2 ** (len(read_json_config(path / "vae" / "config.json")["block_out_channels"]) - 1)
         image_size = latent_shape_of(path)[1] * factor
-    return Teacher(
+    return make_teacher(
         unet,
         text_encoder,
         tokenizer,
@@ -634,8 +582,16 @@ def load_teacher(
         vae=vae,
         unshuffle_factor=int(meta.get("unshuffle_factor", 2)),
         coord_channels=int(meta.get("coord_channels", 0)),
-        caption_map=CaptionMap.load(path / CAPTION_MAP_DIR) if meta.get("caption_map_channels") else None,
+        caption_map=load_caption_map(path) if meta.get("caption_map_channels") else None,
     )
+
+
+def load_caption_map(path: Path) -> CaptionMap:
+    """The saved caption map of a tiny teacher dir (research option); an unusable one is a TeacherLoadError."""
+    try:
+        return CaptionMap.load(path / CAPTION_MAP_DIR)
+    except CaptionMapError as err:
+        raise TeacherLoadError(str(err)) from None
 
 
 def teacher_pixels(images: torch.Tensor) -> torch.Tensor:
