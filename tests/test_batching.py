@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sdsclip.config import IngestConfig, params_from_dict
-from sdsclip.data import DataError, _bag_distinct, bag_key, pair_loader
+from sdsclip.data import DataError, bag_distinct, bag_key, pair_loader
 from sdsclip.ingest import ingest_coco
 
 CAPTION = "a red circle to the left of a blue square"
@@ -46,14 +46,14 @@ def test_bag_distinct_reorders_into_distinct_full_batches_deterministically():
         bags[i // 3 % len(bags)] if i % 2 else bags[(i // 3 + 1) % len(bags)].replace("red", "red") for i in range(60)
     ]
     samples = _samples(captions)
-    out = list(_bag_distinct(iter(samples), batch_size=4, max_pending=40))
+    out = list(bag_distinct(iter(samples), batch_size=4, max_pending=40))
     assert len(out) % 4 == 0 and len(out) >= 40
     keys = [s["__key__"] for s in out]
     assert len(set(keys)) == len(keys)  # nothing emitted twice
     for start in range(0, len(out), 4):
         batch = out[start : start + 4]
         assert len({bag_key(s["__caption__"]) for s in batch}) == 4
-    assert [s["__key__"] for s in _bag_distinct(iter(samples), 4, 40)] == keys
+    assert [s["__key__"] for s in bag_distinct(iter(samples), 4, 40)] == keys
     # random order of the same stream does hold a repeated bag in some batch of 4
     assert any(len({bag_key(s["__caption__"]) for s in samples[i : i + 4]}) < 4 for i in range(0, 60, 4))
 
@@ -61,7 +61,7 @@ def test_bag_distinct_reorders_into_distinct_full_batches_deterministically():
 def test_bag_distinct_stops_with_a_clear_error_when_bags_are_too_few():
     samples = _samples([CAPTION, "a red circle and a blue square"] * 30)
     with pytest.raises(DataError, match=r"bag_distinct batching: fewer than 4 distinct caption bags"):
-        list(_bag_distinct(iter(samples), batch_size=4, max_pending=10))
+        list(bag_distinct(iter(samples), batch_size=4, max_pending=10))
 
 
 @pytest.fixture(scope="module")

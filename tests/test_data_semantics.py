@@ -19,10 +19,10 @@ from sdsclip.config import IngestConfig, params_from_dict
 from sdsclip.data import (
     DataError,
     PairLoader,
-    _distinct_batches,
     bag_key,
     count_dataset,
     count_pairs,
+    distinct_batches,
     image_and_bag_keys,
     pair_loader,
 )
@@ -218,7 +218,7 @@ def test_bag_distinct_batches_are_also_image_distinct():
         for i in range(40)
         for k in range(5)
     ]
-    out = list(_distinct_batches(iter(samples), 8, 200, image_and_bag_keys, "{n}"))
+    out = list(distinct_batches(iter(samples), 8, 200, image_and_bag_keys, "{n}"))
     assert len(out) >= 8 * 15
     for start in range(0, len(out), 8):
         batch = out[start : start + 8]

@@ -268,15 +268,15 @@ def test_no_data_says_what_is_expected(tmp_path):
 def test_student_fast_preprocess_is_bit_identical():
     """The batched path for images already at the input size equals open_clip's per-image transform."""
     from sdsclip.models.student import build_student
-    from sdsclip.scoring import _already_sized_pixels
+    from sdsclip.scoring import already_sized_pixels
 
     student = build_student("sdsclip-tiny-vit")
     images = [Image.new("RGB", (32, 32), (7 * i % 256, 200, 13)) for i in range(5)]
     images[2].putpixel((3, 4), (255, 0, 1))
-    fast = _already_sized_pixels(student.preprocess, images)
+    fast = already_sized_pixels(student.preprocess, images)
     assert fast is not None and torch.equal(fast, torch.stack([student.preprocess(im) for im in images]))
-    assert _already_sized_pixels(student.preprocess, [Image.new("RGB", (48, 32))]) is None
-    assert _already_sized_pixels(student.preprocess, [Image.new("L", (32, 32))]) is None
+    assert already_sized_pixels(student.preprocess, [Image.new("RGB", (48, 32))]) is None
+    assert already_sized_pixels(student.preprocess, [Image.new("L", (32, 32))]) is None
 
 
 def test_pipelined_student_scoring_equals_plain_score(monkeypatch):

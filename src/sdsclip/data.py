@@ -11,7 +11,7 @@ Pipeline per epoch (``webdataset`` stages, all on compressed bytes):
     -> shuffle(pairs) -> distinct reorder -> global batches of ``batch_size``
 then, only for the global batches this process (and worker) keeps: decode -> transform(RGB image) -> collate.
 
-Distinct reorder (``_distinct_batches``): no global batch holds two captions of one image (they would be false
+Distinct reorder (``distinct_batches``): no global batch holds two captions of one image (they would be false
 negatives of each other in the contrastive loss), and with ``batching="bag_distinct"`` no two captions sharing
 their ``bag_key`` either. It is a deterministic function of the shuffled stream, so everything after it (resume,
 DDP slices, worker split) is exact.
@@ -249,7 +249,7 @@ def image_and_bag_keys(sample: dict[str, Any]) -> tuple[Hashable, ...]:
     return image_keys(sample) + bag_keys(sample)
 
 
-def _distinct_batches(
+def distinct_batches(
     samples: Iterator[dict[str, Any]],
     batch_size: int,
     max_pending: int,
@@ -304,11 +304,11 @@ def _distinct_batches(
             return  # end of the epoch: the partial batch (and what still waits) is dropped
 
 
-def _bag_distinct(samples: Iterator[dict[str, Any]], batch_size: int, max_pending: int) -> Iterator[dict[str, Any]]:
-    """``_distinct_batches`` over caption bags alone: no two captions of a batch share their ``bag_key``,
+def bag_distinct(samples: Iterator[dict[str, Any]], batch_size: int, max_pending: int) -> Iterator[dict[str, Any]]:
+    """``distinct_batches`` over caption bags alone: no two captions of a batch share their ``bag_key``,
     which is what web-scale batches look like (hard negatives are rare), unlike random batches over a small
     synthetic vocabulary."""
-    return _distinct_batches(samples, batch_size, max_pending, bag_keys, BAG_SHORTAGE)
+    return distinct_batches(samples, batch_size, max_pending, bag_keys, BAG_SHORTAGE)
 
 
 BAG_SHORTAGE = (
@@ -441,7 +441,7 @@ class PairLoader:
         if keys_of is not None:
             ds = ds.compose(
                 partial(
-                    _distinct_batches,
+                    distinct_batches,
                     batch_size=self.batch_size,
                     max_pending=max(10 * self.batch_size, buf),
                     keys_of=keys_of,
@@ -518,7 +518,7 @@ def pair_loader(
     """Infinite deterministic stream of (images [B,3,H,W], captions list[str]) over accepted pairs
     (``B = batch_size // world_size``: this rank's slice of each global batch). ``captions``: ``all`` pairs
     or ``one_per_image`` per epoch. No global batch holds two captions of one image; ``batching="bag_distinct"``:
-    nor two sharing their ``bag_key`` (see ``_distinct_batches``). ``num_workers``: DataLoader processes
+    nor two sharing their ``bag_key`` (see ``distinct_batches``). ``num_workers``: DataLoader processes
     decoding in parallel, the same batches as 0."""
     return PairLoader(
         shards_dir,

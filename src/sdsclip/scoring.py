@@ -39,7 +39,7 @@ def _batches(seq: Sequence | torch.Tensor, size: int):
 _IDENTITY_AT_SIZE = {"Resize", "CenterCrop", "MaybeConvertMode", "_convert_to_rgb", "MaybeToTensor", "ToTensor"}
 
 
-def _already_sized_pixels(preprocess, images: Sequence[Image.Image]) -> torch.Tensor | None:
+def already_sized_pixels(preprocess, images: Sequence[Image.Image]) -> torch.Tensor | None:
     """open_clip's eval transform on a batch of RGB images already at the model's input size, in one tensor op.
 
     Resize(S) / CenterCrop(S) leave an S x S image unchanged (PIL returns a copy), so the transform reduces to
@@ -83,7 +83,7 @@ class StudentScorer:
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         out = []
         for chunk in _batches(list(images), self.batch_size):
-            x = _already_sized_pixels(self.student.preprocess, chunk)
+            x = already_sized_pixels(self.student.preprocess, chunk)
             if x is None:
                 x = torch.stack([self.student.preprocess(im.convert("RGB")) for im in chunk])
             out.append(F.normalize(self.model.encode_image(x.to(self.device)).float(), dim=-1))
