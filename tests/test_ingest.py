@@ -473,6 +473,40 @@ def test_reencode_as_jpeg_with_quality_from_params(tmp_path):
         assert stored[:3] == b"\xff\xd8\xff" and r["stored_sha256"] == hashlib.sha256(stored).hexdigest()
 
 
+def test_streamed_file_gives_the_same_outputs_in_any_key_order_and_window(tmp_path, monkeypatch):
+    """The annotations file is streamed record by record: annotations[] before images[], pretty-printed, read
+    through a 7-character window, it gives the very files of the plain file read in one window."""
+    from sdsclip import coco_json
+
+    fx = make_coco(tmp_path / "coco", n_images=9)
+    coco = fx["coco"]
+    coco["annotations"].append({"id": 77, "image_id": coco["images"][0]["id"], "caption": "café crème 😀"})
+    _write_coco(fx)
+    _run(fx, tmp_path / "plain", shard_size=4)
+    reordered = {"annotations": coco["annotations"], "licenses": [], "images": coco["images"], "info": coco["info"]}
+    fx["json"].write_text(json.dumps(reordered, indent=2, ensure_ascii=False), encoding="utf-8")
+    monkeypatch.setattr(coco_json, "CHUNK_CHARS", 7)
+    monkeypatch.setattr(coco_json, "_MIN_BATCH_CHARS", 16)
+    s = _run(fx, tmp_path / "streamed", shard_size=4)
+    assert _tree(tmp_path / "streamed") == _tree(tmp_path / "plain")
+    assert s["annotations_written"] == len(coco["annotations"]) and "café crème 😀" in {
+        r["caption"] for r in _rows(tmp_path / "streamed" / "manifest.csv")
+    }
+
+
+def test_ids_beyond_64_bits_are_bad_records(tmp_path):
+    fx = make_coco(tmp_path / "coco", n_images=2)
+    coco = fx["coco"]
+    coco["images"].append({"id": 2**64, "file_name": "huge.png"})
+    coco["annotations"].append({"id": 2**70, "image_id": coco["images"][0]["id"], "caption": "huge id"})
+    _write_coco(fx)
+    s = _run(fx, tmp_path / "out")
+    q = {r["detail"] for r in _rows(tmp_path / "out" / "ingest_quarantine.csv")}
+    assert s["quarantined"] == {"bad_image_record": 1, "bad_annotation_record": 1}
+    assert any("'id' is beyond the 64-bit range" in d and d.startswith("images[2]") for d in q)
+    assert s["annotations_written"] + s["annotations_quarantined"] == s["annotations_in"]
+
+
 def test_malformed_json_raises_one_line_error(tmp_path):
     fx = make_coco(tmp_path / "coco")
     fx["json"].write_text('{"images": [1, 2,, "annotations": []}')

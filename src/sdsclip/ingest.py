@@ -33,7 +33,10 @@ Output in ``out_dir`` (a local path or an fsspec URL):
 Streaming and parallel: images are read, hashed, decoded (and converted) by ``cfg.workers`` threads (PIL, zlib
 and hashlib release the GIL), at most ``WINDOW_PER_WORKER * cfg.workers`` in flight (encoded bytes, ~120 KiB each
 for COCO), and written in image-id order. Each worker also prepares the image's tar blocks and manifest lines, so
-the writing thread only writes bytes. The annotations JSON is the only thing loaded whole.
+the writing thread only writes bytes. Memory does not grow with the split: the annotations file is streamed
+record by record (:mod:`sdsclip.coco_json`) into a catalogue on disk (sqlite, in a temp folder: ~2x the
+annotations file), from which the shards are planned and written, and the final files are streamed from it
+and from the shards' parts.
 
 Resumable and idempotent: a shard is written to ``<name>.tmp`` and renamed when complete, then its part is
 written. A re-run (``cfg.resume``) keeps every shard whose part records the same plan (image ids, file names,
@@ -48,19 +51,24 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import re
+import sqlite3
 import tarfile
+import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 
+from sdsclip.coco_json import CocoJsonError, iter_records
 from sdsclip.config import IngestConfig
 from sdsclip.errors import UserError
 
@@ -130,6 +138,8 @@ _FORMAT_EXT = {
 _REENCODE = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg")}
 _SIXTEEN_BIT = re.compile(r";16")  # PIL raw modes of 16-bit-per-channel data: 'RGB;16B', 'I;16B', 'LA;16B'
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A relative path that PurePosixPath leaves as it is (no '.', '..', empty or leading-dot parts): the fast path.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*\Z")
 _UPRIGHT = (None, 0, 1)  # EXIF orientation values that need no rotation
 _IMAGE_MAGIC = (
     b"\xff\xd8\xff",
@@ -227,6 +237,7 @@ class _Image:
     path: str  # on the image folder's filesystem
     source: str  # as shown in the manifest
     annotations: list[tuple[int, str]] = field(default_factory=list)  # (annotation id, caption)
+    source_size: int | None = None  # from the image folder's listing (None: not listed)
 
 
 @dataclass(frozen=True)
@@ -280,46 +291,9 @@ def _utf8_ok(s: str) -> bool:
     return True
 
 
-def _load_coco(loc: Location) -> tuple[list[Any], list[Any]]:
-    path = loc.shown
-    fix = "expected an MS-COCO captions file (top-level 'images' and 'annotations' lists)"
-    try:
-        raw_bytes = loc.read_bytes()
-    except FileNotFoundError:
-        raise IngestError(f"{path}: annotations file not found (check data.coco_root and ingest.splits)") from None
-    except IsADirectoryError:
-        raise IngestError(f"{path}: is a directory, not an annotations file") from None
-    except OSError as err:
-        raise IngestError(f"{path}: cannot read ({_one_line(err)})") from None
-    if not raw_bytes.strip():
-        raise IngestError(f"{path}: empty file; {fix}")
-    encoding = json.detect_encoding(raw_bytes)
-    try:
-        # Bytes that are not UTF-8 inside a string become lone surrogates: that caption (or file name) is then
-        # quarantined on its own instead of failing the whole split.
-        text = raw_bytes.decode(encoding, "surrogateescape" if encoding.startswith("utf-8") else "strict")
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise IngestError(
-            f"{path}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); "
-            f"re-export or re-download the file ({fix})"
-        ) from None
-    except UnicodeDecodeError as err:
-        raise IngestError(f"{path}: not {encoding} text ({_one_line(err)}); {fix}") from None
-    except RecursionError:
-        raise IngestError(f"{path}: JSON nested too deeply; {fix}") from None
-    if not isinstance(raw, dict):
-        raise IngestError(f"{path}: top level is a JSON {type(raw).__name__}, not an object; {fix}")
-    missing = [k for k in ("images", "annotations") if k not in raw]
-    if missing:
-        raise IngestError(f"{path}: missing top-level key(s) {', '.join(map(repr, missing))}; {fix}")
-    for key in ("images", "annotations"):
-        if not isinstance(raw[key], list):
-            raise IngestError(f"{path}: top-level '{key}' is a JSON {type(raw[key]).__name__}, not a list; {fix}")
-    return raw["images"], raw["annotations"]
-
-
 def _safe_file_name(name: Any) -> TypeGuard[str]:
+    if isinstance(name, str) and _PLAIN_NAME.match(name):
+        return True
     if not isinstance(name, str) or not name.strip() or "\x00" in name or "\\" in name or not _utf8_ok(name):
         return False
     p = PurePosixPath(name)
@@ -330,7 +304,7 @@ def _caption_problem(caption: str) -> tuple[str, str] | None:
     """(reason, detail) when a string caption is unusable as text, else None."""
     if not caption.strip():
         return "empty_caption", "empty caption" if not caption else "caption is whitespace only"
-    if not _utf8_ok(caption):
+    if not caption.isascii() and not _utf8_ok(caption):  # (isascii: the common case, fast)
         bad = next(i for i, ch in enumerate(caption) if not _utf8_ok(ch))
         return "invalid_caption_text", f"caption is not valid UTF-8 (undecodable byte at character {bad})"
     m = _CONTROL.search(caption)
@@ -597,7 +571,7 @@ def _prepare(img: _Image, shard_name: str, read: Callable[[str], bytes], opts: P
     return _Sample(probe, blocks, buf.getvalue(), len(img.annotations))
 
 
-def _ordered_map(fn: Callable[[Any], Any], items: list[Any], workers: int) -> Iterator[tuple[Any, Any]]:
+def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[tuple[Any, Any]]:
     """fn over items on a thread pool, results in input order, at most WINDOW_PER_WORKER*workers in flight. A deep
     window keeps the workers busy behind a slow item at the head (a re-encode takes ~10x a JPEG check)."""
     if workers <= 1:
@@ -777,32 +751,48 @@ def _finished(out: Location, index: int, plan_sha256: str) -> bool:
         return False
 
 
-def _plan_sha256(index: int, images: list[_Image], sizes: dict[str, int], opts: ProbeOptions) -> str:
+def _plan_sha256(index: int, images: list[_Image], opts: ProbeOptions) -> str:
     plan = {
         "format": PART_FORMAT,
         "shard": index,
         "max_pixels": opts.max_pixels,
         "reencode": opts.reencode,
         "quality": opts.quality if opts.reencode == "jpeg" else None,
-        "images": [
-            [img.image_id, img.file_name, img.source, sizes.get(img.file_name), img.annotations] for img in images
-        ],
+        "images": [[img.image_id, img.file_name, img.source, img.source_size, img.annotations] for img in images],
     }
     return hashlib.sha256(json.dumps(plan, ensure_ascii=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _source_sizes(images: Location) -> dict[str, int]:
-    """file name (relative to the image folder) -> size, from one listing (no per-file request)."""
+def _source_sizes(images: Location) -> Iterator[tuple[str, int]]:
+    """(file name relative to the image folder, size) for every file below it, from listings (no per-file
+    request); a local folder is walked lazily."""
+    if images.local:
+        yield from _walk_sizes(images.path, "")
+        return
     try:
         found = images.fs.find(images.path, detail=True)
     except (FileNotFoundError, OSError):
-        return {}
+        return
     prefix = images.path.rstrip("/") + "/"
-    return {
-        p[len(prefix) :]: info.get("size")
-        for p, info in found.items()
-        if p.startswith(prefix) and info.get("type", "file") == "file"
-    }
+    for p, info in found.items():
+        if p.startswith(prefix) and info.get("type", "file") == "file" and info.get("size") is not None:
+            yield p[len(prefix) :], info["size"]
+
+
+def _walk_sizes(folder: str, rel: str) -> Iterator[tuple[str, int]]:
+    try:
+        entries = os.scandir(folder)
+    except OSError:
+        return
+    with entries:
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    yield from _walk_sizes(entry.path, f"{rel}{entry.name}/")
+                elif entry.is_file():
+                    yield f"{rel}{entry.name}", entry.stat().st_size
+            except OSError:
+                continue  # vanished or unreadable: the image's own read reports it
 
 
 def _remove_stale(out: Location, planned: int) -> None:
@@ -853,18 +843,13 @@ def ingest_coco(
     """
     t0 = time.perf_counter()
     ann_loc, img_loc, out = Location.of(annotations_json), Location.of(images_dir), Location.of(out_dir)
-    images_raw, anns_raw = _load_coco(ann_loc)
-    if not img_loc.fs.isdir(img_loc.path):
-        raise IngestError(
-            f"{img_loc.shown}: image folder not found (expected images/<split>/ or <split>/ next to annotations/)"
-        )
-    catalogue = _catalogue(images_raw, anns_raw, img_loc)
-    plan = _plan_shards(catalogue.todo, img_loc, cfg)
-    _prepare_out_dir(out, plan, cfg.resume)
-    _write_shards(out, img_loc, plan, cfg.workers)
-    totals = _assemble_manifest(out, len(plan.shards), catalogue)
-    _write_quarantine(out, catalogue.quarantine)
-    summary = _summarize(catalogue, totals, len(images_raw), len(anns_raw), len(plan.shards), ann_loc.shown)
+    with tempfile.TemporaryDirectory(prefix="sdsclip-ingest-") as tmp, _Catalogue(tmp) as catalogue:
+        catalogue.read(ann_loc, img_loc)
+        plan = _plan_shards(catalogue, cfg)
+        _prepare_out_dir(out, plan.planned)
+        _write_shards(out, img_loc, catalogue, plan, cfg)
+        totals = _assemble(out, plan.planned, catalogue)
+    summary = _summarize(catalogue, totals, plan.planned, ann_loc.shown)
     out.child("ingest_summary.json").write_atomic(
         (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8")
     )
@@ -873,9 +858,9 @@ def ingest_coco(
         "ingest %s: %d/%d images, %d/%d captions, %d shards (%d kept from an earlier run), %.1fs",
         ann_loc.shown,
         totals.images,
-        len(images_raw),
+        catalogue.images_in,
         totals.annotations,
-        len(anns_raw),
+        catalogue.annotations_in,
         totals.shards,
         len(plan.reused),
         seconds,
@@ -883,17 +868,289 @@ def ingest_coco(
     return {**summary, "shards_reused": len(plan.reused), "seconds": round(seconds, 3)}
 
 
-# -- reading the annotations file's records -------------------------------------------------------------------
+# -- the split's catalogue: every record checked, kept on disk ------------------------------------------------
+
+# Quarantine rows are listed by (phase, k1, k2): the order ingest_quarantine.csv has always had.
+_Q_IMAGE_RECORD = 0  # images[k1]: a record without a usable id, or a duplicate id
+_Q_ANNOTATION = 1  # annotations[k1]: the caption itself (bad record, duplicate id, unknown image, bad text)
+_Q_BAD_IMAGE = 2  # captions (k2 = annotation id) of the unusable image record with id k1
+_Q_NO_CAPTION = 3  # image k1: no usable caption
+_INT64 = (-(2**63), 2**63)
+_BATCH = 10_000  # rows per executemany
+_SCHEMA = """
+PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA temp_store = FILE; PRAGMA cache_size = -32000;
+CREATE TABLE img (id INTEGER PRIMARY KEY, file_name TEXT, bad_reason TEXT, bad_detail TEXT, bad_name TEXT);
+CREATE TABLE ann (pos INTEGER PRIMARY KEY, id INTEGER, image_id INTEGER, caption TEXT, raw TEXT);
+CREATE TABLE cap (image_id INTEGER, ann_id INTEGER, caption TEXT);
+CREATE TABLE quarantine (phase INTEGER, k1 INTEGER, k2 INTEGER, row TEXT);
+CREATE TABLE size (name TEXT PRIMARY KEY, bytes INTEGER) WITHOUT ROWID;
+"""
 
 
-@dataclass
+def _is_id(x: Any) -> TypeGuard[int]:
+    """An integer id the catalogue can index (64-bit; not a bool)."""
+    return type(x) is int and _INT64[0] <= x < _INT64[1]
+
+
+def _id_problem(x: Any) -> str:
+    return "'id' is not an integer" if not _is_int(x) else "'id' is beyond the 64-bit range"
+
+
 class _Catalogue:
-    """The split after checking every record: the images to ingest (by id, their captions by annotation id),
-    the quarantine rows so far and the images dropped per reason (the shards' parts add theirs later)."""
+    """The split after checking every record, in a sqlite file in a temp folder, so that ingest's memory does not
+    grow with the split: the images to ingest with their captions (:meth:`images`, by id), the quarantine rows
+    so far (:meth:`quarantine_rows`, in the order ingest_quarantine.csv lists them) and the counts."""
 
-    todo: list[_Image] = field(default_factory=list)
-    quarantine: list[dict[str, Any]] = field(default_factory=list)
-    images_dropped: Counter[str] = field(default_factory=Counter)
+    def __init__(self, folder: str):
+        self.db = sqlite3.connect(os.path.join(folder, "catalogue.sqlite"))
+        self.db.executescript(_SCHEMA)
+        self.images_in = self.annotations_in = 0
+        self.images_dropped: Counter[str] = Counter()
+        self._quarantine: list[tuple[int, int, int, str]] = []
+        self._anns: list[tuple[Any, ...]] = []
+
+    def __enter__(self) -> _Catalogue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.close()
+
+    def read(self, ann_loc: Location, img_loc: Location) -> None:
+        """Stream the annotations file into the catalogue, then check the captions against the images."""
+        for key, i, rec in _coco_records(ann_loc):
+            if key == "images":
+                self._add_image(i, rec, img_loc)
+            else:
+                self._add_annotation(i, rec)
+        self._flush()
+        if not img_loc.fs.isdir(img_loc.path):
+            raise IngestError(
+                f"{img_loc.shown}: image folder not found (expected images/<split>/ or <split>/ next to annotations/)"
+            )
+        self.db.execute("CREATE INDEX ann_id ON ann (id, pos)")
+        self._check_annotations()
+        self._quarantine_bad_images()
+        self._quarantine_uncaptioned(img_loc)
+        for rows in _batched(_source_sizes(img_loc)):
+            self.db.executemany("INSERT OR IGNORE INTO size VALUES (?, ?)", rows)
+        self._flush()
+
+    # images[]: checked one by one (an id must be unique); kept by id ----------------------------------------
+
+    def _add_image(self, i: int, rec: Any, img_loc: Location) -> None:
+        self.images_in += 1
+        img_id = rec.get("id") if isinstance(rec, dict) else None
+        name = rec.get("file_name") if isinstance(rec, dict) else None
+        if not isinstance(rec, dict) or not _is_id(img_id) or not _safe_file_name(name):
+            detail = f"images[{i}]: " + (
+                "not an object"
+                if not isinstance(rec, dict)
+                else _id_problem(img_id)
+                if not _is_id(img_id)
+                else "'file_name' is not a relative UTF-8 path inside the image folder"
+            )
+            self.images_dropped["bad_image_record"] += 1
+            if _is_id(img_id) and self._insert_image(img_id, None, ("bad_image_record", detail, _printable(name))):
+                return  # its captions are quarantined with it
+            row = _quarantine_row(
+                "bad_image_record",
+                "image",
+                image_id="" if img_id is None else _printable(img_id),
+                file_name=name,
+                detail=detail,
+            )
+            self._queue(_Q_IMAGE_RECORD, i, 0, row)
+        elif not self._insert_image(img_id, name if _PLAIN_NAME.match(name) else PurePosixPath(name).as_posix(), None):
+            self.images_dropped["duplicate_image_id"] += 1
+            row = _quarantine_row(
+                "duplicate_image_id",
+                "image",
+                image_id=img_id,
+                file_name=name,
+                source=join(img_loc.shown, name),
+                detail=f"images[{i}]: id {img_id} already used by an earlier record",
+            )
+            self._queue(_Q_IMAGE_RECORD, i, 0, row)
+
+    def _insert_image(self, img_id: int, rel: str | None, bad: tuple[str, str, str] | None) -> bool:
+        """Add the record; False when an earlier record has the id."""
+        cur = self.db.execute("INSERT OR IGNORE INTO img VALUES (?, ?, ?, ?, ?)", (img_id, rel, *(bad or (None,) * 3)))
+        return cur.rowcount == 1
+
+    # annotations[]: stored as read (images[] may come later in the file), checked in one pass ----------------
+
+    def _add_annotation(self, i: int, rec: Any) -> None:
+        """A usable caption record is stored as its columns; anything else also as its JSON (``raw``), to be
+        quarantined with the reason :meth:`_check_annotations` finds."""
+        self.annotations_in += 1
+        if type(rec) is dict:
+            ann_id, img_id, caption = rec.get("id"), rec.get("image_id"), rec.get("caption")
+            if _is_id(ann_id) and _is_id(img_id) and type(caption) is str and _caption_problem(caption) is None:
+                self._anns.append((i, ann_id, img_id, caption, None))
+            else:
+                self._anns.append(
+                    (i, ann_id if _is_id(ann_id) else None, img_id if _is_id(img_id) else None, None, json.dumps(rec))
+                )
+        else:
+            self._anns.append((i, None, None, None, json.dumps(rec)))
+        if len(self._anns) >= _BATCH:
+            self._flush()
+
+    def _check_annotations(self) -> None:
+        """Attach every usable caption to its image (table cap, in image-id then annotation-id order); quarantine
+        the others, in file order, with the first reason that applies (the order of ANNOTATION_REASONS, and
+        captions of an unusable image record with that record's reason)."""
+        earlier = "EXISTS (SELECT 1 FROM ann b WHERE b.id = a.id AND b.pos < a.pos)"
+        self.db.execute(
+            f"""INSERT INTO cap SELECT a.image_id, a.id, a.caption FROM ann a JOIN img i ON i.id = a.image_id
+                WHERE a.raw IS NULL AND i.bad_reason IS NULL AND NOT {earlier} ORDER BY a.image_id, a.id"""
+        )
+        rows = self.db.execute(
+            f"""SELECT a.pos, a.raw, a.id, a.image_id, a.caption, i.id IS NOT NULL, i.file_name, i.bad_reason,
+                       i.bad_detail, i.bad_name, a.id IS NOT NULL AND {earlier}
+                FROM ann a LEFT JOIN img i ON i.id = a.image_id
+                WHERE a.raw IS NOT NULL OR i.id IS NULL OR i.bad_reason IS NOT NULL OR {earlier} ORDER BY a.pos"""
+        )
+        for pos, raw, ann_id, img_id, caption, known, name, bad, detail, bad_name, dup in rows:
+            rec = json.loads(raw) if raw is not None else {"id": ann_id, "image_id": img_id, "caption": caption}
+            if _is_id(img_id) and bad is not None and not dup and _is_id(ann_id):
+                row = _quarantine_row(
+                    bad, "annotation", annotation_id=ann_id, image_id=img_id, file_name=bad_name,
+                    caption=rec.get("caption"), detail=detail,
+                )  # fmt: skip
+                self._queue(_Q_BAD_IMAGE, img_id, ann_id, row)  # listed after the annotation rows
+            else:
+                self._queue(_Q_ANNOTATION, pos, 0, _annotation_rejection(pos, rec, dup, name if known else None))
+        self._flush()
+
+    def _quarantine_bad_images(self) -> None:
+        """An unusable image record none of whose captions was seen: one ``image`` row."""
+        for img_id, reason, detail, name in self.db.execute(
+            """SELECT id, bad_reason, bad_detail, bad_name FROM img WHERE bad_reason IS NOT NULL
+               AND id NOT IN (SELECT k1 FROM quarantine WHERE phase = ?)""",
+            (_Q_BAD_IMAGE,),
+        ).fetchall():
+            self._queue(_Q_BAD_IMAGE, img_id, 0, _quarantine_row(reason, "image", image_id=img_id, file_name=name,
+                                                                  detail=detail))  # fmt: skip
+        self._flush()
+
+    def _quarantine_uncaptioned(self, img_loc: Location) -> None:
+        for img_id, name in self.db.execute(
+            """SELECT id, file_name FROM img WHERE bad_reason IS NULL
+               AND id NOT IN (SELECT image_id FROM cap) ORDER BY id"""
+        ).fetchall():
+            self.images_dropped["no_caption"] += 1
+            row = _quarantine_row(
+                "no_caption",
+                "image",
+                image_id=img_id,
+                file_name=name,
+                source=join(img_loc.shown, name),
+                detail="no usable annotation refers to this image",
+            )
+            self._queue(_Q_NO_CAPTION, img_id, 0, row)
+
+    def _queue(self, phase: int, k1: int, k2: int, row: dict[str, Any]) -> None:
+        self._quarantine.append((phase, k1, k2, json.dumps(row)))
+        if len(self._quarantine) >= _BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._anns:
+            self.db.executemany("INSERT INTO ann VALUES (?, ?, ?, ?, ?)", self._anns)
+            self._anns.clear()
+        if self._quarantine:
+            self.db.executemany("INSERT INTO quarantine VALUES (?, ?, ?, ?)", self._quarantine)
+            self._quarantine.clear()
+
+    # reading it back ------------------------------------------------------------------------------------------
+
+    def images_to_ingest(self) -> int:
+        (n,) = self.db.execute("SELECT count(DISTINCT image_id) FROM cap").fetchone()
+        return n
+
+    def quarantine_rows(self) -> Iterator[dict[str, Any]]:
+        for (row,) in self.db.execute("SELECT row FROM quarantine ORDER BY phase, k1, k2, rowid"):
+            yield json.loads(row)
+
+    def images(self, img_loc: Location) -> Iterator[_Image]:
+        """The images to ingest, by id, each with its captions by annotation id and its listed size."""
+        rows = self.db.execute(
+            """SELECT c.image_id, i.file_name, s.bytes, c.ann_id, c.caption FROM cap c
+               JOIN img i ON i.id = c.image_id LEFT JOIN size s ON s.name = i.file_name ORDER BY c.rowid"""
+        )
+        img: _Image | None = None
+        for img_id, rel, size, ann_id, caption in rows:
+            if img is None or img.image_id != img_id:
+                if img is not None:
+                    yield img
+                img = _Image(img_id, rel, f"{img_loc.path}/{rel}", join(img_loc.shown, rel), source_size=size)
+            img.annotations.append((ann_id, caption))
+        if img is not None:
+            yield img
+
+
+def _coco_records(loc: Location) -> Iterator[tuple[str, int, Any]]:
+    """coco_json.iter_records over the file, its failures as one-line IngestErrors naming the file."""
+    path = loc.shown
+    fix = "expected an MS-COCO captions file (top-level 'images' and 'annotations' lists)"
+    try:
+        with loc.fs.open(loc.path, "rb") as fh:
+            yield from iter_records(fh)
+    except FileNotFoundError:
+        raise IngestError(f"{path}: annotations file not found (check data.coco_root and ingest.splits)") from None
+    except IsADirectoryError:
+        raise IngestError(f"{path}: is a directory, not an annotations file") from None
+    except CocoJsonError as err:
+        again = "; re-export or re-download the file" if err.syntax else ""
+        raise IngestError(f"{path}: {err}{again} ({fix})" if again else f"{path}: {err}; {fix}") from None
+    except UnicodeDecodeError as err:
+        raise IngestError(f"{path}: not {err.encoding} text ({_one_line(err)}); {fix}") from None
+    except OSError as err:
+        raise IngestError(f"{path}: cannot read ({_one_line(err)})") from None
+
+
+def _annotation_rejection(pos: int, rec: Any, dup: bool, file_name: str | None) -> dict[str, Any]:
+    """The quarantine row of annotations[pos] (``rec``, not a caption of an unusable image record): the first of
+    ANNOTATION_REASONS that applies. ``file_name``: of its image, None when the image id is unknown."""
+    where = f"annotations[{pos}]"
+    if not isinstance(rec, dict) or not _is_id(rec.get("id")):
+        ann_id = rec.get("id") if isinstance(rec, dict) else None
+        what = "not an object" if not isinstance(rec, dict) else _id_problem(ann_id)
+        return _quarantine_row(
+            "bad_annotation_record",
+            "annotation",
+            annotation_id="" if ann_id is None else _printable(ann_id),
+            image_id=_shown_id(rec.get("image_id") if isinstance(rec, dict) else None),
+            caption=rec.get("caption") if isinstance(rec, dict) else None,
+            detail=f"{where}: {what}",
+        )
+    ann_id, img_id, caption = rec["id"], rec.get("image_id"), rec.get("caption")
+    row = partial(_quarantine_row, annotation_id=ann_id, caption=caption)
+    if dup:
+        detail = f"{where}: id {ann_id} already used by an earlier annotation"
+        return row("duplicate_annotation_id", "annotation", image_id=_shown_id(img_id), detail=detail)
+    if file_name is None:
+        detail = f"{where}: image_id {_printable(repr(img_id))} is not an id in images[]"
+        return row("unknown_image_id", "annotation", image_id=_shown_id(img_id), detail=detail)
+    if not isinstance(caption, str):
+        detail = f"{where}: caption is {type(caption).__name__}, not a string"
+        return row("bad_caption_type", "annotation", image_id=img_id, file_name=file_name, detail=detail)
+    reason, detail = _caption_problem(caption) or ("", "")
+    if not reason:
+        raise AssertionError(f"ingest catalogue: {where} was rejected without a reason")
+    return row(reason, "annotation", image_id=img_id, file_name=file_name, detail=f"{where}: {detail}")
+
+
+def _shown_id(x: Any) -> Any:
+    """An id as the quarantine file shows it: an int as is, nothing as '', anything else as printable JSON text."""
+    return "" if x is None else x if _is_int(x) else _printable(x)
+
+
+def _batched(items: Iterator[Any]) -> Iterator[list[Any]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, _BATCH)):
+        yield batch
 
 
 def _quarantine_row(
@@ -919,250 +1176,66 @@ def _quarantine_row(
     }
 
 
-def _catalogue(images_raw: list[Any], anns_raw: list[Any], img_loc: Location) -> _Catalogue:
-    """Check images[] and annotations[]; quarantine what is unusable, in the order ingest_quarantine.csv lists it."""
-    catalogue = _Catalogue()
-    images, bad_images = _read_images(images_raw, img_loc, catalogue)
-    bad_image_anns = _read_annotations(anns_raw, images, bad_images, catalogue.quarantine)
-    _quarantine_bad_images(bad_images, bad_image_anns, catalogue.quarantine)
-    catalogue.todo = _images_with_captions(images, catalogue)
-    return catalogue
-
-
-def _read_images(
-    images_raw: list[Any], img_loc: Location, catalogue: _Catalogue
-) -> tuple[dict[int, _Image], dict[int, tuple[str, str, Any]]]:
-    """images[] -> (usable images by id, int id of an unusable record -> (reason, detail, file name)). An unusable
-    record with an id keeps its captions for :func:`_quarantine_bad_images`; one without is quarantined here."""
-    images: dict[int, _Image] = {}
-    bad_images: dict[int, tuple[str, str, Any]] = {}
-    for i, rec in enumerate(images_raw):
-        img_id = rec.get("id") if isinstance(rec, dict) else None
-        name = rec.get("file_name") if isinstance(rec, dict) else None
-        if not isinstance(rec, dict) or not _is_int(img_id) or not _safe_file_name(name):
-            detail = f"images[{i}]: " + (
-                "not an object"
-                if not isinstance(rec, dict)
-                else "'id' is not an integer"
-                if not _is_int(img_id)
-                else "'file_name' is not a relative UTF-8 path inside the image folder"
-            )
-            catalogue.images_dropped["bad_image_record"] += 1
-            if _is_int(img_id) and img_id not in images and img_id not in bad_images:
-                bad_images[img_id] = ("bad_image_record", detail, name)  # its captions are quarantined with it
-            else:  # no usable id: nothing can point at it
-                catalogue.quarantine.append(
-                    _quarantine_row(
-                        "bad_image_record",
-                        "image",
-                        image_id="" if img_id is None else _printable(img_id),
-                        file_name=name,
-                        detail=detail,
-                    )
-                )
-            continue
-        if img_id in images or img_id in bad_images:
-            catalogue.images_dropped["duplicate_image_id"] += 1
-            catalogue.quarantine.append(
-                _quarantine_row(
-                    "duplicate_image_id",
-                    "image",
-                    image_id=img_id,
-                    file_name=name,
-                    source=join(img_loc.shown, name),
-                    detail=f"images[{i}]: id {img_id} already used by an earlier record",
-                )
-            )
-            continue
-        rel = PurePosixPath(name).as_posix()
-        images[img_id] = _Image(img_id, rel, f"{img_loc.path}/{rel}", join(img_loc.shown, rel))
-    return images, bad_images
-
-
-def _read_annotations(
-    anns_raw: list[Any],
-    images: dict[int, _Image],
-    bad_images: dict[int, tuple[str, str, Any]],
-    quarantine: list[dict[str, Any]],
-) -> dict[int, list[tuple[int, Any]]]:
-    """annotations[]: usable captions are added to their image; returns the captions of unusable image records
-    (image id -> [(annotation id, caption)]), which are quarantined with their image."""
-    seen_ann: set[int] = set()
-    bad_image_anns: dict[int, list[tuple[int, Any]]] = {}
-    for i, rec in enumerate(anns_raw):
-        ann_id = rec.get("id") if isinstance(rec, dict) else None
-        img_id = rec.get("image_id") if isinstance(rec, dict) else None
-        caption = rec.get("caption") if isinstance(rec, dict) else None
-        shown_img = "" if img_id is None else img_id if _is_int(img_id) else _printable(img_id)
-        if not isinstance(rec, dict) or not _is_int(ann_id):
-            what = "not an object" if not isinstance(rec, dict) else "'id' is not an integer"
-            quarantine.append(
-                _quarantine_row(
-                    "bad_annotation_record",
-                    "annotation",
-                    annotation_id="" if ann_id is None else _printable(ann_id),
-                    image_id=shown_img,
-                    caption=caption,
-                    detail=f"annotations[{i}]: {what}",
-                )
-            )
-            continue
-        if ann_id in seen_ann:
-            quarantine.append(
-                _quarantine_row(
-                    "duplicate_annotation_id",
-                    "annotation",
-                    annotation_id=ann_id,
-                    image_id=shown_img,
-                    caption=caption,
-                    detail=f"annotations[{i}]: id {ann_id} already used by an earlier annotation",
-                )
-            )
-            continue
-        seen_ann.add(ann_id)
-        if _is_int(img_id) and img_id in bad_images:
-            bad_image_anns.setdefault(img_id, []).append((ann_id, caption))
-            continue
-        rejected = _attach_caption(i, ann_id, img_id, shown_img, caption, images)
-        if rejected:
-            quarantine.append(rejected)
-    return bad_image_anns
-
-
-def _attach_caption(
-    i: int, ann_id: int, img_id: Any, shown_img: Any, caption: Any, images: dict[int, _Image]
-) -> dict[str, Any] | None:
-    """Add annotations[i]'s caption to its image; or, when the image id is unknown or the caption unusable, return
-    its quarantine row instead."""
-    if not _is_int(img_id) or img_id not in images:
-        return _quarantine_row(
-            "unknown_image_id",
-            "annotation",
-            annotation_id=ann_id,
-            image_id=shown_img,
-            caption=caption,
-            detail=f"annotations[{i}]: image_id {_printable(repr(img_id))} is not an id in images[]",
-        )
-    img = images[img_id]
-    if not isinstance(caption, str):
-        return _quarantine_row(
-            "bad_caption_type",
-            "annotation",
-            annotation_id=ann_id,
-            image_id=img_id,
-            file_name=img.file_name,
-            caption=caption,
-            detail=f"annotations[{i}]: caption is {type(caption).__name__}, not a string",
-        )
-    problem = _caption_problem(caption)
-    if problem:
-        return _quarantine_row(
-            problem[0],
-            "annotation",
-            annotation_id=ann_id,
-            image_id=img_id,
-            file_name=img.file_name,
-            caption=caption,
-            detail=f"annotations[{i}]: {problem[1]}",
-        )
-    img.annotations.append((ann_id, caption))
-    return None
-
-
-def _quarantine_bad_images(
-    bad_images: dict[int, tuple[str, str, Any]],
-    bad_image_anns: dict[int, list[tuple[int, Any]]],
-    quarantine: list[dict[str, Any]],
-) -> None:
-    """Every caption of an unusable image record, with the record's reason (one ``image`` row when it has none)."""
-    for img_id in sorted(bad_images):
-        reason, detail, name = bad_images[img_id]
-        anns = sorted(bad_image_anns.get(img_id, []), key=lambda a: a[0])
-        if not anns:
-            quarantine.append(_quarantine_row(reason, "image", image_id=img_id, file_name=name, detail=detail))
-        for ann_id, caption in anns:
-            quarantine.append(
-                _quarantine_row(
-                    reason,
-                    "annotation",
-                    annotation_id=ann_id,
-                    image_id=img_id,
-                    file_name=name,
-                    caption=caption,
-                    detail=detail,
-                )
-            )
-
-
-def _images_with_captions(images: dict[int, _Image], catalogue: _Catalogue) -> list[_Image]:
-    """The images to ingest, by id, their captions by annotation id; an image without one is quarantined."""
-    todo: list[_Image] = []
-    for img_id in sorted(images):
-        img = images[img_id]
-        if not img.annotations:
-            catalogue.images_dropped["no_caption"] += 1
-            catalogue.quarantine.append(
-                _quarantine_row(
-                    "no_caption",
-                    "image",
-                    image_id=img_id,
-                    file_name=img.file_name,
-                    source=img.source,
-                    detail="no usable annotation refers to this image",
-                )
-            )
-        else:
-            img.annotations.sort(key=lambda a: a[0])
-            todo.append(img)
-    return todo
-
-
 # -- planning, resuming, writing the shards -------------------------------------------------------------------
 
 
 @dataclass
 class _ShardPlan:
-    """Images in id order, ``shard_size`` per shard, each shard's plan hash, and the shards an earlier run finished
-    with the same plan (filled in by :func:`_prepare_out_dir`)."""
+    """Images in id order, ``shard_size`` per shard; while writing, each shard's plan hash and the shards an earlier
+    run finished with the same plan (kept)."""
 
     opts: ProbeOptions
-    shards: list[list[_Image]]
-    hashes: list[str]
+    shard_size: int
+    planned: int
+    hashes: dict[int, str] = field(default_factory=dict)
     reused: set[int] = field(default_factory=set)
 
 
-def _plan_shards(todo: list[_Image], img_loc: Location, cfg: IngestConfig) -> _ShardPlan:
+def _plan_shards(catalogue: _Catalogue, cfg: IngestConfig) -> _ShardPlan:
     opts = ProbeOptions(cfg.max_image_pixels, cfg.reencode_format, cfg.reencode_quality)
-    shards = [todo[i : i + cfg.shard_size] for i in range(0, len(todo), cfg.shard_size)]
-    sizes = _source_sizes(img_loc)
-    return _ShardPlan(opts, shards, [_plan_sha256(k, chunk, sizes, opts) for k, chunk in enumerate(shards)])
+    return _ShardPlan(opts, cfg.shard_size, -(-catalogue.images_to_ingest() // cfg.shard_size))
 
 
-def _prepare_out_dir(out: Location, plan: _ShardPlan, resume: bool) -> None:
-    """Create the output folders, remove leftovers of an interrupted run and note the finished shards to keep."""
-    planned = len(plan.shards)
+def _prepare_out_dir(out: Location, planned: int) -> None:
+    """Create the output folders, remove leftovers of an interrupted run and the final files (rewritten at the end:
+    never a manifest that disagrees with the shards)."""
     out.fs.makedirs(out.path, exist_ok=True)
     out.fs.makedirs(out.child(PARTS_DIR).path, exist_ok=True)
     _remove_stale(out, planned)
-    plan.reused = {k for k in range(planned) if resume and _finished(out, k, plan.hashes[k])}
-    if len(plan.reused) < planned or not planned:
-        for name in FINAL_FILES:  # never leave a manifest that disagrees with the shards
-            out.child(name).remove()
+    for name in FINAL_FILES:
+        out.child(name).remove()
 
 
-def _write_shards(out: Location, img_loc: Location, plan: _ShardPlan, workers: int) -> None:
+def _work(
+    out: Location, img_loc: Location, catalogue: _Catalogue, plan: _ShardPlan, resume: bool
+) -> Iterator[tuple[int, _Image]]:
+    """(shard, image) for every image of a shard not kept: a shard is kept (``resume``) when an earlier run
+    finished it with the same plan. One pass over the catalogue; plan.hashes / plan.reused filled on the way."""
+    it = catalogue.images(img_loc)
+    k = 0
+    while chunk := list(itertools.islice(it, plan.shard_size)):
+        plan.hashes[k] = _plan_sha256(k, chunk, plan.opts)
+        if resume and _finished(out, k, plan.hashes[k]):
+            plan.reused.add(k)
+        else:
+            yield from ((k, img) for img in chunk)
+        k += 1
+
+
+def _write_shards(out: Location, img_loc: Location, catalogue: _Catalogue, plan: _ShardPlan, cfg: IngestConfig) -> None:
     """Read + hash + decode + convert the images of every shard not kept, in parallel; write them in id order, each
     shard committed (tar renamed, part written) when its last image is in."""
     from PIL import Image
 
-    work = [(k, img) for k, chunk in enumerate(plan.shards) if k not in plan.reused for img in chunk]
     read = _reader(img_loc)
     shard: ShardRun | None = None
     pil_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # ingest.max_image_pixels is checked on each header instead (process-wide)
     try:
         for (k, img), sample in _ordered_map(
-            lambda item: _prepare(item[1], SHARD_PATTERN.format(item[0]), read, plan.opts), work, workers
+            lambda item: _prepare(item[1], SHARD_PATTERN.format(item[0]), read, plan.opts),
+            _work(out, img_loc, catalogue, plan, cfg.resume),
+            cfg.workers,
         ):
             if shard is None or shard.index != k:
                 if shard is not None:
@@ -1181,70 +1254,76 @@ def _write_shards(out: Location, img_loc: Location, plan: _ShardPlan, workers: i
             shard.abort()
 
 
-# -- the final files, assembled from the parts ----------------------------------------------------------------
+# -- the final files, assembled from the catalogue and the parts ----------------------------------------------
 
 
 @dataclass
 class _Totals:
-    """What the shards' parts hold, summed."""
+    """What the shards' parts hold, summed, and what was quarantined (catalogue + parts)."""
 
     images: int = 0
     annotations: int = 0
     shards: int = 0  # shards with a tar (a shard whose images all failed has none)
     conversions: Counter[str] = field(default_factory=Counter)
+    quarantined: Counter[str] = field(default_factory=Counter)  # reason -> rows
+    annotations_quarantined: int = 0
+
+    def count(self, row: dict[str, Any]) -> None:
+        self.quarantined[row["reason"]] += 1
+        self.annotations_quarantined += row["level"] == "annotation"
 
 
-def _assemble_manifest(out: Location, planned: int, catalogue: _Catalogue) -> _Totals:
-    """manifest.csv from the parts, in shard order; the parts' quarantine rows and dropped images go into
-    ``catalogue`` after its own."""
+def _assemble(out: Location, planned: int, catalogue: _Catalogue) -> _Totals:
+    """manifest.csv from the parts, in shard order; ingest_quarantine.csv: the catalogue's rows, then the parts'.
+    Both are streamed (one part in memory at a time); the parts' dropped images are added to the catalogue's."""
     totals = _Totals()
-    manifest = out.child("manifest.csv")
-    with out.fs.open(manifest.path + ".tmp", "w", encoding="utf-8", newline="") as fh:
-        fh.write(",".join(MANIFEST_COLUMNS) + "\n")
+    manifest, quarantine = out.child("manifest.csv"), out.child("ingest_quarantine.csv")
+    with (
+        out.fs.open(manifest.path + ".tmp", "w", encoding="utf-8", newline="") as mfh,
+        out.fs.open(quarantine.path + ".tmp", "w", encoding="utf-8", newline="") as qfh,
+    ):
+        mfh.write(",".join(MANIFEST_COLUMNS) + "\n")
+        qwriter = csv.DictWriter(qfh, fieldnames=QUARANTINE_COLUMNS, lineterminator="\n")
+        qwriter.writeheader()
+        for row in catalogue.quarantine_rows():
+            qwriter.writerow(row)
+            totals.count(row)
         for k in range(planned):
             part = _read_part(out, k)
             if part is None:
                 raise IngestError(f"{_part_loc(out, k).shown}: shard part vanished while ingesting; re-run ingest")
-            fh.write(part["manifest_csv"])
-            catalogue.quarantine.extend(part["quarantine"])
+            mfh.write(part["manifest_csv"])
+            qwriter.writerows(part["quarantine"])
+            for row in part["quarantine"]:
+                totals.count(row)
             catalogue.images_dropped.update(part["images_dropped"])
             totals.conversions.update(part["conversions"])
             totals.images += part["images"]
             totals.annotations += part["annotations"]
             totals.shards += part["tar_bytes"] is not None
+    out.fs.mv(quarantine.path + ".tmp", quarantine.path)
     out.fs.mv(manifest.path + ".tmp", manifest.path)
     return totals
 
 
-def _write_quarantine(out: Location, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=QUARANTINE_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    out.child("ingest_quarantine.csv").write_atomic(buf.getvalue().encode("utf-8"))
-
-
-def _summarize(
-    catalogue: _Catalogue, totals: _Totals, images_in: int, anns_in: int, planned: int, ann_shown: str
-) -> dict[str, Any]:
+def _summarize(catalogue: _Catalogue, totals: _Totals, planned: int, ann_shown: str) -> dict[str, Any]:
     """The counts of ingest_summary.json, after checking that every image and every caption is accounted for."""
-    qrows, images_dropped = catalogue.quarantine, catalogue.images_dropped
-    annotations_quarantined = sum(1 for r in qrows if r["level"] == "annotation")
+    images_dropped, images_in, anns_in = catalogue.images_dropped, catalogue.images_in, catalogue.annotations_in
     summary = {
         "images_in": images_in,
         "images_written": totals.images,
         "images_dropped": dict(sorted(images_dropped.items())),
         "annotations_in": anns_in,
         "annotations_written": totals.annotations,
-        "annotations_quarantined": annotations_quarantined,
-        "quarantined": dict(sorted(Counter(r["reason"] for r in qrows).items())),
+        "annotations_quarantined": totals.annotations_quarantined,
+        "quarantined": dict(sorted(totals.quarantined.items())),
         "conversions": dict(sorted(totals.conversions.items())),
         "shards": totals.shards,
         "shards_planned": planned,
     }
-    if totals.annotations + annotations_quarantined != anns_in:
+    if totals.annotations + totals.annotations_quarantined != anns_in:
         raise AssertionError(
-            f"ingest invariant broken: {totals.annotations} written + {annotations_quarantined} "
+            f"ingest invariant broken: {totals.annotations} written + {totals.annotations_quarantined} "
             f"quarantined != {anns_in} annotations in {ann_shown}"
         )
     if totals.images + sum(images_dropped.values()) != images_in:
