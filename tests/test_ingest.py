@@ -487,7 +487,11 @@ def test_streamed_file_gives_the_same_outputs_in_any_key_order_and_window(tmp_pa
     fx["json"].write_text(json.dumps(reordered, indent=2, ensure_ascii=False), encoding="utf-8")
     monkeypatch.setattr(coco_json, "CHUNK_CHARS", 7)
     monkeypatch.setattr(coco_json, "_MIN_BATCH_CHARS", 16)
+    reads = []
+    more = coco_json._Window.more
+    monkeypatch.setattr(coco_json._Window, "more", lambda self: reads.append(1) or more(self))
     s = _run(fx, tmp_path / "streamed", shard_size=4)
+    assert len(reads) >= fx["json"].stat().st_size // 7  # read 7 characters at a time, not loaded whole
     assert _tree(tmp_path / "streamed") == _tree(tmp_path / "plain")
     assert s["annotations_written"] == len(coco["annotations"]) and "café crème 😀" in {
         r["caption"] for r in _rows(tmp_path / "streamed" / "manifest.csv")

@@ -357,3 +357,99 @@ def test_stages_cli_and_kfp_component(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "PASSED" in page and "<iframe srcdoc=" in page
     assert metrics.metadata["train.pass_rate"] == 1.0 and metrics.metadata["train.rows"] == 8
     assert metrics.metadata["train.end_to_end_pass_rate"] == 1.0
+
+
+# -- batches: the manifest read chunk_rows at a time gives the whole-table result -------------------------------
+
+
+def _messy(manifest: Path, tmp_path: Path) -> Path:
+    """Bad rows spread over the manifest, duplicate annotation ids far apart (also '7' vs '07': equal numbers),
+    an image whose rows are not next to each other, a null image_id."""
+    rows = _read(manifest)
+    rows[0]["sha256"] = "NOT-A-HASH"
+    rows[5]["caption"] = "  "
+    rows[9]["width"] = "2"
+    rows[-1]["annotation_id"] = rows[1]["annotation_id"]  # duplicate, first and last batch
+    rows[12]["annotation_id"] = "0" + rows[3]["annotation_id"]  # the same number written differently
+    rows[14]["image_id"] = ""  # null image id
+    rows[15]["image_id"] = rows[2]["image_id"]  # image 1 gets a 4th caption, far from its others
+    rows.append(dict(rows[6]))  # an exact copy of a row, at the end
+    return _write(tmp_path / "messy.csv", rows)
+
+
+def _outputs(out: Path) -> dict:
+    gx = json.loads((out / "gx_result.json").read_text())
+    results = []
+    for r in gx["results"]:
+        res = dict(r["result"])
+        res.pop("partial_unexpected_counts", None)  # GX's order of ties is its own
+        results.append(
+            (r["expectation_config"]["type"], r["expectation_config"]["kwargs"].get("column"), r["success"], res)
+        )
+    return {
+        "accepted": (out / "accepted.csv").read_text(),
+        "quarantine": (out / "quarantine.csv").read_text(),
+        "summary": json.loads((out / "summary.json").read_text()),
+        "metrics": json.loads((out / "validation_metrics.json").read_text()),
+        "success": gx["success"],
+        "statistics": gx["statistics"],
+        "results": results,
+    }
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7])
+def test_batches_give_the_whole_table_result(manifest, tmp_path, monkeypatch, chunk_rows):
+    path = _messy(manifest, tmp_path)
+    cfg = {"max_rejected_fraction": 1.0, "min_captions_per_image": 3}
+    import sdsclip.validate as validate
+
+    whole = validate_manifest(path, tmp_path / "whole", ValidateConfig(chunk_rows=0, **cfg))
+    batches = []
+    run = validate._Gx.validate
+    monkeypatch.setattr(validate._Gx, "validate", lambda self, df: batches.append(len(df)) or run(self, df))
+    batched = validate_manifest(path, tmp_path / "batched", ValidateConfig(chunk_rows=chunk_rows, **cfg))
+    n_rows = len(_read(path))
+    # the 6 rows sharing an annotation id first, then batches of at most chunk_rows: every row validated once
+    assert batches[0] == 6 and max(batches[1:]) <= chunk_rows and sum(batches) == n_rows
+    assert batched == whole
+    assert _outputs(tmp_path / "batched") == _outputs(tmp_path / "whole")
+    q = {r["annotation_id"]: r["reason"] for r in _read(tmp_path / "batched" / "quarantine.csv")}
+    rows = _read(path)
+    assert "expect_column_values_to_be_unique(annotation_id)" in q[rows[1]["annotation_id"]]
+    assert "expect_column_values_to_be_unique(annotation_id)" in q["0" + rows[3]["annotation_id"]]
+    assert whole["quarantined"] >= 9 and whole["accepted"] + whole["quarantined"] == len(rows)
+
+
+def test_row_count_bounds_apply_to_the_whole_manifest(manifest, tmp_path, monkeypatch):
+    """max_value of expect_table_row_count is checked against all rows, not against each batch."""
+    import sdsclip.validate as validate
+
+    suite = json.loads(SUITE_PATH.read_text())
+    for e in suite["expectations"]:
+        if e["type"] == "expect_table_row_count_to_be_between":
+            e["kwargs"]["max_value"] = N_IMAGES * CAPTIONS - 1
+    custom = tmp_path / "suite.json"
+    custom.write_text(json.dumps(suite))
+    monkeypatch.setattr(validate, "load_suite", lambda cfg, path=custom: load_suite(cfg, path))
+    with pytest.raises(ValidationFailed, match="expect_table_row_count_to_be_between"):
+        validate_manifest(manifest, tmp_path / "val", ValidateConfig(chunk_rows=5))
+    gx = json.loads((tmp_path / "val" / "gx_result.json").read_text())
+    (count,) = [r for r in gx["results"] if r["expectation_config"]["type"] == "expect_table_row_count_to_be_between"]
+    assert count["result"]["observed_value"] == N_IMAGES * CAPTIONS and count["success"] is False
+
+
+def test_a_column_aggregate_needs_one_batch(manifest, tmp_path, monkeypatch):
+    import sdsclip.validate as validate
+
+    suite = json.loads(SUITE_PATH.read_text())
+    suite["expectations"].append(
+        {"type": "expect_column_max_to_be_between", "kwargs": {"column": "width", "max_value": 64}}
+    )
+    custom = tmp_path / "suite.json"
+    custom.write_text(json.dumps(suite))
+    monkeypatch.setattr(validate, "load_suite", lambda cfg, path=custom: load_suite(cfg, path))
+    with pytest.raises(
+        validate.UserError, match=r"expect_column_max_to_be_between\) needs the whole table.*chunk_rows: 0"
+    ):
+        validate_manifest(manifest, tmp_path / "val", ValidateConfig(chunk_rows=5))
+    assert validate_manifest(manifest, tmp_path / "val", ValidateConfig(chunk_rows=0))["passed"]

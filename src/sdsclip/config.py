@@ -83,6 +83,12 @@ class ValidateConfig(_Section):
     max_caption_chars: int = Field(1000, ge=1)
     min_captions_per_image: int = Field(1, ge=1)
     data_docs: bool = Field(True, description="build Great Expectations Data Docs (HTML) next to the outputs")
+    chunk_rows: int = Field(
+        50_000,
+        ge=0,
+        description="manifest rows per Great Expectations batch (memory is bounded by this, not by the split); "
+        "0 = the whole manifest in one batch (needed only by a suite with column aggregates)",
+    )
 
 
 class OptimConfig(_Section):

@@ -878,7 +878,7 @@ _Q_NO_CAPTION = 3  # image k1: no usable caption
 _INT64 = (-(2**63), 2**63)
 _BATCH = 10_000  # rows per executemany
 _SCHEMA = """
-PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA temp_store = FILE; PRAGMA cache_size = -32000;
+PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA temp_store = FILE; PRAGMA cache_size = -8000;
 CREATE TABLE img (id INTEGER PRIMARY KEY, file_name TEXT, bad_reason TEXT, bad_detail TEXT, bad_name TEXT);
 CREATE TABLE ann (pos INTEGER PRIMARY KEY, id INTEGER, image_id INTEGER, caption TEXT, raw TEXT);
 CREATE TABLE cap (image_id INTEGER, ann_id INTEGER, caption TEXT);

@@ -4,7 +4,8 @@ The suite is data, not code: ``sdsclip/expectations/manifest_suite.json`` (versi
 ``"${field}"`` are filled from :class:`~sdsclip.config.ValidateConfig` at run time. Before validation two
 derived columns are added to the batch: ``caption_chars`` (length of the stripped caption) and
 ``captions_per_image`` (manifest rows sharing the row's image_id); numeric columns are coerced (unparseable ->
-null) and empty strings become nulls.
+null) and empty strings become nulls. The manifest is validated ``validation.chunk_rows`` rows at a time, with the
+whole-table result (:mod:`sdsclip.gx_batches`): memory is bounded by the batch, not by the split.
 
 The manifest and ``out_dir`` may be local paths or fsspec URLs. Output in ``out_dir``:
     gx_result.json           the GX ExpectationSuiteValidationResult (``result_format=COMPLETE``) as JSON;
@@ -41,6 +42,7 @@ from typing import Any
 
 from sdsclip.config import ValidateConfig
 from sdsclip.errors import UserError
+from sdsclip.gx_batches import ManifestScan, check_batchable, merge_results, scan_manifest, unique_columns
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,9 @@ def _label(exp_cfg: dict[str, Any]) -> str:
     return f"{exp_cfg['type']}({col})" if col else exp_cfg["type"]
 
 
-def _frame_for_gx(raw, numeric_columns: list[str]):
-    """Typed copy of the all-string manifest frame, plus the derived columns the suite refers to."""
+def _frame_for_gx(raw, numeric_columns: list[str], captions_per_image=None):
+    """Typed copy of an all-string manifest frame (same index), plus the derived columns the suite refers to;
+    ``captions_per_image``: the rows per image over the whole manifest, per manifest row (from the scan)."""
     import pandas as pd
 
     df = pd.DataFrame(index=raw.index)
@@ -107,12 +110,8 @@ def _frame_for_gx(raw, numeric_columns: list[str]):
         df["caption_chars"] = pd.to_numeric(
             raw["caption"].where(df["caption"].notna()).str.strip().str.len(), errors="coerce"
         )
-    if "image_id" in df:
-        df["captions_per_image"] = (
-            df.groupby("image_id", dropna=False)["image_id"].transform("size")
-            if len(df)
-            else pd.Series(dtype="float64")
-        )
+    if "image_id" in df and captions_per_image is not None:
+        df["captions_per_image"] = pd.Series(captions_per_image[raw.index.to_numpy()], index=raw.index, dtype="int64")
     return df
 
 
@@ -122,37 +121,71 @@ METRICS_FILE = "validation_metrics.json"
 REPORT_PAGE = "data_docs.html"
 
 
-def _run_gx(df, suite: dict[str, Any], docs_dir: Path | None = None) -> dict[str, Any]:
-    """Validate ``df`` with the suite (an ephemeral GX context); with ``docs_dir``, also build GX Data Docs there
-    (a file-system site: index.html, the suite's page and this validation result's page)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    os.environ.setdefault("GX_USAGE_STATISTICS_ENABLED", "False")
-    gx_logger = logging.getLogger("great_expectations")  # its INFO/WARNING chatter is not ours to show
-    if gx_logger.level == logging.NOTSET:
-        gx_logger.setLevel(logging.ERROR)
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+class _Gx:
+    """One ephemeral GX context with the suite, validating one batch (a DataFrame) at a time; with ``docs_dir``,
+    :meth:`data_docs` builds GX Data Docs there (a file-system site: index.html, the suite's page and the one
+    validation result's page)."""
+
+    def __init__(self, suite: dict[str, Any], docs_dir: Path | None = None):
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        os.environ.setdefault("GX_USAGE_STATISTICS_ENABLED", "False")
+        gx_logger = logging.getLogger("great_expectations")  # its INFO/WARNING chatter is not ours to show
+        if gx_logger.level == logging.NOTSET:
+            gx_logger.setLevel(logging.ERROR)
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)  # GX forces INFO
+        self.ctx = ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        ctx.variables.data_docs_sites = {}  # the ephemeral default site points into a temp dir
+        if docs_dir is not None:
+            ctx.add_data_docs_site(
+                site_name=DOCS_SITE,
+                site_config={
+                    "class_name": "SiteBuilder",
+                    "show_how_to_buttons": False,
+                    "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                },
+            )
+        batch_def = (
+            ctx.data_sources.add_pandas("sdsclip")
+            .add_dataframe_asset("manifest")
+            .add_batch_definition_whole_dataframe("manifest")
+        )
+        gx_suite = ctx.suites.add(
+            gx.ExpectationSuite(
+                name=suite["name"],
+                expectations=_gx_expectations(suite),
+                meta={"sdsclip_suite_version": suite.get("version")},
+            )
+        )
+        self.vd = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name="manifest", data=batch_def, suite=gx_suite)
+        )
+        self.first_key: Any = None
+
+    def validate(self, df):
+        """The ExpectationSuiteValidationResult of one batch. GX stores each run's result; only the first batch's
+        key is kept (the merged result is stored under it for the Data Docs)."""
+        result = self.vd.run(batch_parameters={"dataframe": df}, result_format={"result_format": "COMPLETE"})
+        store = self.ctx.validation_results_store
+        for key in store.list_keys():
+            if self.first_key is None:
+                self.first_key = key
+            store.remove_key(key)
+        return result
+
+    def data_docs(self, result) -> None:
+        """Data Docs of ``result`` (the merged batches) as the site's only validation result."""
+        self.ctx.validation_results_store.set(self.first_key, result)
+        self.ctx.build_data_docs(site_names=[DOCS_SITE])
+
+
+def _gx_expectations(suite: dict[str, Any]) -> list:
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)  # GX forces INFO
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    ctx.variables.data_docs_sites = {}  # the ephemeral default site points into a temp dir
-    if docs_dir is not None:
-        ctx.add_data_docs_site(
-            site_name=DOCS_SITE,
-            site_config={
-                "class_name": "SiteBuilder",
-                "show_how_to_buttons": False,
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-    batch_def = (
-        ctx.data_sources.add_pandas("sdsclip")
-        .add_dataframe_asset("manifest")
-        .add_batch_definition_whole_dataframe("manifest")
-    )
     expectations = []
     for i, e in enumerate(suite["expectations"]):
         try:
@@ -165,33 +198,7 @@ def _run_gx(df, suite: dict[str, Any], docs_dir: Path | None = None) -> dict[str
             raise SuiteError(
                 f"{SUITE_PATH}: expectations[{i}] ({e.get('type')}): {' '.join(str(err).split())}"
             ) from None
-    gx_suite = ctx.suites.add(
-        gx.ExpectationSuite(
-            name=suite["name"], expectations=expectations, meta={"sdsclip_suite_version": suite.get("version")}
-        )
-    )
-    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="manifest", data=batch_def, suite=gx_suite))
-    result_format = {"result_format": "COMPLETE"}
-    if docs_dir is None:
-        return vd.run(batch_parameters={"dataframe": df}, result_format=result_format).to_json_dict()
-    from great_expectations.checkpoint import UpdateDataDocsAction
-
-    checkpoint = ctx.checkpoints.add(
-        gx.Checkpoint(
-            name="manifest",
-            validation_definitions=[vd],
-            result_format=result_format,
-            actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
-        )
-    )
-    (result,) = checkpoint.run(batch_parameters={"dataframe": df}).run_results.values()
-    return result.to_json_dict()
-
-
-def _write_csv(frame, loc) -> None:
-    with loc.fs.open(loc.path + ".tmp", "w", encoding="utf-8", newline="") as fh:
-        frame.to_csv(fh, index=False, lineterminator="\n")
-    loc.fs.mv(loc.path + ".tmp", loc.path)
+    return expectations
 
 
 def _write_json(obj: Any, loc) -> None:
@@ -216,10 +223,9 @@ def _is_count(x: Any) -> bool:
 
 
 def _metrics(
-    summary: dict[str, Any], row_reasons: dict[int, list[str]], ingest: dict[str, Any] | None, manifest_shown: str
+    summary: dict[str, Any], by_reason: Counter[str], ingest: dict[str, Any] | None, manifest_shown: str
 ) -> dict[str, Any]:
     rows, accepted, quarantined = summary["rows_in"], summary["accepted"], summary["quarantined"]
-    by_reason = Counter(label for labels in row_reasons.values() for label in labels)
     metrics: dict[str, Any] = {
         "rows": rows,
         "accepted": accepted,
@@ -260,7 +266,8 @@ def _metrics(
 
 def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLike, cfg: ValidateConfig) -> dict:
     """Run the manifest suite; write gx_result.json, accepted.csv, quarantine.csv, summary.json,
-    validation_metrics.json and (``cfg.data_docs``) data_docs/. Paths may be fsspec URLs.
+    validation_metrics.json and (``cfg.data_docs``) data_docs/. Paths may be fsspec URLs. The manifest is read
+    in batches of ``cfg.chunk_rows`` rows (:mod:`sdsclip.gx_batches`), so memory does not grow with it.
 
     Returns the summary dict; raises ValidationFailed (after writing everything) past the threshold or when a
     table-level expectation fails.
@@ -269,20 +276,24 @@ def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLik
 
     man, out = Location.of(manifest_csv), Location.of(out_dir)
     t0 = time.perf_counter()
-    raw = _read_manifest(man)
     ingest = _ingest_summary(man)
     suite = load_suite(cfg)
-    df = _frame_for_gx(raw, suite.get("numeric_columns", []))
+    if cfg.chunk_rows:
+        check_batchable(suite, str(SUITE_PATH))
+    scan = _scan(man, suite, cfg.chunk_rows)
     docs_tmp, docs_dir = _docs_dirs(out, cfg.data_docs)
     try:
-        gx_result = _run_gx(df, suite, docs_dir)
-        row_reasons, failed_labels, blocking = _failures(gx_result, suite)
-        accepted, quarantined = _split_rows(raw, row_reasons)
-        fraction = len(quarantined) / len(raw) if len(raw) else 0.0
+        runner = _Gx(suite, docs_dir)
+        out.fs.makedirs(out.path, exist_ok=True)
+        with _RowFiles(out) as rows:
+            merged = _validate_batches(man, suite, scan, runner, rows, cfg.chunk_rows)
+        gx_result = merged.to_json_dict()
+        _, failed_labels, blocking = _failures(gx_result, suite)
+        fraction = rows.quarantined / scan.rows if scan.rows else 0.0
         summary = {
-            "rows_in": len(raw),
-            "accepted": len(accepted),
-            "quarantined": len(quarantined),
+            "rows_in": scan.rows,
+            "accepted": rows.accepted,
+            "quarantined": rows.quarantined,
             "rejected_fraction": round(fraction, 6),
             "threshold": cfg.max_rejected_fraction,
             "expectations": len(gx_result["results"]),
@@ -292,8 +303,10 @@ def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLik
             "suite": suite["name"],
             "suite_version": suite.get("version"),
         }
-        metrics = _metrics(summary, row_reasons, ingest, man.shown)
-        _write_reports(out, gx_result, accepted, quarantined, summary, metrics)
+        metrics = _metrics(summary, rows.by_reason, ingest, man.shown)
+        _write_reports(out, gx_result, summary, metrics)
+        if docs_dir is not None:
+            runner.data_docs(merged)
         if docs_tmp is not None:
             _upload_docs(out, docs_tmp)
     finally:
@@ -302,9 +315,9 @@ def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLik
     log.info(
         "validate %s: %d rows, %d accepted, %d quarantined, %d expectations, %.1fs",
         man.shown,
-        len(raw),
-        len(accepted),
-        len(quarantined),
+        scan.rows,
+        rows.accepted,
+        rows.quarantined,
         summary["expectations"],
         time.perf_counter() - t0,
     )
@@ -312,20 +325,129 @@ def validate_manifest(manifest_csv: str | os.PathLike, out_dir: str | os.PathLik
     return summary
 
 
-def _read_manifest(man):
-    """The manifest as an all-string frame (no NA parsing), rows numbered from 0."""
+def _validate_batches(man, suite: dict[str, Any], scan: ManifestScan, runner: _Gx, rows: _RowFiles, chunk_rows: int):
+    """Validate the rows sharing a unique-checked value (one batch, first), then every batch of the others; write
+    each batch's rows to accepted / quarantine in manifest order. Returns the merged GX result."""
     import pandas as pd
 
+    numeric = suite.get("numeric_columns", [])
+    shared = set(scan.shared_rows.tolist())
+    shared_reasons: dict[int, list[str]] = {}
+    merged = None
+    if shared:
+        frame = pd.concat([raw[raw.index.isin(shared)] for raw in _chunks(man, chunk_rows)])
+        merged = runner.validate(_frame_for_gx(frame, numeric, scan.captions_per_image))
+        shared_reasons = _failures(merged.to_json_dict(), suite)[0]
+    for raw in _chunks(man, chunk_rows):
+        own = raw[~raw.index.isin(shared)] if shared else raw
+        reasons: dict[int, list[str]] = {}
+        if len(own) or merged is None:
+            result = runner.validate(_frame_for_gx(own, numeric, scan.captions_per_image))
+            reasons = _failures(result.to_json_dict(), suite)[0]
+            if merged is None:
+                merged = result
+            else:
+                merge_results(merged, result)
+        if shared:
+            reasons.update((i, shared_reasons[i]) for i in raw.index[raw.index.isin(shared)] if i in shared_reasons)
+        rows.write(raw, reasons)
+    return merged
+
+
+def _scan(man, suite: dict[str, Any], chunk_rows: int) -> ManifestScan:
+    """The first pass: image_id and the unique-checked columns only."""
+    header = _header(man)
+    unique = [c for c in unique_columns(suite) if c in header]
+    wanted = [c for c in ["image_id", *unique] if c in header]
+    numeric = suite.get("numeric_columns", [])
+    frames = (_frame_for_gx(raw, numeric) for raw in _chunks(man, chunk_rows, wanted))
+    return scan_manifest(frames, unique)
+
+
+def _header(man) -> list[str]:
+    import pandas as pd
+
+    return list(_read_csv(man, lambda fh: pd.read_csv(fh, dtype=str, nrows=0, encoding="utf-8")).columns)
+
+
+def _chunks(man, chunk_rows: int, usecols: list[str] | None = None):
+    """The manifest as all-string frames (no NA parsing) of ``chunk_rows`` rows (0: one frame), indexed by row
+    number from 0; at least one frame (empty for a manifest of no rows)."""
+    import pandas as pd
+
+    kw: dict[str, Any] = {"dtype": str, "keep_default_na": False, "na_filter": False, "encoding": "utf-8"}
+    if usecols is not None:
+        kw["usecols"] = usecols
+    if not chunk_rows:
+        yield _read_csv(man, lambda fh: pd.read_csv(fh, **kw)).reset_index(drop=True)
+        return
+    with _opened(man) as fh:
+        reader = _csv_errors(man, lambda: pd.read_csv(fh, chunksize=chunk_rows, **kw))
+        yielded = False
+        while (raw := _csv_errors(man, lambda: next(reader, None))) is not None:
+            yielded = True
+            yield raw
+    if not yielded:
+        yield pd.DataFrame(columns=usecols if usecols is not None else _header(man), dtype=str)
+
+
+def _opened(man):
     if not man.fs.isfile(man.path):
         raise FileNotFoundError(f"{man.shown}: manifest not found (run the ingest stage first)")
+    return man.fs.open(man.path, "rb")
+
+
+def _read_csv(man, read):
+    with _opened(man) as fh:
+        return _csv_errors(man, lambda: read(fh))
+
+
+def _csv_errors(man, fn):
+    import pandas as pd
+
     try:
-        with man.fs.open(man.path, "rb") as fh:
-            raw = pd.read_csv(fh, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+        return fn()
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ValidationFailed(
             f"{man.shown}: not a readable CSV manifest ({' '.join(str(err).split())}); re-run the ingest stage"
         ) from None
-    return raw.reset_index(drop=True)
+
+
+class _RowFiles:
+    """accepted.csv (manifest rows passing every row-level expectation, original columns) and quarantine.csv (the
+    others plus ``reason``: ``; ``-joined labels), written batch by batch; the counts."""
+
+    def __init__(self, out):
+        self.out, self.accepted, self.quarantined, self.header = out, 0, 0, True
+        self.by_reason: Counter[str] = Counter()  # a row failing k expectations counts k times
+        self.files: dict[str, Any] = {}
+
+    def __enter__(self) -> _RowFiles:
+        for name in ("accepted.csv", "quarantine.csv"):
+            loc = self.out.child(name)
+            self.files[name] = (loc, loc.fs.open(loc.path + ".tmp", "w", encoding="utf-8", newline=""))
+        return self
+
+    def write(self, raw, row_reasons: dict[int, list[str]]) -> None:
+        bad = raw.index.isin(list(row_reasons))
+        accepted, quarantined = raw[~bad], raw[bad].copy()
+        quarantined["reason"] = ["; ".join(row_reasons[i]) for i in quarantined.index]
+        if len(accepted) + len(quarantined) != len(raw):
+            raise AssertionError(f"validate invariant broken: {len(accepted)} + {len(quarantined)} != {len(raw)}")
+        for name, frame in (("accepted.csv", accepted), ("quarantine.csv", quarantined)):
+            frame.to_csv(self.files[name][1], index=False, header=self.header, lineterminator="\n")
+        self.header = False
+        self.accepted += len(accepted)
+        self.quarantined += len(quarantined)
+        self.by_reason.update(label for labels in row_reasons.values() for label in labels)
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        for loc, fh in self.files.values():
+            fh.close()
+            if exc_type is None:
+                loc.fs.mv(loc.path + ".tmp", loc.path)
+            else:
+                loc.fs.rm(loc.path + ".tmp")
 
 
 def _docs_dirs(out, data_docs: bool) -> tuple[str | None, Path | None]:
@@ -368,22 +490,8 @@ def _failures(gx_result: dict[str, Any], suite: dict[str, Any]) -> tuple[dict[in
     return row_reasons, [lab for _, lab in sorted(failed)], blocking
 
 
-def _split_rows(raw, row_reasons: dict[int, list[str]]):
-    """(accepted rows, quarantined rows plus their ``reason``), together exactly the manifest's rows."""
-    bad = raw.index.isin(list(row_reasons))
-    accepted = raw[~bad]
-    quarantined = raw[bad].copy()
-    quarantined["reason"] = ["; ".join(row_reasons[i]) for i in quarantined.index]
-    if len(accepted) + len(quarantined) != len(raw):
-        raise AssertionError(f"validate invariant broken: {len(accepted)} + {len(quarantined)} != {len(raw)}")
-    return accepted, quarantined
-
-
-def _write_reports(out, gx_result, accepted, quarantined, summary, metrics) -> None:
-    out.fs.makedirs(out.path, exist_ok=True)
+def _write_reports(out, gx_result, summary, metrics) -> None:
     _write_json(gx_result, out.child("gx_result.json"))
-    _write_csv(accepted, out.child("accepted.csv"))
-    _write_csv(quarantined, out.child("quarantine.csv"))
     _write_json(summary, out.child("summary.json"))
     _write_json(metrics, out.child(METRICS_FILE))
 
