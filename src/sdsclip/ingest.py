@@ -961,16 +961,18 @@ class _Catalogue:
             )
             self._queue(_Q_IMAGE_RECORD, i, 0, row)
         elif not self._insert_image(img_id, name if _PLAIN_NAME.match(name) else PurePosixPath(name).as_posix(), None):
-            self.images_dropped["duplicate_image_id"] += 1
-            row = _quarantine_row(
-                "duplicate_image_id",
-                "image",
-                image_id=img_id,
-                file_name=name,
-                source=join(img_loc.shown, name),
-                detail=f"images[{i}]: id {img_id} already used by an earlier record",
-            )
-            self._queue(_Q_IMAGE_RECORD, i, 0, row)
+            detail = f"images[{i}]: id {img_id} already used by an earlier record"
+            self._drop_image(_Q_IMAGE_RECORD, i, "duplicate_image_id", img_id, name, img_loc, detail)
+
+    def _drop_image(
+        self, phase: int, k1: int, reason: str, img_id: int, name: str, img_loc: Location, detail: str
+    ) -> None:
+        """An image record (with a usable file name) that is not ingested: counted, one ``image`` row."""
+        self.images_dropped[reason] += 1
+        row = _quarantine_row(
+            reason, "image", image_id=img_id, file_name=name, source=join(img_loc.shown, name), detail=detail
+        )
+        self._queue(phase, k1, 0, row)
 
     def _insert_image(self, img_id: int, rel: str | None, bad: tuple[str, str, str] | None) -> bool:
         """Add the record; False when an earlier record has the id."""
@@ -1039,16 +1041,8 @@ class _Catalogue:
             """SELECT id, file_name FROM img WHERE bad_reason IS NULL
                AND id NOT IN (SELECT image_id FROM cap) ORDER BY id"""
         ).fetchall():
-            self.images_dropped["no_caption"] += 1
-            row = _quarantine_row(
-                "no_caption",
-                "image",
-                image_id=img_id,
-                file_name=name,
-                source=join(img_loc.shown, name),
-                detail="no usable annotation refers to this image",
-            )
-            self._queue(_Q_NO_CAPTION, img_id, 0, row)
+            detail = "no usable annotation refers to this image"
+            self._drop_image(_Q_NO_CAPTION, img_id, "no_caption", img_id, name, img_loc, detail)
 
     def _queue(self, phase: int, k1: int, k2: int, row: dict[str, Any]) -> None:
         self._quarantine.append((phase, k1, k2, json.dumps(row)))
