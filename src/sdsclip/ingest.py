@@ -34,7 +34,7 @@ Streaming and parallel: images are read, hashed, decoded (and converted) by ``cf
 and hashlib release the GIL), at most ``WINDOW_PER_WORKER * cfg.workers`` in flight (encoded bytes, ~120 KiB each
 for COCO), and written in image-id order. Each worker also prepares the image's tar blocks and manifest lines, so
 the writing thread only writes bytes. Memory does not grow with the split: the annotations file is streamed
-record by record (:mod:`sdsclip.coco_json`) into a catalogue on disk (sqlite, in a temp folder: ~2x the
+record by record (:mod:`sdsclip.coco_json`) into a catalogue on disk (sqlite, in a temp folder: ~1.4x the
 annotations file), from which the shards are planned and written, and the final files are streamed from it
 and from the shards' parts.
 
