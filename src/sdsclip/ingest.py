@@ -355,6 +355,11 @@ def _verify_jpeg_as_is(im, data: bytes, file_name: str, sha: str, size: int, fmt
             im.load()
     except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt input
         return ImageProbe(False, "undecodable_image", f"{type(err).__name__}: {_one_line(err)}", sha256=sha, size=size)
+    return _stored_as_is(data, sha, size, width, height, "RGB", fmt, _FORMAT_EXT[fmt])
+
+
+def _stored_as_is(data: bytes, sha: str, size: int, width: int, height: int, mode: str, fmt: str, ext: str):
+    """The probe of an image whose source bytes go into the shard unchanged (conversion ``none``)."""
     return ImageProbe(
         True,
         data=data,
@@ -362,11 +367,11 @@ def _verify_jpeg_as_is(im, data: bytes, file_name: str, sha: str, size: int, fmt
         size=size,
         width=width,
         height=height,
-        mode="RGB",
+        mode=mode,
         format=fmt,
         conversion="none",
         stored_sha256=sha,
-        ext=_FORMAT_EXT[fmt],
+        ext=ext,
     )
 
 
@@ -484,19 +489,7 @@ def _decode_fully(
             steps.append(f"{fmt}->{_REENCODE[opts.reencode][0]}")
         width, height = out.size
         if not steps:
-            return ImageProbe(
-                True,
-                data=data,
-                sha256=sha,
-                size=size,
-                width=width,
-                height=height,
-                mode=shown_mode,
-                format=fmt,
-                conversion="none",
-                stored_sha256=sha,
-                ext=ext,
-            )
+            return _stored_as_is(data, sha, size, width, height, shown_mode, fmt, ext)
         pil_fmt, ext = _REENCODE[opts.reencode]
         buf = io.BytesIO()
         if pil_fmt == "JPEG":
